@@ -1,0 +1,43 @@
+# rattention_ext — the two commands a user needs on a fresh machine:
+#   make demo    forward + backward at a realistic size on the best backend, checked vs the reference
+#   make test    the test suite (CPU everywhere; GPU tests run when CUDA is available)
+# Both set up .venv/ (torch from the registry) and build the package into it.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0: a CPU build here, the default (CUDA) build on a GPU machine's registry.
+TORCH_SPEC ?= torch==2.13.0
+JOBS ?= $(shell nproc)
+ARCHS ?= 80;90a
+PYTEST_ARGS ?=
+
+.PHONY: venv build dev test demo bench wheel cuda-check gpu-check clean
+
+$(VENV)/.deps-stamp: pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@# torch first: keep a torch that is already there (e.g. a CUDA build on a GPU machine)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q numpy pytest expecttest hypothesis pybind11 ninja "cmake>=3.24" setuptools wheel "jax[cpu]" matplotlib tqdm
+	@touch $@
+
+venv: $(VENV)/.deps-stamp
+
+# Build and install the package into the venv (incremental: CMake tree in build/cmake).
+build: venv
+	MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -q .
+
+# Development build: _C lands in python/rattention_ext/, use PYTHONPATH=python.
+dev: venv
+	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
+
+test: build
+	cd tests && ../$(PY) -m pytest -q -ra $(PYTEST_ARGS) .
+
+demo: build
+	$(PY) examples/demo.py
+
+bench: build
+	$(PY) -m benchmarks --cpu-quick
+
+clean:
+	rm -rf build dist *.egg-info python/rattention_ext/_C*.so

@@ -1,0 +1,540 @@
+#include "op_common.h"
+
+#include <c10/util/Exception.h>
+
+#include "core/window.h"
+
+namespace rattention {
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Kernels read rows of D contiguous values; anything else is copied once here.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              " must be a floating-point tensor, got dtype ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as q (", ref.device(),
+              "), got ", t.device());
+}
+
+void check_acc_tensor(const at::Tensor& t, const char* name, at::ScalarType acc,
+                      at::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor");
+  check_same_device(t, like, name);
+  TORCH_CHECK(t.scalar_type() == acc, name, " must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_str(t));
+}
+
+}  // namespace
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+FeatureMap parse_feature_map(const std::string& name) {
+  if (name == "softmax") return FeatureMap::kSoftmax;
+  if (name == "relu") return FeatureMap::kRelu;
+  TORCH_CHECK_VALUE(false, "feature_map must be 'softmax' or 'relu', got '", name, "'");
+}
+
+void check_window(int64_t window_size) {
+  TORCH_CHECK_VALUE(window_size >= 0, "window_size must be >= 0, got ", window_size);
+}
+
+QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  bool cuda_backend) {
+  check_float_tensor(q, "q");
+  check_float_tensor(k, "k");
+  check_float_tensor(v, "v");
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, T, Hq, D], got shape ", shape_str(q));
+  TORCH_CHECK_VALUE(k.dim() == 4, "k must be 4-D [B, T, Hkv, D], got shape ", shape_str(k));
+  TORCH_CHECK_VALUE(v.dim() == 4, "v must be 4-D [B, T, Hkv, D], got shape ", shape_str(v));
+  check_same_device(k, q, "k");
+  check_same_device(v, q, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (",
+              q.scalar_type(), "), got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (",
+              q.scalar_type(), "), got ", v.scalar_type());
+  const auto dt = q.scalar_type();
+  if (cuda_backend) {
+    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf,
+                "q: the CUDA kernels support bfloat16 and float16, got ", dt,
+                " (use the CPU backend or the reference for float32/float64)");
+  } else {
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+                "q: the CPU kernels support float32, float64 and bfloat16, got ", dt);
+  }
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "v must have the shape of k ", shape_str(k), ", got ",
+                    shape_str(v));
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B, "k must have batch size ", B, " (from q), got ", k.size(0));
+  TORCH_CHECK_VALUE(k.size(1) == T, "k must have sequence length ", T, " (from q), got ",
+                    k.size(1));
+  TORCH_CHECK_VALUE(k.size(3) == D, "k must have head dim ", D, " (from q), got ", k.size(3));
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq,
+                    ") must be a multiple of k/v heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
+                    D);
+  if (cuda_backend) {
+    TORCH_CHECK_VALUE(D == 64 || D == 128, "q: the CUDA kernels support head dim 64 and 128, got ",
+                      D);
+  }
+  return QkvInfo{AttnDims{B, T, Hq, Hkv, D}, dt};
+}
+
+std::tuple<at::Tensor, at::Tensor> prepare_rotary(const c10::optional<at::Tensor>& cos,
+                                                  const c10::optional<at::Tensor>& sin,
+                                                  int64_t min_positions, int64_t head_dim,
+                                                  const at::Tensor& like) {
+  const bool has_cos = cos.has_value() && cos->defined();
+  const bool has_sin = sin.has_value() && sin->defined();
+  TORCH_CHECK_VALUE(has_cos == has_sin, "rotary_cos and rotary_sin must be given together");
+  if (!has_cos) return {at::Tensor(), at::Tensor()};
+  const auto acc = acc_scalar_type(like.scalar_type());
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{*cos, "rotary_cos"},
+                         std::pair<const at::Tensor&, const char*>{*sin, "rotary_sin"}}) {
+    check_float_tensor(t, name);
+    check_same_device(t, like, name);
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim / 2, name,
+                      " must be [positions, D/2] = [P, ", head_dim / 2, "], got ", shape_str(t));
+    TORCH_CHECK_VALUE(t.size(0) >= min_positions, name, " has ", t.size(0),
+                      " positions but ", min_positions, " are needed (one row per token position)");
+  }
+  return {cos->to(acc).contiguous(), sin->to(acc).contiguous()};
+}
+
+at::Tensor prepare_initial_state(const c10::optional<at::Tensor>& h0, const AttnDims& d,
+                                 const at::Tensor& like) {
+  if (!h0.has_value() || !h0->defined()) return at::Tensor();
+  const at::Tensor& t = *h0;
+  check_float_tensor(t, "initial_state");
+  check_same_device(t, like, "initial_state");
+  TORCH_CHECK_VALUE(t.dim() == 4 && (t.size(0) == d.batch || t.size(0) == 1) &&
+                        t.size(1) == d.heads_q && t.size(2) == 2 * d.head_dim &&
+                        t.size(3) == d.head_dim,
+                    "initial_state must be [B or 1, Hq, 2D, D] = [", d.batch, " or 1, ", d.heads_q,
+                    ", ", 2 * d.head_dim, ", ", d.head_dim, "], got ", shape_str(t));
+  return t.to(acc_scalar_type(like.scalar_type())).contiguous();
+}
+
+SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                               const at::Tensor& v_in, int64_t window_size, double softmax_scale,
+                               const c10::optional<at::Tensor>& rotary_cos,
+                               const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend) {
+  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
+  check_window(window_size);
+  const auto& d = info.dims;
+  const auto acc = acc_scalar_type(info.dtype);
+  SwaFwdPrepared r;
+  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  std::tie(r.cos, r.sin) = prepare_rotary(rotary_cos, rotary_sin, d.seqlen, d.head_dim, q);
+  r.out = at::empty({d.batch, d.seqlen, d.heads_q, d.head_dim}, q.options().dtype(acc));
+  r.lse = at::empty({d.batch, d.heads_q, d.seqlen}, q.options().dtype(acc));
+  auto& p = r.params;
+  p = SwaFwdParams{};
+  p.dims = d;
+  p.dtype = to_dtype(info.dtype);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.out = r.out.data_ptr();
+  p.out_stride = strides_of(r.out);
+  p.lse = r.lse.data_ptr();
+  p.rotary_cos = r.cos.defined() ? r.cos.data_ptr() : nullptr;
+  p.rotary_sin = r.sin.defined() ? r.sin.data_ptr() : nullptr;
+  p.window_size = window_size;
+  p.softmax_scale = softmax_scale;
+  p.cu_seqlens = nullptr;
+  // q/k/v copies (if any) are referenced by the params: keep them alive with the outputs.
+  r.keep = {q, k, v};
+  return r;
+}
+
+namespace {
+void check_checkpoint_args(int64_t chunk_size, int64_t checkpoint_every) {
+  TORCH_CHECK_VALUE(chunk_size >= 1 && chunk_size <= 1024, "chunk_size must be in [1, 1024], got ",
+                    chunk_size);
+  TORCH_CHECK_VALUE(checkpoint_every >= 1, "checkpoint_every must be >= 1, got ", checkpoint_every);
+}
+int64_t num_checkpoints(int64_t T, int64_t chunk_size, int64_t every) {
+  return rla_num_checkpoints(ceil_div(T, chunk_size), every);
+}
+}  // namespace
+
+SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
+                               const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
+                               const at::Tensor& k_in, const at::Tensor& v_in,
+                               const at::Tensor& out_in, const at::Tensor& lse_in,
+                               int64_t window_size, double softmax_scale,
+                               const c10::optional<at::Tensor>& rotary_cos,
+                               const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
+                               bool cuda_backend) {
+  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
+  check_window(window_size);
+  const auto& d = info.dims;
+  const auto acc = acc_scalar_type(info.dtype);
+  const std::vector<int64_t> qshape{d.batch, d.seqlen, d.heads_q, d.head_dim};
+  const std::vector<int64_t> lshape{d.batch, d.heads_q, d.seqlen};
+  check_acc_tensor(grad_out_in, "grad_out", acc, qshape, q_in);
+  check_acc_tensor(out_in, "out", acc, qshape, q_in);
+  check_acc_tensor(lse_in, "lse", acc, lshape, q_in);
+  SwaBwdPrepared r;
+  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  at::Tensor go = rows_contiguous(grad_out_in), out = rows_contiguous(out_in);
+  at::Tensor lse = lse_in.contiguous();
+  at::Tensor glse;
+  if (grad_lse_in.has_value() && grad_lse_in->defined()) {
+    check_acc_tensor(*grad_lse_in, "grad_lse", acc, lshape, q_in);
+    glse = grad_lse_in->contiguous();
+  }
+  auto [cos, sin] = prepare_rotary(rotary_cos, rotary_sin, d.seqlen, d.head_dim, q);
+  r.grad_q = at::empty(q_in.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  r.grad_k = at::empty(k_in.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  r.grad_v = at::empty(v_in.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  auto& p = r.params;
+  p = SwaBwdParams{};
+  p.dims = d;
+  p.dtype = to_dtype(info.dtype);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.out = out.data_ptr();
+  p.out_stride = strides_of(out);
+  p.grad_out = go.data_ptr();
+  p.grad_out_stride = strides_of(go);
+  p.lse = lse.data_ptr();
+  p.grad_lse = glse.defined() ? glse.data_ptr() : nullptr;
+  p.grad_q = r.grad_q.data_ptr();
+  p.grad_k = r.grad_k.data_ptr();
+  p.grad_v = r.grad_v.data_ptr();
+  p.rotary_cos = cos.defined() ? cos.data_ptr() : nullptr;
+  p.rotary_sin = sin.defined() ? sin.data_ptr() : nullptr;
+  p.window_size = window_size;
+  p.softmax_scale = softmax_scale;
+  p.deterministic = deterministic;
+  p.cu_seqlens = nullptr;
+  r.keep = {q, k, v, go, out, lse, glse, cos, sin};
+  return r;
+}
+
+RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                               const at::Tensor& v_in, int64_t window_size,
+                               const std::string& feature_map,
+                               const c10::optional<at::Tensor>& initial_state, int64_t chunk_size,
+                               int64_t checkpoint_every, bool cuda_backend) {
+  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
+  check_window(window_size);
+  check_checkpoint_args(chunk_size, checkpoint_every);
+  const auto fm = parse_feature_map(feature_map);
+  const auto& d = info.dims;
+  const auto acc = acc_scalar_type(info.dtype);
+  RlaFwdPrepared r;
+  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  r.h0 = prepare_initial_state(initial_state, d, q);
+  const int64_t D2 = 2 * d.head_dim;
+  r.out = at::empty({d.batch, d.seqlen, d.heads_q, d.head_dim}, q.options().dtype(acc));
+  r.final_state = at::empty({d.batch, d.heads_kv, D2, d.head_dim}, q.options().dtype(acc));
+  r.checkpoints = at::empty(
+      {d.batch, d.heads_kv, num_checkpoints(d.seqlen, chunk_size, checkpoint_every), D2, d.head_dim},
+      q.options().dtype(acc));
+  auto& p = r.params;
+  p = RlaFwdParams{};
+  p.dims = d;
+  p.dtype = to_dtype(info.dtype);
+  p.feature_map = fm;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.out = r.out.data_ptr();
+  p.out_stride = strides_of(r.out);
+  p.initial_state = r.h0.defined() ? r.h0.data_ptr() : nullptr;
+  p.initial_state_bstride = (r.h0.defined() && r.h0.size(0) > 1) ? r.h0.stride(0) : 0;
+  p.final_state = r.final_state.data_ptr();
+  p.checkpoints = r.checkpoints.data_ptr();
+  p.window_size = window_size;
+  p.chunk_size = chunk_size;
+  p.checkpoint_every = checkpoint_every;
+  p.cu_seqlens = nullptr;
+  r.keep = {q, k, v};
+  return r;
+}
+
+RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
+                               const c10::optional<at::Tensor>& grad_final_state,
+                               const at::Tensor& q_in, const at::Tensor& k_in,
+                               const at::Tensor& v_in,
+                               const c10::optional<at::Tensor>& initial_state,
+                               const at::Tensor& checkpoints_in, int64_t window_size,
+                               const std::string& feature_map, int64_t chunk_size,
+                               int64_t checkpoint_every, bool cuda_backend) {
+  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
+  check_window(window_size);
+  check_checkpoint_args(chunk_size, checkpoint_every);
+  const auto fm = parse_feature_map(feature_map);
+  const auto& d = info.dims;
+  const auto acc = acc_scalar_type(info.dtype);
+  const int64_t D2 = 2 * d.head_dim;
+  check_acc_tensor(grad_out_in, "grad_out", acc, {d.batch, d.seqlen, d.heads_q, d.head_dim}, q_in);
+  check_acc_tensor(checkpoints_in, "checkpoints", acc,
+                   {d.batch, d.heads_kv, num_checkpoints(d.seqlen, chunk_size, checkpoint_every),
+                    D2, d.head_dim},
+                   q_in);
+  RlaBwdPrepared r;
+  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  at::Tensor go = rows_contiguous(grad_out_in), ckpt = checkpoints_in.contiguous();
+  at::Tensor h0 = prepare_initial_state(initial_state, d, q);
+  at::Tensor gfs;
+  if (grad_final_state.has_value() && grad_final_state->defined()) {
+    check_acc_tensor(*grad_final_state, "grad_final_state", acc,
+                     {d.batch, d.heads_kv, D2, d.head_dim}, q_in);
+    gfs = grad_final_state->contiguous();
+  }
+  r.grad_q = at::empty(q_in.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  r.grad_k = at::empty(k_in.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  r.grad_v = at::empty(v_in.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  // The kernel writes one H0 gradient per batch element; a broadcast H0 is reduced after.
+  r.grad_h0 = h0.defined() ? at::empty({d.batch, d.heads_q, D2, d.head_dim}, h0.options())
+                           : at::empty({0}, q.options().dtype(acc));
+  auto& p = r.params;
+  p = RlaBwdParams{};
+  p.dims = d;
+  p.dtype = to_dtype(info.dtype);
+  p.feature_map = fm;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.grad_out = go.data_ptr();
+  p.grad_out_stride = strides_of(go);
+  p.initial_state = h0.defined() ? h0.data_ptr() : nullptr;
+  p.initial_state_bstride = (h0.defined() && h0.size(0) > 1) ? h0.stride(0) : 0;
+  p.checkpoints = ckpt.data_ptr();
+  p.grad_final_state = gfs.defined() ? gfs.data_ptr() : nullptr;
+  p.grad_q = r.grad_q.data_ptr();
+  p.grad_k = r.grad_k.data_ptr();
+  p.grad_v = r.grad_v.data_ptr();
+  p.grad_initial_state = h0.defined() ? r.grad_h0.data_ptr() : nullptr;
+  p.window_size = window_size;
+  p.chunk_size = chunk_size;
+  p.checkpoint_every = checkpoint_every;
+  p.cu_seqlens = nullptr;
+  r.keep = {q, k, v, go, ckpt, h0, gfs};
+  return r;
+}
+
+namespace {
+at::Tensor prepare_norm_weight(const at::Tensor& w, const char* name, int64_t H, int64_t D,
+                               at::ScalarType acc, const at::Tensor& like) {
+  check_float_tensor(w, name);
+  check_same_device(w, like, name);
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == H && w.size(1) == D, name,
+                    " must be [Hq, D] = [", H, ", ", D, "], got ", shape_str(w));
+  return w.to(acc).contiguous();
+}
+
+void check_branch_output(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  check_float_tensor(t, name);
+  check_same_device(t, ref, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64 (the accumulation type), got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.sizes() == ref.sizes(), name, " must be [B, T, Hq, D] ",
+                    shape_str(ref), ", got ", shape_str(t));
+}
+}  // namespace
+
+MixPrepared prepare_mix_fwd(const at::Tensor& o_swa_in, const at::Tensor& o_rla_in,
+                            const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
+                            at::ScalarType out_dtype) {
+  check_branch_output(o_swa_in, "o_swa", o_swa_in);
+  check_branch_output(o_rla_in, "o_rla", o_swa_in);
+  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  const auto acc = o_swa_in.scalar_type();
+  TORCH_CHECK(acc == at::kDouble ? out_dtype == at::kDouble
+                                 : (out_dtype == at::kFloat || out_dtype == at::kBFloat16 ||
+                                    out_dtype == at::kHalf),
+              "out_dtype ", out_dtype, " does not match accumulation dtype ", acc);
+  const int64_t H = o_swa_in.size(2), D = o_swa_in.size(3);
+  MixPrepared r;
+  at::Tensor a = o_swa_in.contiguous(), b = o_rla_in.contiguous();
+  at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, a);
+  at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", H, D, acc, a);
+  r.out = at::empty(a.sizes(), a.options().dtype(out_dtype));
+  auto& p = r.params;
+  p = MixParams{};
+  p.rows = a.numel() / D;
+  p.heads_q = H;
+  p.head_dim = D;
+  p.acc_dtype = to_dtype(acc);
+  p.out_dtype = to_dtype(out_dtype);
+  p.o_swa = a.data_ptr();
+  p.o_rla = b.data_ptr();
+  p.swa_weight = ga.data_ptr();
+  p.rla_weight = gb.data_ptr();
+  p.out = r.out.data_ptr();
+  p.eps = eps;
+  r.keep = {a, b, ga, gb};
+  return r;
+}
+
+MixBwdPrepared prepare_mix_bwd(const at::Tensor& grad_out_in, const at::Tensor& o_swa_in,
+                               const at::Tensor& o_rla_in, const at::Tensor& swa_weight,
+                               const at::Tensor& rla_weight, double eps) {
+  check_branch_output(o_swa_in, "o_swa", o_swa_in);
+  check_branch_output(o_rla_in, "o_rla", o_swa_in);
+  check_float_tensor(grad_out_in, "grad_out");
+  check_same_device(grad_out_in, o_swa_in, "grad_out");
+  TORCH_CHECK_VALUE(grad_out_in.sizes() == o_swa_in.sizes(), "grad_out must have shape ",
+                    shape_str(o_swa_in), ", got ", shape_str(grad_out_in));
+  const auto acc = o_swa_in.scalar_type();
+  const auto gdt = grad_out_in.scalar_type();
+  TORCH_CHECK(acc == at::kDouble ? gdt == at::kDouble
+                                 : (gdt == at::kFloat || gdt == at::kBFloat16 || gdt == at::kHalf),
+              "grad_out dtype ", gdt, " does not match accumulation dtype ", acc);
+  const int64_t H = o_swa_in.size(2), D = o_swa_in.size(3);
+  MixBwdPrepared r;
+  at::Tensor go = grad_out_in.contiguous(), a = o_swa_in.contiguous(), b = o_rla_in.contiguous();
+  at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, a);
+  at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", H, D, acc, a);
+  r.grad_o_swa = at::empty(a.sizes(), a.options());
+  r.grad_o_rla = at::empty(a.sizes(), a.options());
+  r.grad_swa_weight = at::empty({H, D}, a.options());
+  r.grad_rla_weight = at::empty({H, D}, a.options());
+  auto& p = r.params;
+  p = MixBwdParams{};
+  p.rows = a.numel() / D;
+  p.heads_q = H;
+  p.head_dim = D;
+  p.acc_dtype = to_dtype(acc);
+  p.grad_dtype = to_dtype(gdt);
+  p.grad_out = go.data_ptr();
+  p.o_swa = a.data_ptr();
+  p.o_rla = b.data_ptr();
+  p.swa_weight = ga.data_ptr();
+  p.rla_weight = gb.data_ptr();
+  p.grad_o_swa = r.grad_o_swa.data_ptr();
+  p.grad_o_rla = r.grad_o_rla.data_ptr();
+  p.grad_swa_weight = r.grad_swa_weight.data_ptr();
+  p.grad_rla_weight = r.grad_rla_weight.data_ptr();
+  p.eps = eps;
+  r.keep = {go, a, b, ga, gb};
+  return r;
+}
+
+DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& state, const at::Tensor& pos,
+                                   const std::string& feature_map, double softmax_scale,
+                                   const c10::optional<at::Tensor>& initial_state,
+                                   const c10::optional<at::Tensor>& rotary_cos,
+                                   const c10::optional<at::Tensor>& rotary_sin,
+                                   const at::Tensor& swa_weight, const at::Tensor& rla_weight,
+                                   double eps, bool cuda_backend) {
+  const auto info = check_qkv(q, k, v, cuda_backend);
+  const auto& d = info.dims;
+  TORCH_CHECK_VALUE(d.seqlen == 1, "decode_step takes one token: q must be [B, 1, Hq, D], got T=",
+                    d.seqlen);
+  const auto fm = parse_feature_map(feature_map);
+  const auto acc = acc_scalar_type(info.dtype);
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(0) == d.batch && k_cache.size(1) >= 1 &&
+                        k_cache.size(2) == d.heads_kv && k_cache.size(3) == d.head_dim,
+                    "cache keys must be [B, w+1, Hkv, D] with B=", d.batch, ", Hkv=", d.heads_kv,
+                    ", D=", d.head_dim, ", got ", shape_str(k_cache));
+  TORCH_CHECK(k_cache.scalar_type() == info.dtype, "cache dtype ", k_cache.scalar_type(),
+              " does not match q's dtype ", info.dtype);
+  check_same_device(k_cache, q, "cache");
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == info.dtype,
+                    "cache values must match cache keys ", shape_str(k_cache));
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache tensors must be contiguous");
+  const int64_t window = k_cache.size(1) - 1;
+  check_acc_tensor(state, "cache state", acc, {d.batch, d.heads_kv, 2 * d.head_dim, d.head_dim}, q);
+  TORCH_CHECK(state.is_contiguous(), "cache state must be contiguous");
+  TORCH_CHECK(pos.defined() && pos.scalar_type() == at::kLong && pos.dim() == 1 &&
+                  pos.size(0) == d.batch && pos.is_contiguous(),
+              "cache positions must be a contiguous int64 tensor [B=", d.batch, "]");
+  check_same_device(pos, q, "cache positions");
+  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  DecodePrepared r;
+  at::Tensor h0 = prepare_initial_state(initial_state, d, q);
+  // Positions are checked against the rotary tables in the kernel (CPU: error, CUDA: the
+  // kernel writes NaN for a position past the table rather than reading out of bounds).
+  auto [cos, sin] = prepare_rotary(rotary_cos, rotary_sin, 1, d.head_dim, q);
+  at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", d.heads_q, d.head_dim, acc, q);
+  at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", d.heads_q, d.head_dim, acc, q);
+  r.out = at::empty({d.batch, 1, d.heads_q, d.head_dim}, q.options());
+  auto& p = r.params;
+  p = DecodeParams{};
+  p.batch = d.batch;
+  p.heads_q = d.heads_q;
+  p.heads_kv = d.heads_kv;
+  p.head_dim = d.head_dim;
+  p.dtype = to_dtype(info.dtype);
+  p.feature_map = fm;
+  at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.q_bstride = qc.stride(0);
+  p.q_hstride = qc.stride(2);
+  p.k_bstride = kc.stride(0);
+  p.k_hstride = kc.stride(2);
+  p.v_bstride = vc.stride(0);
+  p.v_hstride = vc.stride(2);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.state = state.data_ptr();
+  p.pos = pos.data_ptr<int64_t>();
+  p.initial_state = h0.defined() ? h0.data_ptr() : nullptr;
+  p.initial_state_bstride = (h0.defined() && h0.size(0) > 1) ? h0.stride(0) : 0;
+  p.rotary_cos = cos.defined() ? cos.data_ptr() : nullptr;
+  p.rotary_sin = sin.defined() ? sin.data_ptr() : nullptr;
+  p.rotary_positions = cos.defined() ? cos.size(0) : 0;
+  p.swa_weight = ga.data_ptr();
+  p.rla_weight = gb.data_ptr();
+  p.out = r.out.data_ptr();
+  p.window_size = window;
+  p.softmax_scale = softmax_scale;
+  p.eps = eps;
+  r.keep = {qc, kc, vc, h0, cos, sin, ga, gb};
+  return r;
+}
+
+}  // namespace rattention

@@ -1,0 +1,116 @@
+// Backend-independent half of every op: validate the tensors (errors name the argument
+// and the expected value), allocate outputs on the inputs' device, fill the params struct.
+// ops_cpu.cpp and cuda/ops_cuda.cpp then only call their kernel with the params.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/params.h"
+
+namespace rattention {
+
+// Accumulation dtype of an input dtype (float64 -> float64, otherwise float32).
+at::ScalarType acc_scalar_type(at::ScalarType t);
+DType to_dtype(at::ScalarType t);
+FeatureMap parse_feature_map(const std::string& name);
+
+// Validated q/k/v: dims and the dtype. `allow_*` say which dtypes the backend supports.
+struct QkvInfo {
+  AttnDims dims;
+  at::ScalarType dtype;
+};
+QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  bool cuda_backend);
+void check_window(int64_t window_size);
+
+// Rotary tables: both or neither, [P >= T, D/2]; returned as contiguous acc-type tensors.
+std::tuple<at::Tensor, at::Tensor> prepare_rotary(const c10::optional<at::Tensor>& cos,
+                                                  const c10::optional<at::Tensor>& sin,
+                                                  int64_t min_positions, int64_t head_dim,
+                                                  const at::Tensor& like);
+// H0: [B or 1, Hq, 2D, D]; returned contiguous in acc type (undefined if absent).
+at::Tensor prepare_initial_state(const c10::optional<at::Tensor>& h0, const AttnDims& d,
+                                 const at::Tensor& like);
+
+struct SwaFwdPrepared {
+  SwaFwdParams params;
+  at::Tensor out, lse, cos, sin;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               int64_t window_size, double softmax_scale,
+                               const c10::optional<at::Tensor>& rotary_cos,
+                               const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend);
+
+struct SwaBwdPrepared {
+  SwaBwdParams params;
+  at::Tensor grad_q, grad_k, grad_v;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse,
+                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse, int64_t window_size,
+                               double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
+                               const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
+                               bool cuda_backend);
+
+struct RlaFwdPrepared {
+  RlaFwdParams params;
+  at::Tensor out, final_state, checkpoints, h0;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               int64_t window_size, const std::string& feature_map,
+                               const c10::optional<at::Tensor>& initial_state, int64_t chunk_size,
+                               int64_t checkpoint_every, bool cuda_backend);
+
+struct RlaBwdPrepared {
+  RlaBwdParams params;
+  at::Tensor grad_q, grad_k, grad_v, grad_h0;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out,
+                               const c10::optional<at::Tensor>& grad_final_state,
+                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const c10::optional<at::Tensor>& initial_state,
+                               const at::Tensor& checkpoints, int64_t window_size,
+                               const std::string& feature_map, int64_t chunk_size,
+                               int64_t checkpoint_every, bool cuda_backend);
+
+struct MixPrepared {
+  MixParams params;
+  at::Tensor out;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+MixPrepared prepare_mix_fwd(const at::Tensor& o_swa, const at::Tensor& o_rla,
+                            const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
+                            at::ScalarType out_dtype);
+
+struct MixBwdPrepared {
+  MixBwdParams params;
+  at::Tensor grad_o_swa, grad_o_rla, grad_swa_weight, grad_rla_weight;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+MixBwdPrepared prepare_mix_bwd(const at::Tensor& grad_out, const at::Tensor& o_swa,
+                               const at::Tensor& o_rla, const at::Tensor& swa_weight,
+                               const at::Tensor& rla_weight, double eps);
+
+struct DecodePrepared {
+  DecodeParams params;
+  at::Tensor out;
+  std::vector<at::Tensor> keep;  // inputs/copies the params point into
+};
+DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& state, const at::Tensor& pos,
+                                   const std::string& feature_map, double softmax_scale,
+                                   const c10::optional<at::Tensor>& initial_state,
+                                   const c10::optional<at::Tensor>& rotary_cos,
+                                   const c10::optional<at::Tensor>& rotary_sin,
+                                   const at::Tensor& swa_weight, const at::Tensor& rla_weight,
+                                   double eps, bool cuda_backend);
+
+}  // namespace rattention

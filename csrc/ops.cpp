@@ -1,0 +1,59 @@
+// The one operator library: every schema of rattention_ext, and the Python module that
+// carries it (rattention_ext._C) with the build information.
+//
+// Conventions shared by all ops (see csrc/core/params.h for layouts):
+// - q [B, T, Hq, D], k/v [B, T, Hkv, D], any strides; float32, float64, bfloat16
+//   (CUDA: bfloat16, float16).
+// - Branch outputs (swa_fwd.out, rla_fwd.out) and the gradients flowing into them are in
+//   the accumulation type (float32; float64 for float64 inputs); mix_fwd turns them into
+//   the output dtype. This keeps the mixing in float32 as SPEC.md asks.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+
+TORCH_LIBRARY(rattention_ext, m) {
+  m.def(
+      "swa_fwd(Tensor q, Tensor k, Tensor v, int window_size, float softmax_scale, "
+      "Tensor? rotary_cos, Tensor? rotary_sin) -> (Tensor out, Tensor lse)");
+  m.def(
+      "swa_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int window_size, float softmax_scale, Tensor? rotary_cos, "
+      "Tensor? rotary_sin, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "rla_fwd(Tensor q, Tensor k, Tensor v, int window_size, str feature_map, "
+      "Tensor? initial_state, int chunk_size, int checkpoint_every) "
+      "-> (Tensor out, Tensor final_state, Tensor checkpoints)");
+  m.def(
+      "rla_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
+      "Tensor? initial_state, Tensor checkpoints, int window_size, str feature_map, "
+      "int chunk_size, int checkpoint_every) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+  m.def(
+      "mix_fwd(Tensor o_swa, Tensor o_rla, Tensor swa_weight, Tensor rla_weight, float eps, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def(
+      "mix_bwd(Tensor grad_out, Tensor o_swa, Tensor o_rla, Tensor swa_weight, "
+      "Tensor rla_weight, float eps) "
+      "-> (Tensor grad_o_swa, Tensor grad_o_rla, Tensor grad_swa_weight, Tensor grad_rla_weight)");
+  m.def(
+      "decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor(c!) state, Tensor(d!) pos, str feature_map, float softmax_scale, "
+      "Tensor? initial_state, Tensor? rotary_cos, Tensor? rotary_sin, Tensor swa_weight, "
+      "Tensor rla_weight, float eps) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "rattention_ext compiled operators (registered under torch.ops.rattention_ext)";
+  mod.def("build_info", []() {
+    pybind11::dict d;
+    d["version"] = RATTENTION_VERSION;
+    d["cuda"] = static_cast<bool>(RATTENTION_WITH_CUDA);
+    d["cuda_archs"] = RATTENTION_CUDA_ARCHS;
+    d["cuda_version"] = RATTENTION_CUDA_VERSION;
+    d["cutlass_version"] = RATTENTION_CUTLASS_VERSION;
+    d["torch_version"] = RATTENTION_TORCH_VERSION;
+    d["compiler"] = RATTENTION_COMPILER;
+    return d;
+  });
+}

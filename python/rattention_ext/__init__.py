@@ -1,0 +1,29 @@
+"""rattention_ext: RAttention (sliding-window softmax attention + residual linear attention)
+for PyTorch, with CUDA and CPU kernels registered as ``torch.ops.rattention_ext``.
+
+    import rattention_ext
+    o = rattention_ext.forward(q, k, v, window_size=512)     # [B, T, Hq, D]
+
+See ``rattention_ext.reference`` for the plain-PyTorch definition (SPEC.md).
+"""
+from __future__ import annotations
+
+from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+from ._C import build_info as _build_info
+from .api import forward, residual_linear_attention, sliding_window_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "forward",
+    "sliding_window_attention",
+    "residual_linear_attention",
+    "build_info",
+    "__version__",
+]
+
+
+def build_info() -> dict:
+    """What this build contains: version, whether CUDA kernels are compiled in, the CUDA
+    architectures, the CUDA and CUTLASS versions, and the torch it was built against."""
+    return dict(_build_info())

@@ -1,0 +1,157 @@
+"""Public functional API: ``forward``, ``sliding_window_attention``, ``residual_linear_attention``.
+
+Each is a thin composition of the registered ops (``torch.ops.rattention_ext.*``), so it
+runs on whatever backend the inputs live on (CPU kernels, CUDA kernels), is
+differentiable through the registered backward ops, and traces under ``torch.compile``.
+Semantics: SPEC.md (window = left context ``w``; RLA sees exactly keys ``t - s >= w + 1``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+# RLA chunk length and how often the forward saves a state for the backward to restart
+# from ("flexible state saving"): memory for states is T / (chunk * every) states.
+DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHECKPOINT_EVERY = 4
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def _nvtx(name: str, t: Tensor):
+    """NVTX range around an op on CUDA tensors (free otherwise and under torch.compile)."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+def _scale(q: Tensor, softmax_scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+):
+    """Sliding-window softmax attention (the SWA branch alone).
+
+    Args:
+        q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0``.
+        window_size: left context ``w >= 0``; query ``t`` sees keys ``t-w .. t``.
+        softmax_scale: defaults to ``1/sqrt(D)``.
+        return_lse: also return the log-sum-exp ``[B, Hq, T]`` (float32; float64 for float64).
+        rotary_cos, rotary_sin: optional ``[P >= T, D/2]`` tables, half-split (NeoX) rotary
+            applied to q and k inside the kernel.
+
+    Returns:
+        ``o [B, T, Hq, D]`` in q's dtype, or ``(o, lse)``.
+    """
+    with _nvtx("rattention.sliding_window_attention", q):
+        out, lse = ops.swa_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos, rotary_sin)
+        out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def residual_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    feature_map: str = "softmax",
+    initial_state: Optional[Tensor] = None,
+    return_final_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+):
+    """Residual linear attention (the RLA branch alone): keys outside the window only.
+
+    ``o[t] = phi(q[t])^T (H0[h] + sum_{s <= t-w-1} phi(k[s]) v[s]^T)`` with
+    ``phi(x) = [softmax(x), softmax(-x)]`` (``"softmax"``) or ``[relu(x), relu(-x)]``
+    (``"relu"``); raw q/k (no rotary, no scale), no normaliser.
+
+    Args:
+        initial_state: optional ``H0 [B or 1, Hq, 2D, D]`` (float32; float64 for float64 inputs).
+        return_final_state: also return the state after all T tokens, ``[B, Hkv, 2D, D]``
+            (tokens ``s <= T - w - 2``; the last ``w + 1`` stay in the window). Gradients
+            flow into it as well.
+        chunk_size, checkpoint_every: tiling of the chunked kernel; the forward saves one
+            state every ``checkpoint_every`` chunks for the backward.
+
+    Returns:
+        ``o [B, T, Hq, D]`` in q's dtype, or ``(o, final_state)``.
+    """
+    with _nvtx("rattention.residual_linear_attention", q):
+        out, state, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
+                                    checkpoint_every)
+        out = out.to(q.dtype)
+    return (out, state) if return_final_state else out
+
+
+def _norm_weight(w: Optional[Tensor], q: Tensor) -> Tensor:
+    if w is not None:
+        return w
+    return torch.ones(q.shape[2], q.shape[3], dtype=_acc(q.dtype), device=q.device)
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    feature_map: str = "softmax",
+    softmax_scale: Optional[float] = None,
+    swa_norm_weight: Optional[Tensor] = None,
+    rla_norm_weight: Optional[Tensor] = None,
+    norm_eps: float = 1e-8,
+    initial_state: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+) -> Tensor:
+    """RAttention: ``rms(SWA(q,k,v)) * g_swa + rms(RLA(q,k,v)) * g_rla`` per token and head.
+
+    Args:
+        q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (GQA: query head h reads kv head h // G).
+        window_size: SWA left context ``w``; RLA covers exactly the keys ``t - s >= w + 1``.
+        feature_map: ``"softmax"`` (default) or ``"relu"`` for the RLA branch.
+        softmax_scale: SWA scale, default ``1/sqrt(D)``.
+        swa_norm_weight, rla_norm_weight: learned RMS-norm scales ``[Hq, D]`` (default ones).
+        norm_eps: RMS-norm epsilon.
+        initial_state: optional learned RLA prefix state ``[B or 1, Hq, 2D, D]``.
+        rotary_cos, rotary_sin: optional ``[P >= T, D/2]`` rotary tables (SWA branch only).
+        chunk_size, checkpoint_every: RLA tiling and state-saving interval.
+
+    Returns:
+        ``[B, T, Hq, D]`` in q's dtype. Differentiable in q, k, v, initial_state and both
+        norm weights. Branch outputs and mixing are computed in float32 (float64 for float64).
+    """
+    with _nvtx("rattention.forward", q):
+        o_swa, _ = ops.swa_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos, rotary_sin)
+        o_rla, _, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
+                                  checkpoint_every)
+        return ops.mix_fwd(o_swa, o_rla, _norm_weight(swa_norm_weight, q),
+                           _norm_weight(rla_norm_weight, q), norm_eps, q.dtype)
