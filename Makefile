@@ -10,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 JOBS ?= $(shell nproc)
 ARCHS ?= 80;90a
 PYTEST_ARGS ?=
+comma := ,
 
-.PHONY: venv build dev test demo bench wheel cuda-check gpu-check clean
+.PHONY: venv build dev test demo bench wheel cuda-check cutlass gpu-check clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +39,20 @@ demo: build
 
 bench: build
 	$(PY) -m benchmarks --cpu-quick
+
+# Compile gate for machines without a GPU: every CUDA kernel for sm_80 and sm_90a, ptxas
+# resource report, SASS tensor-core count; writes build/cuda-check/report.json.
+$(VENV)/.cuda-tools-stamp: $(VENV)/.deps-stamp
+	$(PY) -m pip install -q nvidia-cutlass nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+	@touch $@
+
+cuda-check: $(VENV)/.cuda-tools-stamp
+	$(PY) tools/cuda_check.py --archs "$(subst ;,$(comma),$(ARCHS))" --jobs $(JOBS)
+
+# Copy the CuTe/CUTLASS headers into the checkout (third_party/, ignored) so an offline
+# GPU machine can build from the checkout alone.
+cutlass: $(VENV)/.cuda-tools-stamp
+	$(PY) -c "import cutlass_library, os, shutil; src = os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'); [shutil.copytree(os.path.join(src, d), os.path.join('third_party/cutlass/include', d), dirs_exist_ok=True) for d in ('cute', 'cutlass')]"
 
 clean:
 	rm -rf build dist *.egg-info python/rattention_ext/_C*.so
