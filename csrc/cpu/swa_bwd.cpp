@@ -67,11 +67,7 @@ struct BwdCtx {
     const bool need_mask = swa_tile_needs_mask(mt, n, kBlockM, kBlockN, T_len, w);
     for (int64_t r = 0; r < R; ++r) {
       acc_t* prow = sP + r * kBlockN;
-      if (need_mask) {
-        const int64_t t = m0 + r % bm;
-        for (int64_t j = 0; j < bn; ++j)
-          if (!swa_visible(t, n0 + j, w)) prow[j] = neg_inf<acc_t>();
-      }
+      if (need_mask) mask_row(prow, m0 + r % bm, n0, bn, w);
       exp_sub_sum(prow, bn, rlse[r]);
     }
     // dP = dO @ V^T   [R, bn]
@@ -133,11 +129,20 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   const int64_t half = D / 2;
 
   // Pass 1: dK, dV per (b, kv head, key tile).
-  parallel_for(B * Hkv * n_ntiles, 1, [&](int64_t it0, int64_t it1) {
-    std::vector<acc_t> sQ(rows_max * D), sdO(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
-    std::vector<acc_t> sP(rows_max * kBlockN), sdS(rows_max * kBlockN);
-    std::vector<acc_t> accK(kBlockN * D), accV(kBlockN * D), rlse(rows_max), rDi(rows_max);
-    for (int64_t item = it0; item < it1; ++item) {
+  struct Scratch {
+    std::vector<acc_t> sQ, sdO, sK, sV, sP, sdS, accK, accV, accQ, rlse, rDi;
+  };
+  auto make_scratch = [&] {
+    auto v = [](int64_t n) { return std::vector<acc_t>(static_cast<size_t>(n)); };
+    return Scratch{v(rows_max * D),       v(rows_max * D),       v(kBlockN * D),
+                   v(kBlockN * D),        v(rows_max * kBlockN), v(rows_max * kBlockN),
+                   v(kBlockN * D),        v(kBlockN * D),        v(rows_max * D),
+                   v(rows_max),           v(rows_max)};
+  };
+  parallel_items(B * Hkv * n_ntiles, make_scratch, [&](int64_t item, Scratch& s) {
+    auto &sQ = s.sQ, &sdO = s.sdO, &sK = s.sK, &sV = s.sV, &sP = s.sP, &sdS = s.sdS;
+    auto &accK = s.accK, &accV = s.accV, &rlse = s.rlse, &rDi = s.rDi;
+    {
       const int64_t n = item % n_ntiles;
       const int64_t hkv = (item / n_ntiles) % Hkv;
       const int64_t b = item / (n_ntiles * Hkv);
@@ -172,11 +177,10 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   });
 
   // Pass 2: dQ per (b, kv head, query tile), G heads stacked.
-  parallel_for(B * Hkv * n_mtiles, 1, [&](int64_t it0, int64_t it1) {
-    std::vector<acc_t> sQ(rows_max * D), sdO(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
-    std::vector<acc_t> sP(rows_max * kBlockN), sdS(rows_max * kBlockN);
-    std::vector<acc_t> accQ(rows_max * D), rlse(rows_max), rDi(rows_max);
-    for (int64_t item = it0; item < it1; ++item) {
+  parallel_items(B * Hkv * n_mtiles, make_scratch, [&](int64_t item, Scratch& s) {
+    auto &sQ = s.sQ, &sdO = s.sdO, &sK = s.sK, &sV = s.sV, &sP = s.sP, &sdS = s.sdS;
+    auto &accQ = s.accQ, &rlse = s.rlse, &rDi = s.rDi;
+    {
       const int64_t mt = item % n_mtiles;
       const int64_t hkv = (item / n_mtiles) % Hkv;
       const int64_t b = item / (n_mtiles * Hkv);
