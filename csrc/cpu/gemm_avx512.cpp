@@ -109,10 +109,11 @@ void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, i
 }
 
 // C[MR, nj] (ldc) = alpha * A[MR, kc] @ Bp[kc, kNR] + beta * C, A element (i, k) at
-// A[i * rs + k * cs]. nj <= kNR columns are stored (masked at the right edge).
+// A[i * rs + k * cs], Bp row k at Bp + k * ldbp (a packed panel, or B itself when its rows
+// already hold kNR valid contiguous columns). nj <= kNR columns are stored (masked at the right edge).
 template <int MR>
 inline void micro_kernel(int64_t kc, const float* A, int64_t rs, int64_t cs, const float* Bp,
-                         float alpha, float beta, float* C, int64_t ldc, int64_t nj) {
+                         int64_t ldbp, float alpha, float beta, float* C, int64_t ldc, int64_t nj) {
   __m512 acc[MR][kNV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -125,7 +126,7 @@ inline void micro_kernel(int64_t kc, const float* A, int64_t rs, int64_t cs, con
     for (int64_t k = 0; k < kc; ++k) {
       __m512 b[kNV];
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) b[v] = _mm512_load_ps(Bp + k * kNR + 16 * v);
+      for (int v = 0; v < kNV; ++v) b[v] = _mm512_loadu_ps(Bp + k * ldbp + 16 * v);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const __m512 a = _mm512_set1_ps(a_row[i][k]);
@@ -137,7 +138,7 @@ inline void micro_kernel(int64_t kc, const float* A, int64_t rs, int64_t cs, con
     for (int64_t k = 0; k < kc; ++k) {
       __m512 b[kNV];
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) b[v] = _mm512_load_ps(Bp + k * kNR + 16 * v);
+      for (int v = 0; v < kNV; ++v) b[v] = _mm512_loadu_ps(Bp + k * ldbp + 16 * v);
       const float* ak = A + k * cs;
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
@@ -164,8 +165,8 @@ inline void micro_kernel(int64_t kc, const float* A, int64_t rs, int64_t cs, con
   }
 }
 
-using MicroKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float, float,
-                             float*, int64_t, int64_t);
+using MicroKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                             float, float, float*, int64_t, int64_t);
 template <int... I>
 constexpr std::array<MicroKernel, sizeof...(I) + 1> make_kernels(std::integer_sequence<int, I...>) {
   return {nullptr, &micro_kernel<I + 1>...};
@@ -186,6 +187,22 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
     return;
   }
+  // Untransposed B whose columns fill whole panels is read in place (its rows are already
+  // contiguous runs of kNR columns); otherwise B is packed into zero-padded panels.
+  if (!trans_b && N % kNR == 0) {
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min<int64_t>(kKC, K - k0);
+      const float b_eff = k0 == 0 ? beta : 1.f;
+      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
+        const float* Ai = A + i0 * rs + k0 * cs;
+        for (int64_t j0 = 0; j0 < N; j0 += kNR)
+          kKernels[mr](kc, Ai, rs, cs, B + k0 * ldb + j0, ldb, alpha, b_eff, C + i0 * ldc + j0,
+                       ldc, kNR);
+      }
+    }
+    return;
+  }
   const int64_t nc_max = std::min<int64_t>(N, kNC);
   const int64_t kc_max = std::min<int64_t>(K, kKC);
   float* Bp = packed_buffer(((nc_max + kNR - 1) / kNR) * kNR * kc_max);
@@ -202,8 +219,8 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
         for (int64_t p = 0; p < n_panels; ++p) {
           const int64_t j0 = p * kNR;
           const int64_t nj = std::min<int64_t>(kNR, nc - j0);
-          kKernels[mr](kc, Ai, rs, cs, Bp + p * kc * kNR, alpha, b_eff, C + i0 * ldc + n0 + j0,
-                       ldc, nj);
+          kKernels[mr](kc, Ai, rs, cs, Bp + p * kc * kNR, kNR, alpha, b_eff,
+                       C + i0 * ldc + n0 + j0, ldc, nj);
         }
       }
     }
