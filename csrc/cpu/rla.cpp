@@ -23,7 +23,13 @@
 namespace rattention::cpu {
 namespace {
 
-constexpr int64_t kColBlock = 32;
+// Value columns per forward task: split only as far as needed to give every thread a task
+// (each split recomputes the feature maps), and never below 16 columns.
+int64_t column_block(int64_t D, int64_t tasks_without_split) {
+  const int64_t want_splits = ceil_div(max_threads(), tasks_without_split);
+  const int64_t splits = std::max<int64_t>(1, std::min(want_splits, D / 16));
+  return ceil_div(D, splits);
+}
 
 // Rows [r0, r0 + n) of a [B, T, H, D] tensor at (b, h), converted to acc type: dst[n, D].
 template <typename T, typename acc_t>
@@ -57,6 +63,7 @@ void rla_fwd_impl(const RlaFwdParams& p) {
   const int64_t D = d.head_dim, D2 = 2 * D, T_ = d.seqlen, G = d.group(), C = p.chunk_size;
   const int64_t n_chunks = ceil_div(T_, C);
   const int64_t n_ckpt = rla_num_checkpoints(n_chunks, p.checkpoint_every);
+  const int64_t kColBlock = column_block(D, d.batch * d.heads_kv);
   const int64_t n_cb = ceil_div(D, kColBlock);
   auto* out = static_cast<acc_t*>(p.out);
   auto* ckpt = static_cast<acc_t*>(p.checkpoints);
