@@ -54,6 +54,9 @@ GRID = [
     (1, 1025, 8, 1, 32, 5, False, "contiguous"),
     (1, 1025, 2, 2, 64, 1025, True, "contiguous"),
     (1, 1025, 8, 1, 32, 200, True, "strided"),
+    # enough (b, kv head, key chunk) tasks for the single-pass backward (chunked dQ buffers),
+    # with the window reaching across chunk boundaries
+    (2, 1025, 4, 2, 32, 300, True, "perm"),
 ]
 
 
@@ -68,7 +71,8 @@ def test_float64_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", GRID[1::2] + [(2, 200, 4, 2, 128, 70, True, "perm"),
-                                              (1, 70, 16, 1, 32, 10, False, "contiguous")],
+                                              (1, 70, 16, 1, 32, 10, False, "contiguous"),
+                                              (2, 1025, 2, 2, 64, 100, False, "contiguous")],
                          ids=lambda c: "-".join(map(str, c)))
 def test_float32_matches_reference(case):
     B, T, Hq, Hkv, D, w, rot, layout = case
