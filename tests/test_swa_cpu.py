@@ -147,16 +147,19 @@ def test_ops_direct_with_grad_lse_float64():
             assert a.is_contiguous() and rel_err(a, b) < 1e-10
 
 
-def test_deterministic_across_thread_counts():
-    q, k, v = make_qkv(1, 300, 4, 1, 32, torch.float32, seed=5)
-    go = torch.randn(1, 300, 4, 32)
+@pytest.mark.parametrize("shape", [(1, 300, 4, 1, 70), (2, 600, 4, 2, 70)],
+                         ids=["two-pass-bwd", "single-pass-bwd"])
+def test_deterministic_across_thread_counts(shape):
+    B, T, Hq, Hkv, w = shape
+    q, k, v = make_qkv(B, T, Hq, Hkv, 32, torch.float32, seed=5)
+    go = torch.randn(B, T, Hq, 32)
     n = torch.get_num_threads()
     res = []
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            out, lse = ops.swa_fwd(q, k, v, 70, 0.2, None, None)
-            res.append((out, lse, *ops.swa_bwd(go, lse, q, k, v, out, lse, 70, 0.2, None, None,
+            out, lse = ops.swa_fwd(q, k, v, w, 0.2, None, None)
+            res.append((out, lse, *ops.swa_bwd(go, lse, q, k, v, out, lse, w, 0.2, None, None,
                                                True)))
     finally:
         torch.set_num_threads(n)
