@@ -5,12 +5,16 @@
 //   dS = P * (dP - Di),  dQ' = scale * dS K',  dK' = scale * dS^T Q'
 //   dQ = rope^-1(dQ'), dK = rope^-1(dK')   (rotary is a rotation: its adjoint is the inverse)
 //
-// Deterministic by construction, no atomics, two passes:
-//   pass 1: one task per (batch, kv head, key tile) owns dK, dV of that tile and loops over
-//           the query tiles that see it, with the G query heads of the group stacked as rows
-//           (so the GQA sum over the group is part of the GEMM's reduction);
-//   pass 2: one task per (batch, kv head, query tile) owns dQ of the G stacked heads and
-//           loops over the key tiles of the window.
+// Deterministic by construction (no atomics, nothing depends on the thread count):
+//   main pass: one task per (batch, kv head, chunk of key tiles). For each key tile it owns
+//           dK, dV and loops over the query tiles that see it, with the G query heads of the
+//           group stacked as rows (so the GQA sum over the group is part of the GEMM's
+//           reduction); its dQ' contributions go to a dQ buffer owned by the chunk;
+//   dQ pass: one task per (batch, kv head, query tile) sums the chunk buffers that reach the
+//           tile, in chunk order, and applies the inverse rotary.
+// With too few chunk tasks to fill the machine (w ~ T and few heads), a two-pass variant
+// runs instead: pass 1 as above without dQ, pass 2 per query tile recomputes P and dS over
+// the key tiles of its window and owns dQ.
 // Tile shapes (acc type, ld in brackets):
 //   sQ, sdO [G*bm, D] (D)   sK, sV [bn, D] (D)   sP, sdS [G*bm, bn] (kBlockN)
 //   accK, accV [bn, D] (D)  accQ [G*bm, D] (D)
@@ -248,7 +252,7 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   parallel_items(B * Hkv * n_mtiles, make_scratch, [&](int64_t item, Scratch& s) {
     auto &sQ = s.sQ, &sdO = s.sdO, &sK = s.sK, &sV = s.sV, &sP = s.sP, &sdS = s.sdS;
     auto &accQ = s.accQ, &rlse = s.rlse, &rDi = s.rDi;
-    {
+    {  // NOLINT(readability/braces): one query tile
       const int64_t mt = item % n_mtiles;
       const int64_t hkv = (item / n_mtiles) % Hkv;
       const int64_t b = item / (n_mtiles * Hkv);

@@ -69,7 +69,7 @@ void swa_fwd_impl(const SwaFwdParams& p) {
     auto& sS = sc.sS;
     auto& accO = sc.accO;
     auto& st = sc.st;
-    {
+    {  // one (b, kv head, query tile) task
       const int64_t mt = item % n_mtiles;
       const int64_t hkv = (item / n_mtiles) % Hkv;
       const int64_t b = item / (n_mtiles * Hkv);
