@@ -136,13 +136,16 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   struct Scratch {
     std::vector<acc_t> sQ, sdO, sK, sV, sP, sdS, accK, accV, accQ, rlse, rDi;
   };
-  auto make_scratch = [&] {
+  // Per-thread scratch; `key_tiles` > 1 sizes the key-side buffers for a whole chunk.
+  auto make_scratch_for = [&](int64_t key_tiles) {
     auto v = [](int64_t n) { return std::vector<acc_t>(static_cast<size_t>(n)); };
-    return Scratch{v(rows_max * D),       v(rows_max * D),       v(kBlockN * D),
-                   v(kBlockN * D),        v(rows_max * kBlockN), v(rows_max * kBlockN),
-                   v(kBlockN * D),        v(kBlockN * D),        v(rows_max * D),
-                   v(rows_max),           v(rows_max)};
+    const int64_t kv = key_tiles * kBlockN * D;
+    return Scratch{v(rows_max * D), v(rows_max * D),       v(kv),
+                   v(kv),           v(rows_max * kBlockN), v(rows_max * kBlockN),
+                   v(kv),           v(kv),                 v(rows_max * D),
+                   v(rows_max),     v(rows_max)};
   };
+  auto make_scratch = [&] { return make_scratch_for(1); };
 
   // Single-pass variant: key tiles are grouped into chunks of CT tiles; the task of a chunk
   // also accumulates dQ' = scale * dS K' into a dQ buffer of its own covering the query tiles
@@ -165,9 +168,8 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   const int64_t buf_per_bh = buf_off[n_chunks];
   std::unique_ptr<acc_t[]> dq_buf(single_pass ? new acc_t[B * Hkv * buf_per_bh] : nullptr);
 
-  // dK, dV of key tile n (and, with dq_chunk != nullptr, its dQ' contributions).
-  auto key_tile = [&](int64_t b, int64_t hkv, int64_t n, Scratch& s, acc_t* dq_chunk,
-                      int64_t chunk_mt_lo) {
+  // Two-pass variant, pass 1: dK, dV of key tile n.
+  auto key_tile = [&](int64_t b, int64_t hkv, int64_t n, Scratch& s) {
     auto &sQ = s.sQ, &sdO = s.sdO, &sK = s.sK, &sV = s.sV, &sP = s.sP, &sdS = s.sdS;
     auto &accK = s.accK, &accV = s.accV, &rlse = s.rlse, &rDi = s.rDi;
     const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
@@ -186,10 +188,6 @@ void swa_bwd_impl(const SwaBwdParams& p) {
                   accV.data(), D);
       gemm<acc_t>(true, false, bn, D, R, c.scale, sdS.data(), kBlockN, sQ.data(), D, acc_t(1),
                   accK.data(), D);
-      // dQ'[R, D] of this query tile (chunk buffer) += scale * dS @ K'
-      if (dq_chunk != nullptr)
-        gemm<acc_t>(false, false, R, D, bn, c.scale, sdS.data(), kBlockN, sK.data(), D,
-                    acc_t(1), dq_chunk + (mt - chunk_mt_lo) * rows_max * D, D);
     }
     for (int64_t j = 0; j < bn; ++j) {
       const int64_t t = n0 + j;
@@ -217,13 +215,64 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   };
 
   if (single_pass) {
-    parallel_items(B * Hkv * n_chunks, make_scratch, [&](int64_t item, Scratch& s) {
+    // Query tiles outer, the chunk's key tiles inner: Q' and dO are packed once per
+    // (chunk, query tile) and the chunk's K', V once; each accumulator still sums in the
+    // same order as the per-key-tile loop (query tiles ascending for dK/dV, key tiles
+    // ascending for dQ').
+    auto make_chunk_scratch = [&] { return make_scratch_for(CT); };
+    parallel_items(B * Hkv * n_chunks, make_chunk_scratch, [&](int64_t item, Scratch& s) {
       const int64_t ch = item % n_chunks, bh = item / n_chunks;
       const int64_t b = bh / Hkv, hkv = bh % Hkv;
+      const int64_t n_first = ch * CT, n_end = imin(n_ntiles, n_first + CT);
+      const int64_t tileKD = kBlockN * D;
       acc_t* buf = dq_buf.get() + bh * buf_per_bh + buf_off[ch];
       std::fill(buf, buf + (buf_off[ch + 1] - buf_off[ch]), acc_t(0));
-      for (int64_t n = ch * CT; n < imin(n_ntiles, ch * CT + CT); ++n)
-        key_tile(b, hkv, n, s, buf, mt_lo[ch]);
+      for (int64_t n = n_first; n < n_end; ++n) {
+        const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+        acc_t* sK = s.sK.data() + (n - n_first) * tileKD;
+        acc_t* sV = s.sV.data() + (n - n_first) * tileKD;
+        pack_rows<T, acc_t>(c.k, p.k_stride, b, hkv, n0, bn, D, c.cos, c.sin, sK);
+        pack_rows<T, acc_t>(c.v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV);
+      }
+      std::fill(s.accK.begin(), s.accK.begin() + (n_end - n_first) * tileKD, acc_t(0));
+      std::fill(s.accV.begin(), s.accV.begin() + (n_end - n_first) * tileKD, acc_t(0));
+      for (int64_t mt = mt_lo[ch]; mt < mt_hi[ch]; ++mt) {
+        const TileRange kr = swa_key_tiles_for_query_tile(mt, kBlockM, kBlockN, T_len, c.w);
+        const int64_t nb = imax(kr.begin, n_first), ne = imin(kr.end, n_end);
+        if (nb >= ne) continue;
+        const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
+        c.pack_query_block(b, hkv, m0, bm, s.sQ.data(), s.sdO.data(), s.rlse.data(),
+                           s.rDi.data());
+        acc_t* dq_blk = buf + (mt - mt_lo[ch]) * rows_max * D;
+        for (int64_t n = nb; n < ne; ++n) {
+          const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+          const acc_t* sK = s.sK.data() + (n - n_first) * tileKD;
+          const acc_t* sV = s.sV.data() + (n - n_first) * tileKD;
+          acc_t* accK = s.accK.data() + (n - n_first) * tileKD;
+          acc_t* accV = s.accV.data() + (n - n_first) * tileKD;
+          c.probs_and_dscores(mt, n, m0, bm, n0, bn, s.sQ.data(), sK, sV, s.sdO.data(),
+                              s.rlse.data(), s.rDi.data(), s.sP.data(), s.sdS.data());
+          gemm<acc_t>(true, false, bn, D, R, acc_t(1), s.sP.data(), kBlockN, s.sdO.data(), D,
+                      acc_t(1), accV, D);
+          gemm<acc_t>(true, false, bn, D, R, c.scale, s.sdS.data(), kBlockN, s.sQ.data(), D,
+                      acc_t(1), accK, D);
+          gemm<acc_t>(false, false, R, D, bn, c.scale, s.sdS.data(), kBlockN, sK, D, acc_t(1),
+                      dq_blk, D);
+        }
+      }
+      for (int64_t n = n_first; n < n_end; ++n) {
+        const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+        for (int64_t j = 0; j < bn; ++j) {
+          const int64_t t = n0 + j;
+          acc_t* krow = s.accK.data() + (n - n_first) * tileKD + j * D;
+          if (c.cos != nullptr)
+            rotary_apply<acc_t>(krow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
+                                /*inverse=*/true);
+          const int64_t off = ((b * T_len + t) * Hkv + hkv) * D;
+          store_row<T, acc_t>(krow, dk + off, D);
+          store_row<T, acc_t>(s.accV.data() + (n - n_first) * tileKD + j * D, dv + off, D);
+        }
+      }
     });
     parallel_items(B * Hkv * n_mtiles, make_scratch, [&](int64_t item, Scratch& s) {
       const int64_t mt = item % n_mtiles, bh = item / n_mtiles;
@@ -245,7 +294,7 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   // Two-pass variant. Pass 1: dK, dV per (b, kv head, key tile).
   parallel_items(B * Hkv * n_ntiles, make_scratch, [&](int64_t item, Scratch& s) {
     const int64_t n = item % n_ntiles, bh = item / n_ntiles;
-    key_tile(bh / Hkv, bh % Hkv, n, s, nullptr, 0);
+    key_tile(bh / Hkv, bh % Hkv, n, s);
   });
 
   // Pass 2: dQ per (b, kv head, query tile), G heads stacked.
