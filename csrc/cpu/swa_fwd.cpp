@@ -93,22 +93,12 @@ void swa_fwd_impl(const SwaFwdParams& p) {
         gemm<acc_t>(false, true, R, bn, D, scale, sQ.data(), D, sK.data(), D, acc_t(0),
                     sS.data(), kBlockN);
         const bool need_mask = swa_tile_needs_mask(mt, n, kBlockM, kBlockN, T_len, w);
-        for (int64_t r = 0; r < R; ++r) {
-          acc_t* srow = sS.data() + r * kBlockN;
-          const int64_t t = m0 + r % bm;
-          if (need_mask) mask_row(srow, t, n0, bn, w);
-          const acc_t factor = online_softmax_rescale(st[r], row_max(srow, bn));
-          if (st[r].m == kNegInf) {
-            // No visible key yet for this row: p = 0 (avoids -inf - -inf).
-            for (int64_t j = 0; j < bn; ++j) srow[j] = acc_t(0);
-          } else {
-            st[r].l += exp_sub_sum(srow, bn, st[r].m);
-          }
-          if (factor != acc_t(1)) {
-            acc_t* orow = accO.data() + r * D;
-            for (int64_t i = 0; i < D; ++i) orow[i] *= factor;
-          }
+        if (need_mask) {
+          for (int64_t r = 0; r < R; ++r)
+            mask_row(sS.data() + r * kBlockN, m0 + r % bm, n0, bn, w);
         }
+        // online softmax: sS <- P, running max/sum per row, accO rows rescaled
+        softmax_tile(sS.data(), kBlockN, R, bn, st.data(), accO.data(), D, D);
         // accO += P @ sV   [R, D]
         gemm<acc_t>(false, false, R, D, bn, acc_t(1), sS.data(), kBlockN, sV.data(), D,
                     acc_t(1), accO.data(), D);
