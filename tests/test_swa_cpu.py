@@ -233,3 +233,12 @@ def test_portable_gemm_path_matches_reference():
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("B,T", [(1, 0), (0, 5)])
+def test_empty_inputs(B, T):
+    q, k, v = (torch.randn(B, T, H, 16, requires_grad=True) for H in (4, 2, 2))
+    o, lse = rattention_ext.sliding_window_attention(q, k, v, window_size=3, return_lse=True)
+    assert o.shape == q.shape and lse.shape == (B, 4, T)
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
