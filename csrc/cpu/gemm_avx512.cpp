@@ -19,6 +19,8 @@
 #include <limits>
 #include <vector>
 
+#include "../core/online_softmax.h"
+
 namespace rattention::cpu::avx512 {
 namespace {
 
@@ -230,9 +232,13 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
 // ---- online-softmax row primitives -------------------------------------------------------
 namespace {
 // exp(x) for a vector, ~1 ulp (Cephes expf polynomial on [-ln2/2, ln2/2], 2^n by scalef).
-// x = -inf gives exactly 0 (clamped to -104, scalef underflows to 0); NaN propagates.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);  // max(lo, NaN) returns NaN (2nd operand)
+// Inputs below -86 (masked -inf scores included) give exactly 0 without ever producing a
+// denormal (a denormal result costs a ~100-cycle microcode assist per instruction on Intel);
+// exp(-86) ~ 4e-38 is far below anything a probability row can resolve. NaN propagates.
+inline __m512 exp_ps(__m512 x_in) {
+  const __m512 lo = _mm512_set1_ps(-86.f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x_in, lo, _CMP_NLT_UQ);  // x >= lo or NaN
+  __m512 x = _mm512_max_ps(lo, x_in);  // max(lo, NaN) returns NaN (2nd operand)
   x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -246,7 +252,7 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
   const __m512 r2 = _mm512_mul_ps(r, r);
   p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 }  // namespace
@@ -276,6 +282,52 @@ float exp_sub_sum(float* x, int64_t n, float sub) {
     s = _mm512_mask_add_ps(s, m, s, e);
   }
   return _mm512_reduce_add_ps(s);
+}
+
+// One online-softmax step for a tile of scores S [R, bn] (row stride lds, masked entries
+// already -inf): per row, the new running max, p = exp(s - m) in place, l = l * f + sum(p),
+// and the accumulator row O[r, 0:D] *= f where f = exp(m_old - m_new) (0 for a row that had
+// seen no key). Everything stays in registers per row and no call sits between rows, so
+// consecutive rows' dependency chains (reduce, exp, reduce) overlap in the core.
+void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow<float>* st,
+                  float* O, int64_t ldo, int64_t D) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t nv = (bn + 15) / 16;
+  for (int64_t r = 0; r < R; ++r) {
+    float* srow = S + r * lds;
+    __m512 vmax = _mm512_set1_ps(ninf);
+    for (int64_t v = 0; v < nv; ++v)
+      vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(ninf),
+                                                      tail_mask(bn - 16 * v), srow + 16 * v));
+    const float bmax = _mm512_reduce_max_ps(vmax);
+    const float m_old = st[r].m;
+    const float m_new = bmax > m_old ? bmax : m_old;
+    if (m_new == ninf) {  // no visible key yet: p = 0, nothing to rescale
+      for (int64_t v = 0; v < nv; ++v)
+        _mm512_mask_storeu_ps(srow + 16 * v, tail_mask(bn - 16 * v), _mm512_setzero_ps());
+      continue;
+    }
+    const float factor =
+        m_old == ninf ? 0.f : _mm512_cvtss_f32(exp_ps(_mm512_set1_ps(m_old - m_new)));
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) {
+      const __mmask16 mk = tail_mask(bn - 16 * v);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, srow + 16 * v), vm));
+      _mm512_mask_storeu_ps(srow + 16 * v, mk, e);
+      vsum = _mm512_mask_add_ps(vsum, mk, vsum, e);
+    }
+    st[r].m = m_new;
+    st[r].l = st[r].l * factor + _mm512_reduce_add_ps(vsum);
+    if (factor != 1.f) {
+      float* orow = O + r * ldo;
+      const __m512 vf = _mm512_set1_ps(factor);
+      for (int64_t c = 0; c < D; c += 16) {
+        const __mmask16 mk = tail_mask(D - c);
+        _mm512_mask_storeu_ps(orow + c, mk, _mm512_mul_ps(vf, _mm512_maskz_loadu_ps(mk, orow + c)));
+      }
+    }
+  }
 }
 
 }  // namespace rattention::cpu::avx512

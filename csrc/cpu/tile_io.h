@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "../core/dtype.h"
+#include "../core/online_softmax.h"
 #include "../core/params.h"
 #include "../core/rotary.h"
 #include "../core/window.h"
@@ -94,6 +95,36 @@ inline double exp_sub_sum(double* x, int64_t n, double sub) {
     s += x[j];
   }
   return s;
+}
+
+// One online-softmax step over a tile of scores S [R, bn] (row stride lds, invisible keys
+// already -inf): per row r, update st[r] with the tile, overwrite S with p = exp(s - m_new),
+// and rescale the accumulator row O[r, 0:D] (stride ldo) by exp(m_old - m_new).
+void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow<float>* st,
+                  float* O, int64_t ldo, int64_t D);
+
+template <typename acc_t>
+inline void softmax_tile_generic(acc_t* S, int64_t lds, int64_t R, int64_t bn,
+                                 OnlineSoftmaxRow<acc_t>* st, acc_t* O, int64_t ldo, int64_t D) {
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t* srow = S + r * lds;
+    const acc_t factor = online_softmax_rescale(st[r], row_max(srow, bn));
+    if (st[r].m == neg_inf<acc_t>()) {
+      // No visible key yet for this row: p = 0 (avoids -inf - -inf).
+      for (int64_t j = 0; j < bn; ++j) srow[j] = acc_t(0);
+    } else {
+      st[r].l += exp_sub_sum(srow, bn, st[r].m);
+    }
+    if (factor != acc_t(1)) {
+      acc_t* orow = O + r * ldo;
+      for (int64_t i = 0; i < D; ++i) orow[i] *= factor;
+    }
+  }
+}
+
+inline void softmax_tile(double* S, int64_t lds, int64_t R, int64_t bn,
+                         OnlineSoftmaxRow<double>* st, double* O, int64_t ldo, int64_t D) {
+  softmax_tile_generic<double>(S, lds, R, bn, st, O, ldo, D);
 }
 
 }  // namespace rattention::cpu
