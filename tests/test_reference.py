@@ -188,18 +188,22 @@ def test_jax_missing_gives_install_hint(monkeypatch):
         (1, 7, 2, 1, 4, 2, "softmax", "b1", True),
         (2, 6, 2, 2, 4, 1, "relu", "per_batch", False),
         (1, 4, 2, 1, 4, 5, "softmax", "b1", False),  # w >= T: RLA is H0 only
+        (1, 7, 4, 2, 4, 2, "relu", None, True),      # no H0: o_rla == 0 for t <= w mixes as 0
     ],
 )
 def test_gradcheck_reference_forward(B, T, Hq, Hkv, D, w, fm, h0, rotary):
     x = _torch(_make_inputs(50 + T, B, T, Hq, Hkv, D, h0=h0, rotary=rotary, norm=True))
-    names = ["q", "k", "v", "initial_state", "swa_norm_weight", "rla_norm_weight"]
+    names = [n for n in ("q", "k", "v", "swa_norm_weight", "rla_norm_weight", "initial_state")
+             if n in x]
     leaves = [x[n].clone().requires_grad_(True) for n in names]
     tables = _pick(x, "rotary_cos", "rotary_sin")
 
-    def f(q, k, v, h, gs, gr):
-        return ref.forward(q, k, v, window_size=w, feature_map=fm, initial_state=h,
-                           swa_norm_weight=gs, rla_norm_weight=gr, **tables)
+    def f(*args):
+        kw = dict(zip(names, args))
+        return ref.forward(window_size=w, feature_map=fm, **kw, **tables)
 
+    out = f(*leaves)
+    assert torch.isfinite(out).all()
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
