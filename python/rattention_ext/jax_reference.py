@@ -21,7 +21,8 @@ normaliser), RMS mixing with learned ``[Hq, D]`` scales. Branch outputs and the 
 are computed in float32 (float64 for float64 inputs); matmuls use
 ``Precision.HIGHEST`` so accelerators do not silently drop to TF32/bf16 passes.
 
-Inputs may be numpy arrays or jax arrays (anything ``jnp.asarray`` takes); outputs are
+Inputs may be numpy arrays or jax arrays (anything ``jnp.asarray`` takes; CPU/CUDA torch
+tensors are accepted too, copied through numpy); outputs are
 jax arrays with the same dtypes as ``reference.py`` returns (``o`` in q's dtype, ``lse``
 and the final state in the accumulation dtype).
 
@@ -66,15 +67,26 @@ def _is_float64(x: Any) -> bool:
         import numpy as np
 
         dt = np.asarray(x).dtype
-    return str(dt) == "float64"
+    return str(dt) in ("float64", "torch.float64")
+
+
+def _to_jax(x):
+    """numpy / jax arrays as they are; torch tensors (a convenience) through numpy."""
+    _, jnp = _import_jax()
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16: exact through float32
+            return jnp.asarray(x.float().numpy()).astype(jnp.bfloat16)
+        x = x.numpy()
+    return jnp.asarray(x)
 
 
 def _prepare(*xs):
     """Enable x64 when a float64 input is present, then convert everything to jax arrays."""
-    jax, jnp = _import_jax()
+    jax, _ = _import_jax()
     if any(_is_float64(x) for x in xs) and not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
-    return [None if x is None else jnp.asarray(x) for x in xs]
+    return [None if x is None else _to_jax(x) for x in xs]
 
 
 def _acc_dtype(dtype):
