@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "core/params.h"
 
 namespace rattention::cuda {
@@ -11,6 +13,8 @@ namespace rattention::cuda {
 constexpr int kRlaChunk = 64;
 
 cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream);
-cudaError_t rla_bwd(const RlaBwdParams& p, cudaStream_t stream);
+// The backward needs an fp32 workspace of rla_bwd_workspace_floats(p) entries (it zeroes it).
+int64_t rla_bwd_workspace_floats(const RlaBwdParams& p);
+cudaError_t rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream);
 
 }  // namespace rattention::cuda

@@ -92,7 +92,9 @@ __device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, TA const& sA, T
   Tensor tCsB = thr.partition_B(sB);  // (MMA, MMA_N, MMA_K)
   using EA = typename TiledMma::ValTypeA;
   using EB = typename TiledMma::ValTypeB;
-  CUTE_UNROLL
+  // Not unrolled over K: one K-slice of fragments live at a time (no spills at 2D = 256);
+  // each slice still issues MMA_M x MMA_N independent MMAs.
+#pragma unroll 1
   for (int k = 0; k < size<2>(tCsA); ++k) {
     Tensor tCrA = make_tensor<EA>(shape(tCsA(_, _, k)));
     Tensor tCrB = make_tensor<EB>(shape(tCsB(_, _, k)));
@@ -117,7 +119,9 @@ __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA c
   Tensor tCgH = thr.partition_B(gH);  // (MMA, MMA_N, MMA_K) fp32 gmem (H0 slice)
   using EA = typename TiledMma::ValTypeA;
   using EB = typename TiledMma::ValTypeB;
-  CUTE_UNROLL
+  // Not unrolled over K: one K-slice of fragments live at a time (no spills at 2D = 256);
+  // each slice still issues MMA_M x MMA_N independent MMAs.
+#pragma unroll 1
   for (int k = 0; k < size<2>(tCsA); ++k) {
     Tensor tCrA = make_tensor<EA>(shape(tCsA(_, _, k)));
     Tensor tCrHi = make_tensor<EB>(shape(tCsX(_, _, k)));
