@@ -8,12 +8,26 @@ namespace {
 template <class Tr>
 cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
   const int64_t bh = p.dims.batch * p.dims.heads_kv;
-  if (bh == 0) return cudaSuccess;
+  if (bh == 0 || p.dims.seqlen == 0) return cudaSuccess;
+  const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, Tr::kChunk), p.checkpoint_every);
+  const dim3 grid(Tr::kNVBlocks, static_cast<unsigned>(bh), static_cast<unsigned>(n_ckpt));
+  cudaError_t err;
+  // 1. local state sum per segment
+  auto state = &rla_fwd_state_kernel<Tr>;
+  if ((err = cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  Tr::kSmemState)) != cudaSuccess)
+    return err;
+  state<<<grid, Tr::kNThreads, Tr::kSmemState, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  // 2. prefix over segments -> checkpoints, final state
+  const int64_t n = bh * 2 * p.dims.head_dim * p.dims.head_dim;
+  rla_fwd_prefix_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  // 3. outputs, every segment from its checkpoint
   auto kernel = &rla_fwd_kernel<Tr>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Tr::kSmemFwd);
-  if (err != cudaSuccess) return err;
-  dim3 grid(Tr::kNVBlocks, static_cast<unsigned>(bh));
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  Tr::kSmemFwd)) != cudaSuccess)
+    return err;
   kernel<<<grid, Tr::kNThreads, Tr::kSmemFwd, stream>>>(p);
   return cudaGetLastError();
 }

@@ -1,7 +1,13 @@
 // RLA forward: chunked linear attention over the keys outside the window (SPEC.md Branch 2).
 //
-// Grid: (D / kBlockV value slices, B * Hkv). One CTA walks the chunks of its (b, kv head)
-// in order and keeps its slice of the fp32 state S [2D, kBlockV] in shared memory.
+// Three passes, so the sequence is split across CTAs too (segments of checkpoint_every
+// chunks; this is what makes small B * Hkv fill the GPU at long T):
+//   1. rla_fwd_state_kernel, grid (D/BV, B*Hkv, n_ckpt): the local state sum of each segment
+//      (sum of phi(k)^T v over its chunks) into checkpoint slot z + 1 (last: final_state);
+//   2. rla_fwd_prefix_kernel: prefix sum over the segments in place -> checkpoints hold the
+//      state at each segment start, final_state the state after all tokens;
+//   3. rla_fwd_kernel, grid (D/BV, B*Hkv, n_ckpt): outputs. A CTA starts from its segment's
+//      checkpoint and keeps its slice of the fp32 state S [2D, kBlockV] in shared memory.
 // Chunk c covers query rows t = t0 + i (i < C). Its shifted keys are s = t0 - w - 1 + j
 // (core/window.h rla_chunk_keys), so query i sees in-chunk key j iff i >= j (t - s >= w + 1)
 // and every key of earlier chunks through S. Per chunk:
@@ -16,6 +22,27 @@
 #include "rla_traits.cuh"
 
 namespace rattention::cuda {
+
+// S += phi(k)^T v for the key rows of chunk c (sPhiK, sV loaded): shared by passes 1 and 3.
+template <class Tr, class TiledMma, class TS, class TK, class TV>
+__device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
+                                                 TV const& sVt) {
+  using namespace cute;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  CUTE_UNROLL
+  for (int m = 0; m < F / C; ++m) {
+    Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));         // (C, BV)
+    Tensor sPhiKt_m = local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (C feat, C keys)
+    Tensor tUsS = thr.partition_C(sS_m);
+    Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
+    gemm_ss(mma, acc_u, sPhiKt_m, sVt);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
+  }
+}
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdParams p) {
@@ -48,16 +75,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   const int64_t n_chunks = ceil_div(T, C);
   const int64_t every = p.checkpoint_every;
   const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
+  const int64_t z = blockIdx.z;  // segment: chunks [z * every, min(n_chunks, (z + 1) * every))
+  const int64_t c_end = imin(n_chunks, (z + 1) * every);
 
   const Element* gQ = static_cast<const Element*>(p.q);
   const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
   const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
   float* gOut = static_cast<float*>(p.out);
   const float* gH0 = static_cast<const float*>(p.initial_state);
-  float* gCkpt = static_cast<float*>(p.checkpoints) + (b * Hkv + hk) * n_ckpt * F * D + col0;
-  float* gFinal = static_cast<float*>(p.final_state) + (b * Hkv + hk) * F * D + col0;
+  const float* gCkpt =
+      static_cast<const float*>(p.checkpoints) + ((b * Hkv + hk) * n_ckpt + z) * F * D + col0;
 
-  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = 0.f;
+  // S = the state at the segment start (written by passes 1 and 2).
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -66,7 +96,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
   Tensor tSsP = thr.partition_C(sP);
 
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  for (int64_t c = z * every; c < c_end; ++c) {
     const int64_t t0 = c * C;
     const int rows = static_cast<int>(imin(C, T - t0));
     const TileRange keys = rla_chunk_keys(c, C, T, w);  // valid shifted keys [begin, end)
@@ -75,11 +105,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     const bool has_state = s_base > 0;  // some key before this chunk is in S
     const bool has_h0 = gH0 != nullptr;
     __syncthreads();  // S is final for this chunk start; sPhiK/sV free
-
-    if (c % every == 0) {
-      float* dst = gCkpt + (c / every) * F * D;
-      for (int i = tid; i < F * BV; i += Tr::kNThreads) dst[(i / BV) * D + i % BV] = sS(i / BV, i % BV);
-    }
     if (has_keys) {
       auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
       // Pointers of invalid rows are never dereferenced (predicated by key_valid).
@@ -127,24 +152,80 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       __syncthreads();  // sPhiQ, sP free for the next head; S reads done
     }
 
-    if (has_keys) {
-      // S += phi(k)^T v, in kChunk-row tiles of the 2D feature rows (fp32 accumulate in place).
-      CUTE_UNROLL
-      for (int m = 0; m < F / C; ++m) {
-        Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));      // (C, BV)
-        Tensor sPhiKt_m = local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (C feat, C keys)
-        Tensor tUsS = thr.partition_C(sS_m);
-        Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
-        gemm_ss(mma, acc_u, sPhiKt_m, sVt);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
-      }
+    if (has_keys && c + 1 < c_end) {  // the segment's last update is pass 1's business
+      rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
     }
   }
+}
+
+// Pass 1: the local state sum of segment z (chunks [z*every, (z+1)*every)), from zero.
+// Written to checkpoint slot z + 1, or to final_state for the last segment; the z == 0 CTA
+// also writes slot 0 (the state at the start is empty).
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const RlaFwdParams p) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+  extern __shared__ __align__(128) char smem_raw[];
+  float* sS_ptr = reinterpret_cast<float*>(smem_raw);
+  Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS);
+  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi);
+  Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());              // (2D, BV)
+  Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
+  Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());        // (BV, C keys)
+
+  const int tid = threadIdx.x;
+  const int64_t Hkv = p.dims.heads_kv, T = p.dims.seqlen;
+  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int col0 = blockIdx.x * BV;
+  const int64_t w = p.window_size;
+  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t every = p.checkpoint_every;
+  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
+  const int64_t z = blockIdx.z;
+  const int64_t c_end = imin(n_chunks, (z + 1) * every);
+  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  float* gCkpt = static_cast<float*>(p.checkpoints) + (b * Hkv + hk) * n_ckpt * F * D + col0;
+  float* gDst = z + 1 < n_ckpt ? gCkpt + (z + 1) * F * D
+                               : static_cast<float*>(p.final_state) + (b * Hkv + hk) * F * D + col0;
+
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = 0.f;
+  if (z == 0) {
+    for (int i = tid; i < F * BV; i += Tr::kNThreads) gCkpt[(i / BV) * D + i % BV] = 0.f;
+  }
+  typename Tr::TiledMma mma;
+  for (int64_t c = z * every; c < c_end; ++c) {
+    const TileRange keys = rla_chunk_keys(c, C, T, w);
+    if (keys.end <= keys.begin) continue;  // uniform: no key of this chunk enters the state
+    const int64_t s_base = c * C - w - 1;
+    auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    __syncthreads();  // previous update done with sPhiK / sV
+    phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
+    load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    __syncthreads();
+    rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+  }
   __syncthreads();
-  for (int i = tid; i < F * BV; i += Tr::kNThreads) gFinal[(i / BV) * D + i % BV] = sS(i / BV, i % BV);
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) gDst[(i / BV) * D + i % BV] = sS(i / BV, i % BV);
+}
+
+// Pass 2: in place, per state element: ckpt[z] = sum_{y < z} local[y] (slot 0 is zero),
+// final = ckpt[n-1] + local[n-1]. Fixed order, deterministic.
+__global__ void __launch_bounds__(256) rla_fwd_prefix_kernel(const RlaFwdParams p) {
+  const int64_t D = p.dims.head_dim, F = 2 * D;
+  const int64_t per_head = F * D;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.dims.batch * p.dims.heads_kv * per_head) return;
+  const int64_t bh = i / per_head, e = i % per_head;
+  const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, p.chunk_size), p.checkpoint_every);
+  float* ck = static_cast<float*>(p.checkpoints) + bh * n_ckpt * per_head + e;
+  float run = 0.f;
+  for (int64_t z = 1; z < n_ckpt; ++z) {
+    run += ck[z * per_head];
+    ck[z * per_head] = run;
+  }
+  static_cast<float*>(p.final_state)[bh * per_head + e] += run;
 }
 
 }  // namespace rattention::cuda

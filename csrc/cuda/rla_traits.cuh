@@ -63,6 +63,7 @@ struct RlaTraits {
   static constexpr int kSmemV = kChunk * kVStride * 2;
   static constexpr int kSmemP = kChunk * kPStride * 2;
   static constexpr int kSmemFwd = kSmemS + 2 * kSmemPhi + kSmemV + kSmemP;
+  static constexpr int kSmemState = kSmemS + kSmemPhi + kSmemV;  // pass 1: S, phi(k), v
   static_assert(kSmemFwd <= 227 * 1024, "forward shared memory");
 };
 
