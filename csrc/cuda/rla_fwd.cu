@@ -8,7 +8,11 @@ namespace {
 template <class Tr>
 cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
   const int64_t bh = p.dims.batch * p.dims.heads_kv;
-  if (bh == 0 || p.dims.seqlen == 0) return cudaSuccess;
+  if (bh == 0) return cudaSuccess;
+  if (p.dims.seqlen == 0) {  // no tokens: the final state is empty (zero), no checkpoints
+    return cudaMemsetAsync(p.final_state, 0, sizeof(float) * bh * 2 * p.dims.head_dim * p.dims.head_dim,
+                           stream);
+  }
   const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, Tr::kChunk), p.checkpoint_every);
   const dim3 grid(Tr::kNVBlocks, static_cast<unsigned>(bh), static_cast<unsigned>(n_ckpt));
   cudaError_t err;
