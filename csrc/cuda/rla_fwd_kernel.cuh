@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
 
 // Pass 2: in place, per state element: ckpt[z] = sum_{y < z} local[y] (slot 0 is zero),
 // final = ckpt[n-1] + local[n-1]. Fixed order, deterministic.
-__global__ void __launch_bounds__(256) rla_fwd_prefix_kernel(const RlaFwdParams p) {
+static __global__ void __launch_bounds__(256) rla_fwd_prefix_kernel(const RlaFwdParams p) {
   const int64_t D = p.dims.head_dim, F = 2 * D;
   const int64_t per_head = F * D;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
