@@ -11,7 +11,7 @@ JOBS ?= $(shell nproc)
 ARCHS ?= 80;90a
 PYTEST_ARGS ?=
 
-.PHONY: venv build dev test demo bench wheel cuda-check gpu-check clean
+.PHONY: venv build dev test demo bench wheel cuda-check gpu-check cutlass clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,27 @@ demo: build
 
 bench: build
 	$(PY) -m benchmarks --cpu-quick
+
+# Compile-only CUDA check (no GPU, no torch): registers, spills, smem, MMA count per kernel.
+# cuobjdump comes from the CUDA toolkit, else the small pip package nvidia-cuda-cuobjdump,
+# installed into build/cuda-check/tools (not into the venv) when missing.
+CHECK_PY := $(shell test -x $(PY) && echo $(PY) || echo python3)
+cuda-check:
+	@$(CHECK_PY) -c "import sys; sys.path.insert(0, 'tools'); import cuda_check; sys.exit(0 if cuda_check.find_cuobjdump() else 1)" || \
+	  $(CHECK_PY) -m pip install -q --target build/cuda-check/tools nvidia-cuda-cuobjdump
+	$(CHECK_PY) tools/cuda_check.py --jobs 2
+
+# One prepared command for a machine with a GPU, torch (CUDA) and nvcc, no network:
+# build for this GPU's arch only, run the GPU tests, short benchmark vs FlexAttention.
+gpu-check:
+	$(PY) tools/gpu_check.py
+
+# Copy the CUTLASS/CuTe headers of the nvidia-cutlass pip package into third_party/ so an
+# offline GPU machine can build from the checkout alone.
+cutlass:
+	@inc=$$($(CHECK_PY) -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))") && \
+	  mkdir -p third_party/cutlass/include && rm -rf third_party/cutlass/include/cute third_party/cutlass/include/cutlass && \
+	  cp -r $$inc/cute $$inc/cutlass third_party/cutlass/include/ && echo "CUTLASS headers copied from $$inc to third_party/cutlass/include"
 
 clean:
 	rm -rf build dist *.egg-info python/rattention_ext/_C*.so
