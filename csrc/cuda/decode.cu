@@ -23,7 +23,8 @@
 #include "decode_launch.h"
 
 namespace rattention::cuda {
-namespace {
+// Named (not anonymous) so the kernel names stay readable in tools/cuda_check.py.
+namespace decode_impl {
 
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
@@ -335,7 +336,8 @@ cudaError_t dispatch_head_dim(const DecodeParams& p, cudaStream_t stream) {
   }
 }
 
-}  // namespace
+}  // namespace decode_impl
+using namespace decode_impl;
 
 cudaError_t decode_step(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads_kv == 0) return cudaSuccess;

@@ -11,7 +11,8 @@
 #include "mix_launch.h"
 
 namespace rattention::cuda {
-namespace {
+// Named (not anonymous) so the kernel names stay readable in tools/cuda_check.py.
+namespace mix_impl {
 
 constexpr int kMaxPerLane = kMixMaxHeadDim / 32;
 
@@ -161,7 +162,8 @@ __global__ void __launch_bounds__(256) mix_bwd_reduce_kernel(const MixBwdParams 
   dst[hd] = s;
 }
 
-}  // namespace
+}  // namespace mix_impl
+using namespace mix_impl;
 
 cudaError_t mix_fwd(const MixParams& p, cudaStream_t stream) {
   if (p.acc_dtype != DType::kFloat32 || p.head_dim > kMixMaxHeadDim || p.head_dim < 1)

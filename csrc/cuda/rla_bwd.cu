@@ -40,7 +40,7 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const int64_t rows = B * T * (Hq + Hkv);
-  rla_bwd_phi_kernel<Tr><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p, wsQ, wsK);
+  rla_bwd_phi_postprocess_kernel<Tr><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p, wsQ, wsK);
   return cudaGetLastError();
 }
 

@@ -14,7 +14,7 @@
 //      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, in head slot g = 0)  -> wsK [B,T,Hq,2D]
 //      dv       = sum_g mask(phi(q) phi(k)^T)^T dO + phi(k) dS               -> grad_v (owned)
 //      dS      += sum_g phi(q)^T dO;   dH0_h += phi(q)^T dO                  (owned columns)
-// 3. rla_bwd_phi_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum_g wsK (fixed
+// 3. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum_g wsK (fixed
 //    order over g), in the input dtype.
 // Value-column slices are the only cross-CTA sum (into wsQ/wsK, by atomicAdd onto zeros):
 // with D / BV <= 2 slices the fp32 sum of two terms is order-independent, so the result is
@@ -48,7 +48,7 @@ __device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_strid
 }
 
 // ---------------------------------------------------------------------------------------
-template <class Tr>
+template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDq>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
     rla_bwd_dq_kernel(const RlaBwdParams p, float* wsQ) {
   using namespace cute;
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------
-template <class Tr>
+template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDkv>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
     rla_bwd_dkv_kernel(const RlaBwdParams p, float* wsK) {
   using namespace cute;
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 // core/feature_map.h with phi recomputed from the raw row. Rows [0, B*T*Hq) are q rows,
 // the rest k rows (dk sums the G head slots of wsK in order).
 template <class Tr>
-__global__ void __launch_bounds__(256) rla_bwd_phi_kernel(const RlaBwdParams p, const float* wsQ,
+__global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaBwdParams p, const float* wsQ,
                                                           const float* wsK) {
   using Element = typename Tr::Element;
   constexpr int D = Tr::kHeadDim, E = D / 32;

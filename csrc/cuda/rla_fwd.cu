@@ -25,7 +25,7 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 2. prefix over segments -> checkpoints, final state
   const int64_t n = bh * 2 * p.dims.head_dim * p.dims.head_dim;
-  rla_fwd_prefix_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
+  rla_fwd_prefix_reduce_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 3. outputs, every segment from its checkpoint
   auto kernel = &rla_fwd_kernel<Tr>;

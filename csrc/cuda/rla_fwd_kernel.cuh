@@ -4,7 +4,7 @@
 // chunks; this is what makes small B * Hkv fill the GPU at long T):
 //   1. rla_fwd_state_kernel, grid (D/BV, B*Hkv, n_ckpt): the local state sum of each segment
 //      (sum of phi(k)^T v over its chunks) into checkpoint slot z + 1 (last: final_state);
-//   2. rla_fwd_prefix_kernel: prefix sum over the segments in place -> checkpoints hold the
+//   2. rla_fwd_prefix_reduce_kernel: prefix sum over the segments in place -> checkpoints hold the
 //      state at each segment start, final_state the state after all tokens;
 //   3. rla_fwd_kernel, grid (D/BV, B*Hkv, n_ckpt): outputs. A CTA starts from its segment's
 //      checkpoint and keeps its slice of the fp32 state S [2D, kBlockV] in shared memory.
@@ -44,7 +44,7 @@ __device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const
   }
 }
 
-template <class Tr>
+template <class Tr, class Smem = DynSmem<Tr::kSmemFwd>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdParams p) {
   using namespace cute;
   using Element = typename Tr::Element;
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
 // Pass 1: the local state sum of segment z (chunks [z*every, (z+1)*every)), from zero.
 // Written to checkpoint slot z + 1, or to final_state for the last segment; the z == 0 CTA
 // also writes slot 0 (the state at the start is empty).
-template <class Tr>
+template <class Tr, class Smem = DynSmem<Tr::kSmemState>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const RlaFwdParams p) {
   using namespace cute;
   using Element = typename Tr::Element;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
 
 // Pass 2: in place, per state element: ckpt[z] = sum_{y < z} local[y] (slot 0 is zero),
 // final = ckpt[n-1] + local[n-1]. Fixed order, deterministic.
-static __global__ void __launch_bounds__(256) rla_fwd_prefix_kernel(const RlaFwdParams p) {
+static __global__ void __launch_bounds__(256) rla_fwd_prefix_reduce_kernel(const RlaFwdParams p) {
   const int64_t D = p.dims.head_dim, F = 2 * D;
   const int64_t per_head = F * D;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
