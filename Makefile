@@ -54,5 +54,10 @@ cuda-check: $(VENV)/.cuda-tools-stamp
 cutlass: $(VENV)/.cuda-tools-stamp
 	$(PY) -c "import cutlass_library, os, shutil; src = os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'); [shutil.copytree(os.path.join(src, d), os.path.join('third_party/cutlass/include', d), dirs_exist_ok=True) for d in ('cute', 'cutlass')]"
 
+# One prepared command for a machine with a GPU, torch (CUDA) and nvcc, no network:
+# build for this GPU's arch only, run the GPU tests, short benchmark vs FlexAttention.
+gpu-check:
+	$(PY) tools/gpu_check.py
+
 clean:
 	rm -rf build dist *.egg-info python/rattention_ext/_C*.so

@@ -1,0 +1,121 @@
+// CUDA implementations of rla_fwd, rla_bwd, mix_fwd, mix_bwd and decode_step: validate and
+// fill params (op_common, cuda_backend = true), launch on the current stream, check the launch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/decode_launch.h"
+#include "cuda/mix_launch.h"
+#include "cuda/rla_launch.h"
+#include "op_common.h"
+
+namespace rattention {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void check_cuda_chunk(int64_t chunk_size) {
+  TORCH_CHECK_VALUE(chunk_size == cuda::kRlaChunk, "chunk_size: the CUDA RLA kernels use chunk_size=",
+                    cuda::kRlaChunk, ", got ", chunk_size);
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
+    c10::string_view feature_map, const c10::optional<at::Tensor>& initial_state,
+    int64_t chunk_size, int64_t checkpoint_every) {
+  check_cuda_chunk(chunk_size);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
+                           chunk_size, checkpoint_every, /*cuda_backend=*/true);
+  check_launch(cuda::rla_fwd(r.params, at::cuda::getCurrentCUDAStream()), "rla_fwd");
+  return {r.out, r.final_state, r.checkpoints};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cuda(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
+    int64_t window_size, c10::string_view feature_map, int64_t chunk_size,
+    int64_t checkpoint_every) {
+  check_cuda_chunk(chunk_size);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
+                           window_size, std::string(feature_map), chunk_size, checkpoint_every,
+                           /*cuda_backend=*/true);
+  at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params)}, q.options().dtype(at::kFloat));
+  check_launch(cuda::rla_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "rla_bwd");
+  at::Tensor gh0 = r.grad_h0;
+  // The kernel writes one H0 gradient per batch element; a broadcast H0 gets their sum.
+  if (gh0.numel() > 0 && initial_state->size(0) == 1 && gh0.size(0) > 1) {
+    gh0 = gh0.sum(0, /*keepdim=*/true);
+  }
+  return {r.grad_q, r.grad_k, r.grad_v, gh0};
+}
+
+at::Tensor mix_fwd_cuda(const at::Tensor& o_swa, const at::Tensor& o_rla,
+                        const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
+                        at::ScalarType out_dtype) {
+  check_cuda_tensor(o_swa, "o_swa");
+  TORCH_CHECK(o_swa.scalar_type() == at::kFloat,
+              "o_swa: the CUDA mixing kernels take float32 branch outputs, got ", o_swa.scalar_type());
+  TORCH_CHECK_VALUE(o_swa.dim() == 4 && o_swa.size(3) <= cuda::kMixMaxHeadDim,
+                    "o_swa: the CUDA mixing kernels support head dim <= ", cuda::kMixMaxHeadDim);
+  const c10::cuda::CUDAGuard guard(o_swa.device());
+  auto r = prepare_mix_fwd(o_swa, o_rla, swa_weight, rla_weight, eps, out_dtype);
+  check_launch(cuda::mix_fwd(r.params, at::cuda::getCurrentCUDAStream()), "mix_fwd");
+  return r.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& o_swa, const at::Tensor& o_rla,
+    const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps) {
+  check_cuda_tensor(o_swa, "o_swa");
+  TORCH_CHECK(o_swa.scalar_type() == at::kFloat,
+              "o_swa: the CUDA mixing kernels take float32 branch outputs, got ", o_swa.scalar_type());
+  TORCH_CHECK_VALUE(o_swa.dim() == 4 && o_swa.size(3) <= cuda::kMixMaxHeadDim,
+                    "o_swa: the CUDA mixing kernels support head dim <= ", cuda::kMixMaxHeadDim);
+  const c10::cuda::CUDAGuard guard(o_swa.device());
+  auto r = prepare_mix_bwd(grad_out, o_swa, o_rla, swa_weight, rla_weight, eps);
+  at::Tensor ws = at::empty({cuda::mix_bwd_workspace_floats(r.params)},
+                            o_swa.options().dtype(at::kFloat));
+  check_launch(cuda::mix_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "mix_bwd");
+  return {r.grad_o_swa, r.grad_o_rla, r.grad_swa_weight, r.grad_rla_weight};
+}
+
+at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& state,
+                            at::Tensor& pos, c10::string_view feature_map, double softmax_scale,
+                            const c10::optional<at::Tensor>& initial_state,
+                            const c10::optional<at::Tensor>& rotary_cos,
+                            const c10::optional<at::Tensor>& rotary_sin,
+                            const at::Tensor& swa_weight, const at::Tensor& rla_weight,
+                            double eps) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto r = prepare_decode_step(q, k, v, k_cache, v_cache, state, pos, std::string(feature_map),
+                               softmax_scale, initial_state, rotary_cos, rotary_sin, swa_weight,
+                               rla_weight, eps, /*cuda_backend=*/true);
+  // No position check on the host (it would synchronise): the kernel writes NaN outputs for
+  // a sequence whose position is past the rotary table.
+  check_launch(cuda::decode_step(r.params, at::cuda::getCurrentCUDAStream()), "decode_step");
+  return r.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rattention_ext, CUDA, m) {
+  m.impl("rla_fwd", &rla_fwd_cuda);
+  m.impl("rla_bwd", &rla_bwd_cuda);
+  m.impl("mix_fwd", &mix_fwd_cuda);
+  m.impl("mix_bwd", &mix_bwd_cuda);
+  m.impl("decode_step", &decode_step_cuda);
+}
+
+}  // namespace rattention

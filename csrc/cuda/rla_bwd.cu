@@ -1,0 +1,71 @@
+// Instantiations and launcher of the RLA backward kernels: (bf16, fp16) x (D = 64, 128).
+#include "rla_bwd_kernel.cuh"
+#include "rla_launch.h"
+
+namespace rattention::cuda {
+namespace {
+
+template <class Tr>
+cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {
+  using Sm = RlaBwdSmem<Tr>;
+  const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
+  const int64_t D = p.dims.head_dim;
+  const int64_t bh = B * Hkv;
+  const int64_t n_ws = B * T * Hq * 2 * D;
+  float* wsQ = workspace;
+  float* wsK = workspace + n_ws;
+  cudaError_t err;
+  // Zeros: the workspaces (atomic targets), dv (keys that never enter a state keep 0),
+  // dH0 (accumulated in place).
+  if ((err = cudaMemsetAsync(workspace, 0, sizeof(float) * 2 * n_ws, stream)) != cudaSuccess) return err;
+  if ((err = cudaMemsetAsync(p.grad_v, 0, sizeof(typename Tr::Element) * B * T * Hkv * D, stream)) != cudaSuccess)
+    return err;
+  if (p.grad_initial_state != nullptr &&
+      (err = cudaMemsetAsync(p.grad_initial_state, 0, sizeof(float) * B * Hq * 2 * D * D, stream)) != cudaSuccess)
+    return err;
+  if (bh == 0 || T == 0) return cudaGetLastError();
+
+  const int64_t n_chunks = ceil_div(T, Tr::kChunk);
+  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, p.checkpoint_every);
+  auto dq = &rla_bwd_dq_kernel<Tr>;
+  if ((err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kDq)) != cudaSuccess)
+    return err;
+  dq<<<dim3(Tr::kNVBlocks, bh, n_ckpt), Tr::kNThreads, Sm::kDq, stream>>>(p, wsQ);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  auto dkv = &rla_bwd_dkv_kernel<Tr>;
+  if ((err = cudaFuncSetAttribute(dkv, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kDkv)) != cudaSuccess)
+    return err;
+  dkv<<<dim3(Tr::kNVBlocks, bh), Tr::kNThreads, Sm::kDkv, stream>>>(p, wsK);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  const int64_t rows = B * T * (Hq + Hkv);
+  rla_bwd_phi_postprocess_kernel<Tr><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p, wsQ, wsK);
+  return cudaGetLastError();
+}
+
+template <typename Element>
+cudaError_t dispatch_head_dim(const RlaBwdParams& p, float* ws, cudaStream_t stream) {
+  switch (p.dims.head_dim) {
+    case 64: return launch_rla_bwd<RlaTraits<Element, 64, 64>>(p, ws, stream);
+    case 128: return launch_rla_bwd<RlaTraits<Element, 128, 64>>(p, ws, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int64_t rla_bwd_workspace_floats(const RlaBwdParams& p) {
+  return 2 * p.dims.batch * p.dims.seqlen * p.dims.heads_q * 2 * p.dims.head_dim;
+}
+
+cudaError_t rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {
+  if (p.chunk_size != kRlaChunk) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, workspace, stream);
+    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, workspace, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace rattention::cuda

@@ -1,0 +1,395 @@
+// RLA backward (SPEC.md Branch 2 gradients), three kernels on the forward's tiling.
+//
+// With o_t = phi(q_t)^T (H0_h + S_t), S_t = sum_{s <= t-w-1} phi(k_s) v_s^T and dO = grad_out:
+//   dphi(q_t) = (H0_h + S_t) dO_t + sum_{s visible} (dO_t . v_s) phi(k_s)
+//   dphi(k_s) = R_s v_s,  dv_s = R_s^T phi(k_s),   dH0_h = sum_t phi(q_t) dO_t^T
+//   R_s = grad_final + sum over the group's heads and queries t >= s + w + 1 of phi(q_t) dO_t^T
+//
+// 1. rla_bwd_dq_kernel, grid (D/BV, B*Hkv, n_checkpoints): forward direction. A CTA starts
+//    from its checkpoint (this is what the checkpoints are for: segments run in parallel)
+//    and per chunk and head adds the column slice's share of dphi(q) into the fp32
+//    workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
+// 2. rla_bwd_dkv_kernel, grid (D/BV, B*Hkv): reverse direction over chunks with the fp32
+//    suffix state dS [2D, BV] in shared memory (starts at grad_final_state):
+//      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, in head slot g = 0)  -> wsK [B,T,Hq,2D]
+//      dv       = sum_g mask(phi(q) phi(k)^T)^T dO + phi(k) dS               -> grad_v (owned)
+//      dS      += sum_g phi(q)^T dO;   dH0_h += phi(q)^T dO                  (owned columns)
+// 3. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum_g wsK (fixed
+//    order over g), in the input dtype.
+// Value-column slices are the only cross-CTA sum (into wsQ/wsK, by atomicAdd onto zeros):
+// with D / BV <= 2 slices the fp32 sum of two terms is order-independent, so the result is
+// deterministic.
+#pragma once
+#include "core/window.h"
+#include "rla_traits.cuh"
+
+namespace rattention::cuda {
+
+template <class Tr>
+struct RlaBwdSmem {
+  static constexpr int kS = Tr::kSmemS;      // sS / sdS fp32 [2D, BV]
+  static constexpr int kPhi = Tr::kSmemPhi;  // sPhiK, sPhiQ
+  static constexpr int kV = Tr::kSmemV;      // sV, sdO (same shape [C, BV])
+  static constexpr int kP = Tr::kSmemP;
+  static constexpr int kDq = kS + kPhi + 2 * kV + kP;
+  static constexpr int kDkv = kS + 2 * kPhi + 2 * kV + kP;
+  static_assert(kDkv <= 163 * 1024, "dkv kernel must fit sm_80 shared memory");
+};
+
+// dO rows [C, BV] (fp32 global) -> sdO in the MMA type; invalid rows zero.
+template <class Tr>
+__device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,
+                                             typename Tr::Element* sdO) {
+  using Element = typename Tr::Element;
+  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
+    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
+    sdO[r * Tr::kVStride + c] = Element(r < rows ? gdO[r * row_stride + c] : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDq>>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+    rla_bwd_dq_kernel(const RlaBwdParams p, float* wsQ) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+  using Sm = RlaBwdSmem<Tr>;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  float* sS_ptr = reinterpret_cast<float*>(smem_raw);
+  Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS);
+  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi);
+  Element* sdO_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + Sm::kV);
+  Element* sP_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + 2 * Sm::kV);
+
+  Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());        // (2D, BV)
+  Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
+  Tensor sPhiKt_B = sPhiKt;  // as B operand: (N = 2D, K = C keys)
+  Tensor sV = make_tensor(make_smem_ptr(sV_ptr), row_major_padded<C, BV, Tr::kVStride>());       // (C keys, BV)
+  Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());    // (BV, C keys)
+  Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), row_major_padded<C, BV, Tr::kVStride>());     // (C, BV)
+  Tensor sP = make_tensor(make_smem_ptr(sP_ptr), row_major_padded<C, C, Tr::kPStride>());        // (C, C keys)
+  (void)sPhiKt_B;
+
+  const int tid = threadIdx.x;
+  const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv, T = p.dims.seqlen;
+  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int col0 = blockIdx.x * BV;
+  const int64_t w = p.window_size;
+  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t every = p.checkpoint_every;
+  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
+  const int64_t ck = blockIdx.z;
+  const int64_t c_begin = ck * every, c_end = imin(n_chunks, c_begin + every);
+
+  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  const float* gdO = static_cast<const float*>(p.grad_out);
+  const float* gH0 = static_cast<const float*>(p.initial_state);
+  const float* gCkpt =
+      static_cast<const float*>(p.checkpoints) + ((b * Hkv + hk) * n_ckpt + ck) * F * D + col0;
+
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor tScS = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
+  Tensor tQcQ = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));  // (C q, 64 feat)
+  Tensor tSsP = thr.partition_C(sP);
+
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    const int64_t t0 = c * C;
+    const int rows = static_cast<int>(imin(C, T - t0));
+    const TileRange keys = rla_chunk_keys(c, C, T, w);
+    const int64_t s_base = t0 - w - 1;
+    const bool has_keys = keys.end > keys.begin;
+    const bool has_state = s_base > 0;
+    const bool has_h0 = gH0 != nullptr;
+    __syncthreads();
+    if (has_keys) {
+      auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+      phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
+      load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    }
+    if (!has_keys && !has_state && !has_h0) continue;  // dphi(q) = 0 for the whole chunk
+
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      load_do_tile<Tr>(gdO + b * p.grad_out_stride.b + t0 * p.grad_out_stride.t +
+                           h * p.grad_out_stride.h + col0,
+                       p.grad_out_stride.t, rows, sdO_ptr);
+      __syncthreads();
+      if (has_keys) {
+        // P = mask(dO v^T): (C q, C keys), key j visible to row i iff j <= i.
+        Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+        clear(acc_s);
+        gemm_ss(mma, acc_s, sdO, sV);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i)
+          tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
+        __syncthreads();
+      }
+      float* ws = wsQ + ((b * T + t0) * Hq + h) * F;  // row i at + i * Hq * F
+      const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
+      CUTE_UNROLL
+      for (int m = 0; m < F / C; ++m) {
+        // dphi(q)[:, feature tile m] (C q, 64 features)
+        Tensor acc_q = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+        clear(acc_q);
+        if (has_keys) gemm_ss(mma, acc_q, sP, local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
+        if (has_state || has_h0) {
+          Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
+          Tensor gH0_m = make_tensor(make_gmem_ptr(h0 + m * C * D),
+                                     make_layout(make_shape(Int<C>{}, Int<BV>{}),
+                                                 make_stride(Int<D>{}, _1{})));  // (64 feat, BV)
+          gemm_s_state_split(mma, acc_q, sdO, sS_m, gH0_m, has_h0);
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_q); ++i) {
+          const int r = get<0>(tQcQ(i));
+          if (r < rows) atomicAdd(ws + r * Hq * F + m * C + get<1>(tQcQ(i)), acc_q(i));
+        }
+      }
+      __syncthreads();  // sdO, sP free
+    }
+    if (has_keys) {
+      // S += phi(k)^T v (as in the forward)
+      CUTE_UNROLL
+      for (int m = 0; m < F / C; ++m) {
+        Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
+        Tensor tUsS = thr.partition_C(sS_m);
+        Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
+        gemm_ss(mma, acc_u, local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sVt);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDkv>>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+    rla_bwd_dkv_kernel(const RlaBwdParams p, float* wsK) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+  using Sm = RlaBwdSmem<Tr>;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  float* sdS_ptr = reinterpret_cast<float*>(smem_raw);
+  Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS);
+  Element* sPhiQ_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi);
+  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + 2 * Sm::kPhi);
+  Element* sdO_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + 2 * Sm::kPhi + Sm::kV);
+  Element* sP_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + 2 * Sm::kPhi + 2 * Sm::kV);
+
+  Tensor sdS = make_tensor(make_smem_ptr(sdS_ptr), row_major_padded<F, BV, Tr::kSStride>());      // (2D, BV)
+  Tensor sdS_B = make_tensor(make_smem_ptr(sdS_ptr), row_major_padded_t<F, BV, Tr::kSStride>());  // (BV, 2D)
+  Tensor sPhiK = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C keys, 2D)
+  Tensor sPhiQ = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C q, 2D)
+  Tensor sPhiQt = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C q)
+  Tensor sV = make_tensor(make_smem_ptr(sV_ptr), row_major_padded<C, BV, Tr::kVStride>());       // (C keys, BV)
+  Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), row_major_padded<C, BV, Tr::kVStride>());     // (C q, BV)
+  Tensor sdOt = make_tensor(make_smem_ptr(sdO_ptr), row_major_padded_t<C, BV, Tr::kVStride>());  // (BV, C q)
+  Tensor sP = make_tensor(make_smem_ptr(sP_ptr), row_major_padded<C, C, Tr::kPStride>());        // (C q, C keys)
+  Tensor sPt = make_tensor(make_smem_ptr(sP_ptr), row_major_padded_t<C, C, Tr::kPStride>());     // (C keys, C q)
+
+  const int tid = threadIdx.x;
+  const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv, T = p.dims.seqlen;
+  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int col0 = blockIdx.x * BV;
+  const int64_t w = p.window_size;
+  const int64_t n_chunks = ceil_div(T, C);
+
+  const Element* gQ = static_cast<const Element*>(p.q);
+  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  const float* gdO = static_cast<const float*>(p.grad_out);
+  const float* gdFinal = static_cast<const float*>(p.grad_final_state);
+  float* gdH0 = static_cast<float*>(p.grad_initial_state);  // [B, Hq, 2D, D], zeroed by the launcher
+  Element* gdV = static_cast<Element*>(p.grad_v);           // [B, T, Hkv, D] contiguous
+  const int64_t D2 = F;
+
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) {
+    const int f = i / BV, j = i % BV;
+    sdS(f, j) = gdFinal ? gdFinal[((b * Hkv + hk) * F + f) * D + col0 + j] : 0.f;
+  }
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor tScS = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));   // (C, C)
+  Tensor tVcV = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));  // (C keys, BV)
+  Tensor tSsP = thr.partition_C(sP);
+
+  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * C;
+    const int rows = static_cast<int>(imin(C, T - t0));
+    const TileRange keys = rla_chunk_keys(c, C, T, w);
+    const int64_t s_base = t0 - w - 1;
+    const bool has_keys = keys.end > keys.begin;
+    // Queries of this chunk matter for dS only if an earlier key exists, for dH0 always.
+    const bool need_q = has_keys || s_base > 0 || gdH0 != nullptr;
+    auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    __syncthreads();
+    if (has_keys) {
+      phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
+      load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    }
+    if (!need_q) continue;
+    __syncthreads();
+
+    Tensor acc_dv = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (C keys, BV)
+    clear(acc_dv);
+    if (has_keys) {
+      // dv += phi(k) dS (dS = everything after this chunk)
+      gemm_s_state_split(mma, acc_dv, sPhiK, sdS_B, sdS_B, false);
+    }
+
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      phi_tile_to_smem<Tr>(p.feature_map,
+                           gQ + b * p.q_stride.b + t0 * p.q_stride.t + h * p.q_stride.h,
+                           p.q_stride.t, [&](int i) { return i < rows; }, sPhiQ_ptr);
+      load_do_tile<Tr>(gdO + b * p.grad_out_stride.b + t0 * p.grad_out_stride.t +
+                           h * p.grad_out_stride.h + col0,
+                       p.grad_out_stride.t, rows, sdO_ptr);
+      __syncthreads();
+      if (has_keys) {
+        // P = mask(dO v^T) (C q, C keys)
+        Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+        clear(acc_s);
+        gemm_ss(mma, acc_s, sdO, sV);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i)
+          tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
+        __syncthreads();
+        // dphi(k)[:, tile m] = P^T phi(q) (+ v dS^T in slot g = 0)  -> wsK (keys x 64 features)
+        float* ws = wsK + ((b * T + s_base) * Hq + h) * D2;  // key row j at + j * Hq * 2D
+#pragma unroll 1  // feature tiles one at a time: acc_dv stays live across the head loop
+        for (int m = 0; m < F / C; ++m) {
+          Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+          clear(acc_k);
+          gemm_ss(mma, acc_k, sPt, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
+          if (g == 0) {
+            Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
+            gemm_s_state_split(mma, acc_k, sV, sdS_m, sdS_m, false);
+          }
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc_k); ++i) {
+            const int j = get<0>(tScS(i));
+            if (key_valid(j)) atomicAdd(ws + j * Hq * D2 + m * C + get<1>(tScS(i)), acc_k(i));
+          }
+        }
+        __syncthreads();  // sP (dO v^T) consumed
+        // Pk = mask(phi(q) phi(k)^T);  dv += Pk^T dO
+        clear(acc_s);
+        gemm_ss(mma, acc_s, sPhiQ, sPhiK);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i)
+          tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
+        __syncthreads();
+        gemm_ss(mma, acc_dv, sPt, sdOt);
+      }
+      __syncthreads();  // every read of dS for this chunk is done (g == 0) before dS changes
+      // dS += phi(q)^T dO, dH0_h += phi(q)^T dO (this CTA owns these columns of dH0_h).
+      float* dh0 = gdH0 ? gdH0 + (b * Hq + h) * F * D + col0 : nullptr;
+#pragma unroll 1
+      for (int m = 0; m < F / C; ++m) {
+        Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
+        Tensor tUsS = thr.partition_C(sdS_m);
+        Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+        clear(acc_u);
+        gemm_ss(mma, acc_u, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sdOt);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_u); ++i) tUsS(i) += acc_u(i);
+        if (dh0) {
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc_u); ++i)
+            dh0[(m * C + get<0>(tVcV(i))) * D + get<1>(tVcV(i))] += acc_u(i);
+        }
+      }
+      __syncthreads();  // sPhiQ, sdO free for the next head
+    }
+    if (has_keys) {
+      Element* dv = gdV + ((b * T + s_base) * Hkv + hk) * D + col0;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dv); ++i) {
+        const int j = get<0>(tVcV(i));
+        if (key_valid(j)) dv[j * Hkv * D + get<1>(tVcV(i))] = Element(acc_dv(i));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// dq / dk from the workspaces: one warp per row, the feature-map backward of
+// core/feature_map.h with phi recomputed from the raw row. Rows [0, B*T*Hq) are q rows,
+// the rest k rows (dk sums the G head slots of wsK in order).
+template <class Tr>
+__global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaBwdParams p, const float* wsQ,
+                                                          const float* wsK) {
+  using Element = typename Tr::Element;
+  constexpr int D = Tr::kHeadDim, E = D / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
+  const int64_t G = Hq / Hkv;
+  const int64_t n_q = B * T * Hq, n_k = B * T * Hkv;
+  if (row >= n_q + n_k) return;
+  const bool is_q = row < n_q;
+  const int64_t r = is_q ? row : row - n_q;
+  const int64_t H = is_q ? Hq : Hkv;
+  const int64_t bb = r / (T * H), t = (r / H) % T, hh = r % H;
+  const Element* x_row =
+      is_q ? static_cast<const Element*>(p.q) + bb * p.q_stride.b + t * p.q_stride.t + hh * p.q_stride.h
+           : static_cast<const Element*>(p.k) + bb * p.k_stride.b + t * p.k_stride.t + hh * p.k_stride.h;
+  float x[E], y1[E], y2[E], dy1[E], dy2[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    x[e] = float(x_row[lane * E + e]);
+    dy1[e] = dy2[e] = 0.f;
+  }
+  if (is_q) {
+    const float* ws = wsQ + r * 2 * D;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      dy1[e] = ws[lane * E + e];
+      dy2[e] = ws[D + lane * E + e];
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* ws = wsK + ((bb * T + t) * Hq + hh * G + g) * 2 * D;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        dy1[e] += ws[lane * E + e];
+        dy2[e] += ws[D + lane * E + e];
+      }
+    }
+  }
+  float dx[E];
+  if (p.feature_map == FeatureMap::kRelu) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) dx[e] = (x[e] > 0.f ? dy1[e] : 0.f) - (x[e] < 0.f ? dy2[e] : 0.f);
+  } else {
+    phi_lane<E>(p.feature_map, x, y1, y2);
+    float dp = 0.f, dn = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      dp += dy1[e] * y1[e];
+      dn += dy2[e] * y2[e];
+    }
+    dp = warp_sum(dp);
+    dn = warp_sum(dn);
+#pragma unroll
+    for (int e = 0; e < E; ++e) dx[e] = y1[e] * (dy1[e] - dp) - y2[e] * (dy2[e] - dn);
+  }
+  Element* out = static_cast<Element*>(is_q ? p.grad_q : p.grad_k) + r * D;  // contiguous
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[lane * E + e] = Element(dx[e]);
+}
+
+}  // namespace rattention::cuda

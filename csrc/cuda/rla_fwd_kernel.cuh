@@ -1,0 +1,231 @@
+// RLA forward: chunked linear attention over the keys outside the window (SPEC.md Branch 2).
+//
+// Three passes, so the sequence is split across CTAs too (segments of checkpoint_every
+// chunks; this is what makes small B * Hkv fill the GPU at long T):
+//   1. rla_fwd_state_kernel, grid (D/BV, B*Hkv, n_ckpt): the local state sum of each segment
+//      (sum of phi(k)^T v over its chunks) into checkpoint slot z + 1 (last: final_state);
+//   2. rla_fwd_prefix_reduce_kernel: prefix sum over the segments in place -> checkpoints hold the
+//      state at each segment start, final_state the state after all tokens;
+//   3. rla_fwd_kernel, grid (D/BV, B*Hkv, n_ckpt): outputs. A CTA starts from its segment's
+//      checkpoint and keeps its slice of the fp32 state S [2D, kBlockV] in shared memory.
+// Chunk c covers query rows t = t0 + i (i < C). Its shifted keys are s = t0 - w - 1 + j
+// (core/window.h rla_chunk_keys), so query i sees in-chunk key j iff i >= j (t - s >= w + 1)
+// and every key of earlier chunks through S. Per chunk:
+//   sPhiK = phi(k[s]) (zero rows for s < 0 or s >= T - w - 1), sV = v[s][cols]
+//   for each query head h of the group:
+//     sPhiQ = phi(q_h[t]);  P = mask_{i>=j}(sPhiQ sPhiK^T)            (C x C)
+//     o = P sV + sPhiQ (S + H0_h)   (S + H0 split into hi+lo for the MMA)
+//   S += sPhiK^T sV                                                  (2D x kBlockV)
+// Checkpoints hold S at the start of chunks 0, every, 2*every, ... (without H0).
+#pragma once
+#include "core/window.h"
+#include "rla_traits.cuh"
+
+namespace rattention::cuda {
+
+// S += phi(k)^T v for the key rows of chunk c (sPhiK, sV loaded): shared by passes 1 and 3.
+template <class Tr, class TiledMma, class TS, class TK, class TV>
+__device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
+                                                 TV const& sVt) {
+  using namespace cute;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  CUTE_UNROLL
+  for (int m = 0; m < F / C; ++m) {
+    Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));         // (C, BV)
+    Tensor sPhiKt_m = local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (C feat, C keys)
+    Tensor tUsS = thr.partition_C(sS_m);
+    Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
+    gemm_ss(mma, acc_u, sPhiKt_m, sVt);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
+  }
+}
+
+template <class Tr, class Smem = DynSmem<Tr::kSmemFwd>>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdParams p) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  float* sS_ptr = reinterpret_cast<float*>(smem_raw);
+  Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS);
+  Element* sPhiQ_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi);
+  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + 2 * Tr::kSmemPhi);
+  Element* sP_ptr =
+      reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + 2 * Tr::kSmemPhi + Tr::kSmemV);
+
+  // Shared-memory views. Names: s<Buffer>, suffix says which GEMM role the view plays.
+  Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());  // (2D, BV)
+  Tensor sS_B = make_tensor(make_smem_ptr(sS_ptr), row_major_padded_t<F, BV, Tr::kSStride>());  // (BV, 2D)
+  Tensor sPhiQ = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C, 2D)
+  Tensor sPhiK = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C keys, 2D)
+  Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
+  Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());  // (BV, C keys)
+  Tensor sP = make_tensor(make_smem_ptr(sP_ptr), row_major_padded<C, C, Tr::kPStride>());  // (C, C keys)
+
+  const int tid = threadIdx.x;
+  const int64_t Hkv = p.dims.heads_kv, G = p.dims.heads_q / p.dims.heads_kv, T = p.dims.seqlen;
+  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int col0 = blockIdx.x * BV;
+  const int64_t w = p.window_size;
+  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t every = p.checkpoint_every;
+  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
+  const int64_t z = blockIdx.z;  // segment: chunks [z * every, min(n_chunks, (z + 1) * every))
+  const int64_t c_end = imin(n_chunks, (z + 1) * every);
+
+  const Element* gQ = static_cast<const Element*>(p.q);
+  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  float* gOut = static_cast<float*>(p.out);
+  const float* gH0 = static_cast<const float*>(p.initial_state);
+  const float* gCkpt =
+      static_cast<const float*>(p.checkpoints) + ((b * Hkv + hk) * n_ckpt + z) * F * D + col0;
+
+  // S = the state at the segment start (written by passes 1 and 2).
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  // Coordinates of accumulator entries: (row, col) of a (C, C) / (C, BV) tile.
+  Tensor tScS = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
+  Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
+  Tensor tSsP = thr.partition_C(sP);
+
+  for (int64_t c = z * every; c < c_end; ++c) {
+    const int64_t t0 = c * C;
+    const int rows = static_cast<int>(imin(C, T - t0));
+    const TileRange keys = rla_chunk_keys(c, C, T, w);  // valid shifted keys [begin, end)
+    const int64_t s_base = t0 - w - 1;                  // key of row j is s_base + j
+    const bool has_keys = keys.end > keys.begin;
+    const bool has_state = s_base > 0;  // some key before this chunk is in S
+    const bool has_h0 = gH0 != nullptr;
+    __syncthreads();  // S is final for this chunk start; sPhiK/sV free
+    if (has_keys) {
+      auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+      // Pointers of invalid rows are never dereferenced (predicated by key_valid).
+      phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid,
+                           sPhiK_ptr);
+      load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    }
+
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      auto row_valid = [&](int i) { return i < rows; };
+      phi_tile_to_smem<Tr>(p.feature_map, gQ + b * p.q_stride.b + t0 * p.q_stride.t + h * p.q_stride.h,
+                           p.q_stride.t, row_valid, sPhiQ_ptr);
+      __syncthreads();  // sPhiQ (and sPhiK, sV for g == 0) complete
+
+      Tensor acc_o = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (MMA, MMA_M, MMA_N)
+      clear(acc_o);
+      if (has_keys) {
+        // Intra-chunk: P = mask(phi(q) phi(k)^T), o += P v.
+        Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+        clear(acc_s);
+        gemm_ss(mma, acc_s, sPhiQ, sPhiK);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          const bool keep = get<1>(tScS(i)) <= get<0>(tScS(i));  // key j <= row i
+          tSsP(i) = Element(keep ? acc_s(i) : 0.f);
+        }
+        __syncthreads();  // sP complete
+        gemm_ss(mma, acc_o, sP, sVt);
+      }
+      if (has_state || has_h0) {
+        // Inter-chunk: o += phi(q) (S + H0_h), the fp32 sum split into hi + lo.
+        const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
+        Tensor gH0_B = make_tensor(make_gmem_ptr(h0),
+                                   make_layout(make_shape(Int<BV>{}, Int<F>{}),
+                                               make_stride(_1{}, Int<D>{})));  // (BV, 2D)
+        gemm_s_state_split(mma, acc_o, sPhiQ, sS_B, gH0_B, has_h0);
+      }
+      float* o = gOut + b * p.out_stride.b + t0 * p.out_stride.t + h * p.out_stride.h + col0;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_o); ++i) {
+        const int r = get<0>(tOcO(i));
+        if (r < rows) o[r * p.out_stride.t + get<1>(tOcO(i))] = acc_o(i);
+      }
+      __syncthreads();  // sPhiQ, sP free for the next head; S reads done
+    }
+
+    if (has_keys && c + 1 < c_end) {  // the segment's last update is pass 1's business
+      rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+    }
+  }
+}
+
+// Pass 1: the local state sum of segment z (chunks [z*every, (z+1)*every)), from zero.
+// Written to checkpoint slot z + 1, or to final_state for the last segment; the z == 0 CTA
+// also writes slot 0 (the state at the start is empty).
+template <class Tr, class Smem = DynSmem<Tr::kSmemState>>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const RlaFwdParams p) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+  extern __shared__ __align__(128) char smem_raw[];
+  float* sS_ptr = reinterpret_cast<float*>(smem_raw);
+  Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS);
+  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi);
+  Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());              // (2D, BV)
+  Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
+  Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());        // (BV, C keys)
+
+  const int tid = threadIdx.x;
+  const int64_t Hkv = p.dims.heads_kv, T = p.dims.seqlen;
+  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int col0 = blockIdx.x * BV;
+  const int64_t w = p.window_size;
+  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t every = p.checkpoint_every;
+  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
+  const int64_t z = blockIdx.z;
+  const int64_t c_end = imin(n_chunks, (z + 1) * every);
+  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  float* gCkpt = static_cast<float*>(p.checkpoints) + (b * Hkv + hk) * n_ckpt * F * D + col0;
+  float* gDst = z + 1 < n_ckpt ? gCkpt + (z + 1) * F * D
+                               : static_cast<float*>(p.final_state) + (b * Hkv + hk) * F * D + col0;
+
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = 0.f;
+  if (z == 0) {
+    for (int i = tid; i < F * BV; i += Tr::kNThreads) gCkpt[(i / BV) * D + i % BV] = 0.f;
+  }
+  typename Tr::TiledMma mma;
+  for (int64_t c = z * every; c < c_end; ++c) {
+    const TileRange keys = rla_chunk_keys(c, C, T, w);
+    if (keys.end <= keys.begin) continue;  // uniform: no key of this chunk enters the state
+    const int64_t s_base = c * C - w - 1;
+    auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    __syncthreads();  // previous update done with sPhiK / sV
+    phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
+    load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    __syncthreads();
+    rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+  }
+  __syncthreads();
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) gDst[(i / BV) * D + i % BV] = sS(i / BV, i % BV);
+}
+
+// Pass 2: in place, per state element: ckpt[z] = sum_{y < z} local[y] (slot 0 is zero),
+// final = ckpt[n-1] + local[n-1]. Fixed order, deterministic.
+static __global__ void __launch_bounds__(256) rla_fwd_prefix_reduce_kernel(const RlaFwdParams p) {
+  const int64_t D = p.dims.head_dim, F = 2 * D;
+  const int64_t per_head = F * D;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.dims.batch * p.dims.heads_kv * per_head) return;
+  const int64_t bh = i / per_head, e = i % per_head;
+  const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, p.chunk_size), p.checkpoint_every);
+  float* ck = static_cast<float*>(p.checkpoints) + bh * n_ckpt * per_head + e;
+  float run = 0.f;
+  for (int64_t z = 1; z < n_ckpt; ++z) {
+    run += ck[z * per_head];
+    ck[z * per_head] = run;
+  }
+  static_cast<float*>(p.final_state)[bh * per_head + e] += run;
+}
+
+}  // namespace rattention::cuda

@@ -1,0 +1,246 @@
+// Residual linear attention (RLA) on tensor cores: tile sizes, shared-memory layouts, the
+// tiled MMA and the small device helpers shared by the forward and backward kernels.
+//
+// One CTA owns one (batch, kv head) and a slice of kBlockV value columns. Columns of v (and
+// of the state S = sum phi(k) v^T and of the output) are independent, so slicing them is
+// free parallelism at small B * Hkv; the price is that phi(q), phi(k) and the masked
+// score block phi(q) phi(k)^T are recomputed by each column slice (cheap next to the state).
+//
+// Precision (SPEC.md: bf16/fp16 paths within 2x the error of plain PyTorch in that dtype):
+//   * phi(q), phi(k) are computed in fp32 from the raw tile, rounded to the input dtype for
+//     the MMA (exactly what a bf16 PyTorch implementation does);
+//   * the state S stays fp32 in shared memory; every MMA accumulates in fp32;
+//   * the inter-chunk product phi(q) S uses S split into hi + lo halves in the input dtype
+//     (S = hi + lo to ~16 mantissa bits), so the fp32 state is not rounded to bf16 there.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/bfloat16.h>
+#include <cutlass/half.h>
+
+#include "core/feature_map.h"
+#include "swa_traits.cuh"  // DynSmem<N>: dynamic smem in the kernel name for tools/cuda_check.py
+#include "core/params.h"
+
+namespace rattention::cuda {
+
+template <typename Element>
+struct RlaMmaAtom;
+template <>
+struct RlaMmaAtom<cutlass::bfloat16_t> {
+  using type = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <>
+struct RlaMmaAtom<cutlass::half_t> {
+  using type = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+
+template <typename Element_, int kHeadDim_, int kBlockV_>
+struct RlaTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;     // D
+  static constexpr int kFeat = 2 * kHeadDim_;    // 2D, width of phi
+  static constexpr int kChunk = 64;              // C: rows per chunk (the op requires 64)
+  static constexpr int kBlockV = kBlockV_;       // value columns per CTA
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kNVBlocks = kHeadDim / kBlockV;
+  static_assert(kHeadDim % kBlockV == 0, "value slices must tile D");
+  static_assert(kHeadDim % 32 == 0, "phi rows: each lane owns D/32 entries");
+  static_assert(kFeat % kChunk == 0, "state update walks 2D in kChunk-row tiles");
+
+  // 4 warps stacked along M: each warp owns 16 rows of a 64-row tile; Tile<64,16,16>.
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename RlaMmaAtom<Element>::type>,
+                                  cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<64>, cute::_16, cute::_16>>;
+
+  // Padded row strides (elements): keeps the transposed operand reads off one bank.
+  static constexpr int kPhiStride = kFeat + 8;    // sPhiQ, sPhiK [C, 2D]
+  static constexpr int kVStride = kBlockV + 8;    // sV [C, kBlockV]
+  static constexpr int kPStride = kChunk + 8;     // sP [C, C]
+  static constexpr int kSStride = kBlockV + 4;    // sS fp32 [2D, kBlockV]
+
+  static constexpr int kSmemS = kFeat * kSStride * 4;
+  static constexpr int kSmemPhi = kChunk * kPhiStride * 2;
+  static constexpr int kSmemV = kChunk * kVStride * 2;
+  static constexpr int kSmemP = kChunk * kPStride * 2;
+  static constexpr int kSmemFwd = kSmemS + 2 * kSmemPhi + kSmemV + kSmemP;
+  static constexpr int kSmemState = kSmemS + kSmemPhi + kSmemV;  // pass 1: S, phi(k), v
+  static_assert(kSmemFwd <= 227 * 1024, "forward shared memory");
+};
+
+// ---- layouts (CuTe views on shared memory) ----------------------------------------------
+// (rows, cols) row-major with a padded row stride.
+template <int R, int Cc, int Ld>
+CUTE_HOST_DEVICE constexpr auto row_major_padded() {
+  return cute::make_layout(cute::make_shape(cute::Int<R>{}, cute::Int<Cc>{}),
+                           cute::make_stride(cute::Int<Ld>{}, cute::_1{}));
+}
+// The transpose view of the same storage: (cols, rows) of a row-major (rows, cols) buffer.
+template <int R, int Cc, int Ld>
+CUTE_HOST_DEVICE constexpr auto row_major_padded_t() {
+  return cute::make_layout(cute::make_shape(cute::Int<Cc>{}, cute::Int<R>{}),
+                           cute::make_stride(cute::_1{}, cute::Int<Ld>{}));
+}
+
+// ---- GEMM from shared memory --------------------------------------------------------------
+// acc(M, N) += A(M, K) * B(N, K)^T, with sA, sB any-layout views in the MMA's element type.
+// Fragments are loaded one K-slice at a time (element-wise copy: correct for any layout,
+// including the transposed views; an ldmatrix path is the obvious next step).
+template <class TiledMma, class Acc, class TA, class TB>
+__device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, TA const& sA, TB const& sB) {
+  using namespace cute;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K)
+  Tensor tCsB = thr.partition_B(sB);  // (MMA, MMA_N, MMA_K)
+  using EA = typename TiledMma::ValTypeA;
+  using EB = typename TiledMma::ValTypeB;
+  // Not unrolled over K: one K-slice of fragments live at a time (no spills at 2D = 256);
+  // each slice still issues MMA_M x MMA_N independent MMAs.
+#pragma unroll 1
+  for (int k = 0; k < size<2>(tCsA); ++k) {
+    Tensor tCrA = make_tensor<EA>(shape(tCsA(_, _, k)));
+    Tensor tCrB = make_tensor<EB>(shape(tCsB(_, _, k)));
+    CUTE_UNROLL
+    for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(_, _, k)(i);
+    CUTE_UNROLL
+    for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(_, _, k)(i);
+    cute::gemm(mma, acc, tCrA, tCrB, acc);
+  }
+}
+
+// acc(M, N) += A(M, K) * X(N, K)^T where X = S (+ H) is fp32: X is split per element into
+// hi + lo in the MMA type and both halves are multiplied (two MMAs per K-slice), so the
+// product sees ~16 mantissa bits of the fp32 state instead of 8.
+template <class TiledMma, class Acc, class TA, class TS, class TH>
+__device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA const& sA,
+                                                   TS const& sX, TH const& gH, bool has_h) {
+  using namespace cute;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K)
+  Tensor tCsX = thr.partition_B(sX);  // (MMA, MMA_N, MMA_K) fp32 smem
+  Tensor tCgH = thr.partition_B(gH);  // (MMA, MMA_N, MMA_K) fp32 gmem (H0 slice)
+  using EA = typename TiledMma::ValTypeA;
+  using EB = typename TiledMma::ValTypeB;
+  // Not unrolled over K: one K-slice of fragments live at a time (no spills at 2D = 256);
+  // each slice still issues MMA_M x MMA_N independent MMAs.
+#pragma unroll 1
+  for (int k = 0; k < size<2>(tCsA); ++k) {
+    Tensor tCrA = make_tensor<EA>(shape(tCsA(_, _, k)));
+    Tensor tCrHi = make_tensor<EB>(shape(tCsX(_, _, k)));
+    Tensor tCrLo = make_tensor<EB>(shape(tCsX(_, _, k)));
+    CUTE_UNROLL
+    for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(_, _, k)(i);
+    CUTE_UNROLL
+    for (int i = 0; i < size(tCrHi); ++i) {
+      float x = tCsX(_, _, k)(i);
+      if (has_h) x += tCgH(_, _, k)(i);
+      const EB hi = EB(x);
+      tCrHi(i) = hi;
+      tCrLo(i) = EB(x - float(hi));
+    }
+    cute::gemm(mma, acc, tCrA, tCrHi, acc);
+    cute::gemm(mma, acc, tCrA, tCrLo, acc);
+  }
+}
+
+// ---- feature map of one row, one warp ---------------------------------------------------
+// Lane l owns entries [l*E, l*E + E) of the row (E = D/32); x holds them in fp32.
+// Writes phi(x) = [f(x), f(-x)] (2D values) into y as Element. Row reductions are warp
+// shuffles; the map is the one of core/feature_map.h.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_min(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fminf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// phi of the lane's E entries: pos[e] = f(x)[l*E+e], neg[e] = f(-x)[l*E+e].
+template <int E>
+__device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], float (&pos)[E],
+                                         float (&neg)[E]) {
+  if (fm == FeatureMap::kRelu) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      pos[e] = fmaxf(x[e], 0.f);
+      neg[e] = fmaxf(-x[e], 0.f);
+    }
+    return;
+  }
+  float mx = x[0], mn = x[0];
+#pragma unroll
+  for (int e = 1; e < E; ++e) {
+    mx = fmaxf(mx, x[e]);
+    mn = fminf(mn, x[e]);
+  }
+  mx = warp_max(mx);
+  mn = warp_min(mn);
+  float sp = 0.f, sn = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    pos[e] = __expf(x[e] - mx);
+    neg[e] = __expf(mn - x[e]);
+    sp += pos[e];
+    sn += neg[e];
+  }
+  const float ip = 1.f / warp_sum(sp), in = 1.f / warp_sum(sn);
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    pos[e] *= ip;
+    neg[e] *= in;
+  }
+}
+
+// phi of `kChunk` rows into sPhi [kChunk, 2D] (stride kPhiStride). Row r reads
+// gX + r * row_stride when valid(r), else writes zeros (masked keys/queries must be exact
+// zeros: they enter the K dimension of the state update).
+template <class Tr, class Valid>
+__device__ __forceinline__ void phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
+                                                 int64_t row_stride, Valid valid,
+                                                 typename Tr::Element* sPhi) {
+  using Element = typename Tr::Element;
+  constexpr int E = Tr::kHeadDim / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = warp; r < Tr::kChunk; r += Tr::kNWarps) {
+    Element* y = sPhi + r * Tr::kPhiStride;
+    if (!valid(r)) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        y[lane * E + e] = Element(0.f);
+        y[Tr::kHeadDim + lane * E + e] = Element(0.f);
+      }
+      continue;
+    }
+    const Element* xr = gX + r * row_stride + lane * E;
+    float x[E], pos[E], neg[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = float(xr[e]);
+    phi_lane<E>(fm, x, pos, neg);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      y[lane * E + e] = Element(pos[e]);
+      y[Tr::kHeadDim + lane * E + e] = Element(neg[e]);
+    }
+  }
+}
+
+// A [kChunk, kBlockV] slice of value rows into sV (stride kVStride); invalid rows are zero.
+template <class Tr, class Valid>
+__device__ __forceinline__ void load_v_tile(const typename Tr::Element* gV, int64_t row_stride,
+                                            Valid valid, typename Tr::Element* sV) {
+  using Element = typename Tr::Element;
+  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
+    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
+    sV[r * Tr::kVStride + c] = valid(r) ? gV[r * row_stride + c] : Element(0.f);
+  }
+}
+
+}  // namespace rattention::cuda
