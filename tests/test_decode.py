@@ -434,3 +434,19 @@ def test_prefill_bfloat16_then_decode():
     ref_bf16 = R.forward(q, k, v, window_size=w)[:, T:]  # float32 inside, bf16 out
     assert not out.isnan().any()
     assert _rel(out, ref) <= 2 * _rel(ref_bf16, ref) + 1e-3
+
+
+def test_decode_step_torch_compile_fullgraph():
+    """decode_step traces as one graph (in-place cache update through the op's schema) and
+    gives the same outputs and cache as eager."""
+    B, T, Hq, Hkv, D, w = 2, 6, 4, 2, 8, 3
+    q, k, v = _inputs(B, T, Hq, Hkv, D, dtype=torch.float32, seed=15)
+    eager = RAttentionCache.empty(B, w, Hkv, D, dtype=torch.float32)
+    compiled = RAttentionCache.empty(B, w, Hkv, D, dtype=torch.float32)
+    step = torch.compile(lambda q, k, v, c: decode_step(q, k, v, c), fullgraph=True)
+    for t in range(T):
+        a = decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], eager)
+        b = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], compiled)
+        assert torch.equal(a, b)
+    for f in ("keys", "values", "state", "positions"):
+        assert torch.equal(getattr(eager, f), getattr(compiled, f))
