@@ -450,3 +450,17 @@ def test_decode_step_torch_compile_fullgraph():
         assert torch.equal(a, b)
     for f in ("keys", "values", "state", "positions"):
         assert torch.equal(getattr(eager, f), getattr(compiled, f))
+
+
+def test_decode_long_float32_state_accuracy():
+    """16K decode steps in float32: the state is a sequential float32 sum of rank-1 terms;
+    outputs (the last tokens included) and the final state stay within 1e-5 of float64."""
+    B, T, Hq, Hkv, D, w = 1, 16384, 2, 1, 16, 8
+    q, k, v = _inputs(B, T, Hq, Hkv, D, seed=16)
+    cache = RAttentionCache.empty(B, w, Hkv, D, dtype=torch.float32)
+    out = _decode_all(q.float(), k.float(), v.float(), cache)
+    ref = R.forward(q, k, v, window_size=w)
+    _, ref_state = R.residual_linear_attention(q, k, v, window_size=w, return_final_state=True)
+    assert _rel(out, ref) < 1e-5
+    assert _rel(out[:, -256:], ref[:, -256:]) < 1e-5
+    assert _rel(cache.state, ref_state) < 1e-5
