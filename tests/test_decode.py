@@ -464,3 +464,62 @@ def test_decode_long_float32_state_accuracy():
     assert _rel(out, ref) < 1e-5
     assert _rel(out[:, -256:], ref[:, -256:]) < 1e-5
     assert _rel(cache.state, ref_state) < 1e-5
+
+
+# ---- prefill's cache bookkeeping, independent of the forward kernels ------------------------
+class _ReferenceBranchOps:
+    """torch.ops.rattention_ext with swa_fwd / rla_fwd answered by the float64 reference, so
+    that prefill's own logic (ring fill, per-sequence state, positions) is tested even in a
+    build whose forward kernels are placeholders. The kernels are tested by the
+    ``needs_forward`` tests above and by their own test files."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.rattention_ext, name)
+
+    @staticmethod
+    def swa_fwd(q, k, v, w, scale, cos, sin):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return R.sliding_window_attention(q.to(acc), k.to(acc), v.to(acc), window_size=w,
+                                          softmax_scale=scale, return_lse=True, rotary_cos=cos,
+                                          rotary_sin=sin)
+
+    @staticmethod
+    def rla_fwd(q, k, v, w, fm, h0, chunk_size, checkpoint_every):
+        out, state = R._rla(q, k, v, w, fm, h0)
+        return out, state, None
+
+
+@pytest.mark.parametrize("seq_lens", [None, [23, 23, 23], [23, 1, 9], [0, 6, 23]])
+@pytest.mark.parametrize("w", [0, 5, 30])
+def test_prefill_cache_logic_reference_branches(monkeypatch, seq_lens, w):
+    import rattention_ext.decode as dec
+    monkeypatch.setattr(dec, "ops", _ReferenceBranchOps())
+    B, T, Hq, Hkv, D, n_new = 3, 23, 4, 2, 8, 4
+    q, k, v = _inputs(B, T + n_new, Hq, Hkv, D, seed=17)
+    kw = _extras(B, Hq, D, torch.float64, h0_batch=B, rotary_P=T + n_new)
+    lens = [T] * B if seq_lens is None else seq_lens
+    cache = RAttentionCache.empty(B, w, Hkv, D, dtype=torch.float64)
+    o_pre = prefill(q[:, :T], k[:, :T], v[:, :T], cache,
+                    seq_lens=None if seq_lens is None else torch.tensor(seq_lens), **kw)
+    assert cache.positions.tolist() == lens
+    for b, L in enumerate(lens):
+        kwb = dict(kw, initial_state=kw["initial_state"][b:b + 1])
+        cb = RAttentionCache.empty(1, w, Hkv, D, dtype=torch.float64)
+        if L:
+            _decode_all(q[b:b + 1, :L], k[b:b + 1, :L], v[b:b + 1, :L], cb, **kwb)
+        one = RAttentionCache(cache.keys[b:b + 1], cache.values[b:b + 1], cache.state[b:b + 1],
+                              cache.positions[b:b + 1])
+        _assert_same_cache(one, cb, 1e-12)
+        ref = R.forward(q[b:b + 1, :L + n_new], k[b:b + 1, :L + n_new], v[b:b + 1, :L + n_new],
+                        window_size=w, **kwb)[0]
+        if L:
+            assert (o_pre[b, :L] - ref[:L]).abs().max().item() < F64_TOL
+    ar, idx0 = torch.arange(B), torch.tensor(lens)
+    for i in range(n_new):
+        idx = idx0 + i
+        o = decode_step(q[ar, idx][:, None], k[ar, idx][:, None], v[ar, idx][:, None], cache, **kw)
+        for b, L in enumerate(lens):
+            kwb = dict(kw, initial_state=kw["initial_state"][b:b + 1])
+            ref = R.forward(q[b:b + 1, :L + i + 1], k[b:b + 1, :L + i + 1],
+                            v[b:b + 1, :L + i + 1], window_size=w, **kwb)[0, -1]
+            assert (o[b, 0] - ref).abs().max().item() < F64_TOL
