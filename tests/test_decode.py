@@ -80,7 +80,8 @@ def _rel(a, b):
 
 
 # ---- token-by-token decoding equals the float64 reference --------------------------------
-@pytest.mark.parametrize("T,w", [(1, 0), (1, 4), (37, 0), (37, 5), (37, 36), (37, 64), (97, 16)])
+@pytest.mark.parametrize("T,w", [(1, 0), (1, 4), (37, 0), (37, 5), (37, 36), (37, 64), (97, 16),
+                                 (200, 130)])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (8, 1)])
 def test_decode_matches_reference_f64(T, w, Hq, Hkv):
     B, D = 2, 16

@@ -36,6 +36,9 @@ void load_row(const T* src, acc_t* dst, int D) {
   for (int i = 0; i < D; ++i) dst[i] = static_cast<acc_t>(Convert<T>::load(src[i]));
 }
 
+// Keys per SWA block: 64 keys x D = 128 x 4 B = 32 KiB each for sKt and sV.
+constexpr int64_t kBlockN = 64;
+
 template <typename T>
 void decode_impl(const DecodeParams& p) {
   using acc_t = typename AccType<T>::type;
@@ -73,11 +76,12 @@ void decode_impl(const DecodeParams& p) {
 
   parallel_for(B * Hkv, 1, [&](int64_t task0, int64_t task1) {
     // Scratch per chunk of tasks (acc type):
-    //   sKt [D, W1] rotated keys of the window (transposed), sV [W1, D] values,
-    //   sP [G, W1] scores/probabilities,
+    //   sKt [D, kBlockN] rotated keys of a block (transposed), sV [kBlockN, D] values,
+    //   sP [G, kBlockN] scores/probabilities, rows [G] online-softmax state,
     //   sQ [G, D] (rotated) queries, sPhiQ [G, 2D], sPhiK [2D], sOs/sOr [G, D] branch outputs.
-    std::vector<acc_t> sKt(W1 * D), sKrow(D), sV(W1 * D), sP(G * W1), sQ(G * D), sQraw(D),
-        sPhiQ(G * D2), sPhiK(D2), sKold(D), sVold(D), sOs(G * D), sOr(G * D);
+    std::vector<acc_t> sKt(kBlockN * D), sKrow(D), sV(kBlockN * D), sP(G * kBlockN), sQ(G * D),
+        sQraw(D), sPhiQ(G * D2), sPhiK(D2), sKold(D), sVold(D), sOs(G * D), sOr(G * D);
+    std::vector<OnlineSoftmaxRow<acc_t>> rows(G);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
       const int64_t pos = p.pos[b];
@@ -109,38 +113,48 @@ void decode_impl(const DecodeParams& p) {
         if (gCos != nullptr) rotary_apply(q, gCos + pos * d2, gSin + pos * d2, D, false);
       }
 
-      // ---- 3a. SWA over positions s0 .. pos (n keys), each key rotated at its own position.
-      // Keys go to scratch transposed (sKt [D, n]) so both products below are plain
+      // ---- 3a. SWA over positions s0 .. pos (n keys), each key rotated at its own position,
+      // in blocks of kBlockN keys with the online softmax (flash-decoding order, as on the
+      // GPU): the block's scratch (transposed keys sKt [D, kBlockN], values sV [kBlockN, D])
+      // stays in L1/L2 however long the window. sKt is transposed so both products are
       // row-major gemms whose inner loops run over contiguous, independent outputs.
       const int64_t s0 = pos - W1 + 1 > 0 ? pos - W1 + 1 : 0;
       const int64_t n = pos - s0 + 1;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t s = s0 + j;
-        const int64_t sl = s % W1;
-        load_row(gKc + ((b * W1 + sl) * Hkv + hk) * D, sKrow.data(), D);
-        load_row(gVc + ((b * W1 + sl) * Hkv + hk) * D, sV.data() + j * D, D);
-        if (gCos != nullptr) rotary_apply(sKrow.data(), gCos + s * d2, gSin + s * d2, D, false);
-        for (int i = 0; i < D; ++i) sKt[i * n + j] = sKrow[i];
-      }
-      // sP [G, n] = scale * sQ [G, D] @ sKt [D, n]
-      gemm<acc_t>(false, false, G, n, D, scale, sQ.data(), D, sKt.data(), n, acc_t(0), sP.data(), n);
-      for (int64_t g = 0; g < G; ++g) {
-        acc_t* pr = sP.data() + g * n;
-        acc_t mx = neg_inf<acc_t>();
-        for (int64_t j = 0; j < n; ++j) mx = pr[j] > mx ? pr[j] : mx;
-        // All keys form one block of the shared online-softmax update (m = -inf -> block max).
-        OnlineSoftmaxRow<acc_t> row{neg_inf<acc_t>(), acc_t(0)};
-        online_softmax_rescale(row, mx);
-        for (int64_t j = 0; j < n; ++j) {
-          pr[j] = online_softmax_prob(row, pr[j]);
-          row.l += pr[j];
+      for (int64_t g = 0; g < G; ++g) rows[g] = OnlineSoftmaxRow<acc_t>{neg_inf<acc_t>(), acc_t(0)};
+      for (int i = 0; i < G * D; ++i) sOs[i] = 0;
+      for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+        const int64_t nb = n - j0 < kBlockN ? n - j0 : kBlockN;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t s = s0 + j0 + j;
+          const int64_t sl = s % W1;
+          load_row(gKc + ((b * W1 + sl) * Hkv + hk) * D, sKrow.data(), D);
+          load_row(gVc + ((b * W1 + sl) * Hkv + hk) * D, sV.data() + j * D, D);
+          if (gCos != nullptr) rotary_apply(sKrow.data(), gCos + s * d2, gSin + s * d2, D, false);
+          for (int i = 0; i < D; ++i) sKt[i * nb + j] = sKrow[i];
         }
-        const acc_t inv_l = acc_t(1) / row.l;
-        for (int64_t j = 0; j < n; ++j) pr[j] *= inv_l;
+        // sP [G, nb] = scale * sQ [G, D] @ sKt [D, nb]
+        gemm<acc_t>(false, false, G, nb, D, scale, sQ.data(), D, sKt.data(), nb, acc_t(0),
+                    sP.data(), nb);
+        for (int64_t g = 0; g < G; ++g) {
+          acc_t* pr = sP.data() + g * nb;
+          acc_t mx = neg_inf<acc_t>();
+          for (int64_t j = 0; j < nb; ++j) mx = pr[j] > mx ? pr[j] : mx;
+          const acc_t factor = online_softmax_rescale(rows[g], mx);
+          acc_t* os = sOs.data() + g * D;
+          for (int i = 0; i < D; ++i) os[i] *= factor;
+          for (int64_t j = 0; j < nb; ++j) {
+            pr[j] = online_softmax_prob(rows[g], pr[j]);
+            rows[g].l += pr[j];
+          }
+        }
+        // sOs [G, D] += sP [G, nb] @ sV [nb, D]
+        gemm<acc_t>(false, false, G, D, nb, acc_t(1), sP.data(), nb, sV.data(), D, acc_t(1),
+                    sOs.data(), D);
       }
-      // sOs [G, D] = sP [G, n] @ sV [n, D]
-      gemm<acc_t>(false, false, G, D, n, acc_t(1), sP.data(), n, sV.data(), D, acc_t(0),
-                  sOs.data(), D);
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t inv_l = acc_t(1) / rows[g].l;  // l >= 1: the row max contributes exp(0)
+        for (int i = 0; i < D; ++i) sOs[g * D + i] *= inv_l;
+      }
 
       // ---- 1. state update: S += phi(k_old) (outer) v_old (rank 1, rows of D contiguous).
       if (evict) {
