@@ -90,7 +90,8 @@ void decode_impl(const DecodeParams& p) {
       T* vc_new = gVc + ((b * W1 + slot) * Hkv + hk) * D;
       acc_t* S = gS + (b * Hkv + hk) * D2 * D;  // [2D, D]
 
-      // ---- 1. evicted token (position pos - W1) -> phi(k_old), v_old; added in the sweep below.
+      // ---- 1. evicted token (position pos - W1) -> phi(k_old), v_old, read before step 2
+      // overwrites its slot; added to the state after the SWA part below.
       const bool evict = pos >= W1;
       if (evict) {
         load_row(kc_new, sKold.data(), D);
@@ -114,8 +115,8 @@ void decode_impl(const DecodeParams& p) {
       }
 
       // ---- 3a. SWA over positions s0 .. pos (n keys), each key rotated at its own position,
-      // in blocks of kBlockN keys with the online softmax (flash-decoding order, as on the
-      // GPU): the block's scratch (transposed keys sKt [D, kBlockN], values sV [kBlockN, D])
+      // in blocks of kBlockN keys with the online softmax (flash-decoding order): the block's
+      // scratch (transposed keys sKt [D, kBlockN], values sV [kBlockN, D])
       // stays in L1/L2 however long the window. sKt is transposed so both products are
       // row-major gemms whose inner loops run over contiguous, independent outputs.
       const int64_t s0 = pos - W1 + 1 > 0 ? pos - W1 + 1 : 0;
