@@ -54,6 +54,9 @@ GRID = [
     (1, 1025, 8, 1, 32, 5, False, "contiguous"),
     (1, 1025, 2, 2, 64, 1025, True, "contiguous"),
     (1, 1025, 8, 1, 32, 200, True, "strided"),
+    # enough (b, kv head, key chunk) tasks for the single-pass backward (chunked dQ buffers),
+    # with the window reaching across chunk boundaries
+    (2, 1025, 4, 2, 32, 300, True, "perm"),
 ]
 
 
@@ -68,7 +71,8 @@ def test_float64_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", GRID[1::2] + [(2, 200, 4, 2, 128, 70, True, "perm"),
-                                              (1, 70, 16, 1, 32, 10, False, "contiguous")],
+                                              (1, 70, 16, 1, 32, 10, False, "contiguous"),
+                                              (2, 1025, 2, 2, 64, 100, False, "contiguous")],
                          ids=lambda c: "-".join(map(str, c)))
 def test_float32_matches_reference(case):
     B, T, Hq, Hkv, D, w, rot, layout = case
@@ -143,16 +147,19 @@ def test_ops_direct_with_grad_lse_float64():
             assert a.is_contiguous() and rel_err(a, b) < 1e-10
 
 
-def test_deterministic_across_thread_counts():
-    q, k, v = make_qkv(1, 300, 4, 1, 32, torch.float32, seed=5)
-    go = torch.randn(1, 300, 4, 32)
+@pytest.mark.parametrize("shape", [(1, 300, 4, 1, 70), (2, 600, 4, 2, 70)],
+                         ids=["two-pass-bwd", "single-pass-bwd"])
+def test_deterministic_across_thread_counts(shape):
+    B, T, Hq, Hkv, w = shape
+    q, k, v = make_qkv(B, T, Hq, Hkv, 32, torch.float32, seed=5)
+    go = torch.randn(B, T, Hq, 32)
     n = torch.get_num_threads()
     res = []
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            out, lse = ops.swa_fwd(q, k, v, 70, 0.2, None, None)
-            res.append((out, lse, *ops.swa_bwd(go, lse, q, k, v, out, lse, 70, 0.2, None, None,
+            out, lse = ops.swa_fwd(q, k, v, w, 0.2, None, None)
+            res.append((out, lse, *ops.swa_bwd(go, lse, q, k, v, out, lse, w, 0.2, None, None,
                                                True)))
     finally:
         torch.set_num_threads(n)
@@ -226,3 +233,12 @@ def test_portable_gemm_path_matches_reference():
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("B,T", [(1, 0), (0, 5)])
+def test_empty_inputs(B, T):
+    q, k, v = (torch.randn(B, T, H, 16, requires_grad=True) for H in (4, 2, 2))
+    o, lse = rattention_ext.sliding_window_attention(q, k, v, window_size=3, return_lse=True)
+    assert o.shape == q.shape and lse.shape == (B, 4, T)
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]

@@ -19,6 +19,8 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
               int64_t ldc);
 float row_max(const float* x, int64_t n);
 float exp_sub_sum(float* x, int64_t n, float sub);
+void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow<float>* st,
+                  float* O, int64_t ldo, int64_t D);
 }  // namespace avx512
 
 namespace {
@@ -96,6 +98,12 @@ float exp_sub_sum(float* x, int64_t n, float sub) {
     s += x[j];
   }
   return s;
+}
+
+void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow<float>* st,
+                  float* O, int64_t ldo, int64_t D) {
+  if (use_avx512()) return avx512::softmax_tile(S, lds, R, bn, st, O, ldo, D);
+  softmax_tile_generic<float>(S, lds, R, bn, st, O, ldo, D);
 }
 
 }  // namespace rattention::cpu

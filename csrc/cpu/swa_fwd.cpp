@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "../core/online_softmax.h"
@@ -49,15 +50,28 @@ void swa_fwd_impl(const SwaFwdParams& p) {
   const int64_t n_mtiles = ceil_div(T_len, kBlockM);
   const int64_t n_items = B * Hkv * n_mtiles;
   const acc_t kNegInf = neg_inf<acc_t>();
+  constexpr bool kAccInPlace = std::is_same_v<T, acc_t>;  // storage already acc type
 
-  parallel_for(n_items, 1, [&](int64_t item_begin, int64_t item_end) {
-    // Per-thread scratch (one chunk of tasks per thread), sized for full tiles.
-    const int64_t rows_max = G * kBlockM;
-    std::vector<acc_t> sQ(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
-    std::vector<acc_t> sS(rows_max * kBlockN), accO(rows_max * D);
-    std::vector<OnlineSoftmaxRow<acc_t>> st(rows_max);
-
-    for (int64_t item = item_begin; item < item_end; ++item) {
+  struct Scratch {
+    std::vector<acc_t> sQ, sK, sV, sS, accO;
+    std::vector<OnlineSoftmaxRow<acc_t>> st;
+  };
+  const int64_t rows_max = G * kBlockM;
+  auto make_scratch = [&] {
+    // Per-thread scratch, sized for full tiles.
+    return Scratch{std::vector<acc_t>(rows_max * D), std::vector<acc_t>(kBlockN * D),
+                   std::vector<acc_t>(kBlockN * D), std::vector<acc_t>(rows_max * kBlockN),
+                   std::vector<acc_t>(rows_max * D),
+                   std::vector<OnlineSoftmaxRow<acc_t>>(rows_max)};
+  };
+  parallel_items(n_items, make_scratch, [&](int64_t item, Scratch& sc) {
+    auto& sQ = sc.sQ;
+    auto& sK = sc.sK;
+    auto& sV = sc.sV;
+    auto& sS = sc.sS;
+    auto& accO = sc.accO;
+    auto& st = sc.st;
+    {  // one (b, kv head, query tile) task
       const int64_t mt = item % n_mtiles;
       const int64_t hkv = (item / n_mtiles) % Hkv;
       const int64_t b = item / (n_mtiles * Hkv);
@@ -75,33 +89,36 @@ void swa_fwd_impl(const SwaFwdParams& p) {
       for (int64_t n = kr.begin; n < kr.end; ++n) {
         const int64_t n0 = n * kBlockN;
         const int64_t bn = imin(kBlockN, T_len - n0);
-        pack_rows<T, acc_t>(k, p.k_stride, b, hkv, n0, bn, D, cos, sin, sK.data());
-        pack_rows<T, acc_t>(v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV.data());
+        // K', V tiles [bn, D]: read in place when they already are acc-type rows with unit
+        // stride over D (no rotary, no conversion); packed otherwise.
+        const acc_t *gK = sK.data(), *gV = sV.data();
+        int64_t ldk = D, ldv = D;
+        if (kAccInPlace && cos == nullptr && p.k_stride.d == 1) {
+          gK = reinterpret_cast<const acc_t*>(k + b * p.k_stride.b + hkv * p.k_stride.h +
+                                              n0 * p.k_stride.t);
+          ldk = p.k_stride.t;
+        } else {
+          pack_rows<T, acc_t>(k, p.k_stride, b, hkv, n0, bn, D, cos, sin, sK.data());
+        }
+        if (kAccInPlace && p.v_stride.d == 1) {
+          gV = reinterpret_cast<const acc_t*>(v + b * p.v_stride.b + hkv * p.v_stride.h +
+                                              n0 * p.v_stride.t);
+          ldv = p.v_stride.t;
+        } else {
+          pack_rows<T, acc_t>(v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV.data());
+        }
         // sS = scale * sQ @ sK^T   [R, bn]
-        gemm<acc_t>(false, true, R, bn, D, scale, sQ.data(), D, sK.data(), D, acc_t(0),
+        gemm<acc_t>(false, true, R, bn, D, scale, sQ.data(), D, gK, ldk, acc_t(0),
                     sS.data(), kBlockN);
         const bool need_mask = swa_tile_needs_mask(mt, n, kBlockM, kBlockN, T_len, w);
-        for (int64_t r = 0; r < R; ++r) {
-          acc_t* srow = sS.data() + r * kBlockN;
-          const int64_t t = m0 + r % bm;
-          if (need_mask) {
-            for (int64_t j = 0; j < bn; ++j)
-              if (!swa_visible(t, n0 + j, w)) srow[j] = kNegInf;
-          }
-          const acc_t factor = online_softmax_rescale(st[r], row_max(srow, bn));
-          if (st[r].m == kNegInf) {
-            // No visible key yet for this row: p = 0 (avoids -inf - -inf).
-            for (int64_t j = 0; j < bn; ++j) srow[j] = acc_t(0);
-          } else {
-            st[r].l += exp_sub_sum(srow, bn, st[r].m);
-          }
-          if (factor != acc_t(1)) {
-            acc_t* orow = accO.data() + r * D;
-            for (int64_t i = 0; i < D; ++i) orow[i] *= factor;
-          }
+        if (need_mask) {
+          for (int64_t r = 0; r < R; ++r)
+            mask_row(sS.data() + r * kBlockN, m0 + r % bm, n0, bn, w);
         }
+        // online softmax: sS <- P, running max/sum per row, accO rows rescaled
+        softmax_tile(sS.data(), kBlockN, R, bn, st.data(), accO.data(), D, D);
         // accO += P @ sV   [R, D]
-        gemm<acc_t>(false, false, R, D, bn, acc_t(1), sS.data(), kBlockN, sV.data(), D,
+        gemm<acc_t>(false, false, R, D, bn, acc_t(1), sS.data(), kBlockN, gV, ldv,
                     acc_t(1), accO.data(), D);
       }
 
