@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -33,8 +34,9 @@ def _status_kb(field: str) -> int:
     raise OSError(field)
 
 
-def _cpu_peak_mb(fn) -> float:
-    """Peak resident-set growth during one call of fn(1), after a warm-up call fn(0).
+def _cpu_peak_mb(fn):
+    """(peak resident-set growth during one call of fn(1) after a warm-up call fn(0) in MB,
+    the wall time of that call: it counts as the first timed sample).
 
     Linux: reset the high-water mark (/proc/self/clear_refs "5"), then VmHWM - VmRSS. The
     warm-up call keeps one-time allocations (thread pools, library init) out of the number.
@@ -44,13 +46,17 @@ def _cpu_peak_mb(fn) -> float:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS")
+        t0 = time.perf_counter()
         fn(1)
-        return max(0, _status_kb("VmHWM") - base) / 1024
+        t = time.perf_counter() - t0
+        return max(0, _status_kb("VmHWM") - base) / 1024, t
     except OSError:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fn(0)
+        t0 = time.perf_counter()
         fn(1)
-        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        t = time.perf_counter() - t0
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, t
 
 
 def _sync(device: str):
@@ -88,7 +94,7 @@ def run_group(case: Case, backends: List[str], timing: Dict) -> List[Dict]:
     backend in turn, CUDA events, inputs rotated past L2."""
     dev = torch.device(case.device)
     rows = {be: _base_row(case, be) for be in backends}
-    fns = {}
+    fns, first = {}, {}
     for be in backends:
         b = BACKENDS[be]
         why = b.available(case.device)
@@ -109,7 +115,7 @@ def run_group(case: Case, backends: List[str], timing: Dict) -> List[Dict]:
                                             reps=timing.get("reps", 50),
                                             profile_range=timing.get("profile_range", False)))
             else:
-                rows[be]["peak_mb"] = _cpu_peak_mb(fn)  # two calls: they are the warm-up
+                rows[be]["peak_mb"], first[be] = _cpu_peak_mb(fn)  # warm-up + first sample
                 fns[be] = fn
         except Unsupported as e:
             rows[be]["status"] = f"skipped: {e}"
@@ -120,7 +126,8 @@ def run_group(case: Case, backends: List[str], timing: Dict) -> List[Dict]:
             ts = time_cpu_interleaved(fns, warmup=max(0, timing.get("warmup", 1) - 2),
                                       min_reps=timing.get("min_reps", 3),
                                       max_reps=timing.get("max_reps", 20),
-                                      budget_s=timing.get("budget_s", 3.0))
+                                      budget_s=timing.get("budget_s", 3.0),
+                                      initial={be: [first[be]] for be in fns})
             for be, t in ts.items():
                 _finish(rows[be], t)
         except Exception as e:  # noqa: BLE001

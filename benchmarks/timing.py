@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -78,17 +78,19 @@ def time_cuda(fn: Callable[[int], object], *, warmup: int = 5, reps: int = 50,
 
 def time_cpu_interleaved(fns: Dict[str, Callable[[int], object]], *, warmup: int = 0,
                          min_reps: int = 3, max_reps: int = 20,
-                         budget_s: float = 5.0) -> Dict[str, Dict[str, float]]:
+                         budget_s: float = 5.0,
+                         initial: Optional[Dict[str, List[float]]] = None) -> Dict[str, Dict[str, float]]:
     """Wall-clock medians of several implementations timed in alternating rounds (ABBA...),
     so that load from other processes on a shared machine hits all of them alike and their
-    ratio stays meaningful."""
+    ratio stays meaningful. `initial`: samples already taken (after warm-up) per name."""
     names = list(fns)
     for i in range(warmup):
         for n in names:
             fns[n](i)
-    times: Dict[str, List[float]] = {n: [] for n in names}
+    times: Dict[str, List[float]] = {n: list((initial or {}).get(n, [])) for n in names}
     start = time.perf_counter()
-    for i in range(max_reps):
+    done = min(len(t) for t in times.values())
+    for i in range(done, max_reps):
         for n in (names if i % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             fns[n](i)

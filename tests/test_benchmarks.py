@@ -81,5 +81,9 @@ def test_cpu_driver_end_to_end(tmp_path):
     data = json.loads(js[0].read_text())
     rows = [x for x in data["results"] if x["backend"] == "torch" and x["status"] == "ok"]
     assert rows and all(x["median_s"] > 0 and x["gflops"] > 0 for x in rows)
+    # our rows either ran or name the kernel that has not landed yet; nothing else fails
+    for x in data["results"]:
+        if x["backend"] == "ours":
+            assert x["status"] == "ok" or "not built yet" in x["status"], x
     assert data["ceilings"]["matmul"]["flops_per_s"] > 0
     assert (tmp_path / "latest_cpu.md").read_text().count("|") > 10
