@@ -101,7 +101,9 @@ def plan(args):
         per_op = {"fwd_bwd": ["ours", "torch"], "swa_fwd": ["ours"]}
     else:
         ops = args.ops or list(OPS)
-        per_op = {}
+        # the peers other than plain PyTorch are CUDA-only: leave them out of CPU runs
+        default = list(BACKENDS) if args.device == "cuda" else ["ours", "torch"]
+        per_op = {op: default for op in OPS}
     jobs = []
     for D in Ds:
         for op in ops:
