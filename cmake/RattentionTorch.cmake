@@ -43,6 +43,10 @@ else()
                PATHS ${_ratt_nvidia_libdirs})
 endif()
 find_package(Torch REQUIRED)
+# TorchConfig appends -gencode flags for torch's own architecture list (TORCH_CUDA_ARCH_LIST,
+# else every arch torch supports, e.g. sm_50 that CUDA 13 rejects) to CMAKE_CUDA_FLAGS. Our
+# architectures are RATTENTION_CUDA_ARCHS alone (the target's CUDA_ARCHITECTURES).
+string(REGEX REPLACE "-gencode[ =]+arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
 
 find_library(RATTENTION_TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib"
              NO_DEFAULT_PATH REQUIRED)
