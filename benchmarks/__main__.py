@@ -98,7 +98,7 @@ def plan(args):
         Ds, w = args.D or [64, 128], args.w
     if args.cpu_quick or args.smoke:
         ops = args.ops or ["fwd_bwd", "swa_fwd"]
-        per_op = {"fwd_bwd": ["ours", "torch"], "swa_fwd": ["ours"]}
+        per_op = {"fwd_bwd": ["ours", "torch"], "swa_fwd": ["ours", "torch"]}
     else:
         ops = args.ops or list(OPS)
         # the peers other than plain PyTorch are CUDA-only: leave them out of CPU runs

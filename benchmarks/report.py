@@ -112,7 +112,7 @@ def quick_table(data: Dict) -> str:
     idx = index(rows)
     c = data["config"]
     lines = [
-        f"RAttention forward+backward on CPU, B={c['B']}, Hq={c['Hq']}, Hkv={c['Hkv']}, "
+        f"RAttention forward+backward (and SWA forward alone) on CPU, B={c['B']}, Hq={c['Hq']}, Hkv={c['Hkv']}, "
         f"w={c['w']}, {c['dtype']}, feature map {c['feature_map']}.  ",
         f"Machine: {stamp(meta)}.  ",
         f"Ceilings measured in this run: matmul {mm:.1f} GFLOP/s ({c['dtype']}, "
@@ -124,25 +124,28 @@ def quick_table(data: Dict) -> str:
         "in a fresh process per case.",
         "",
         "| D | T | ours fwd+bwd ms | PyTorch fwd+bwd ms | speed-up | ours GFLOP/s | PyTorch GFLOP/s "
-        "| ours peak MB | PyTorch peak MB | ours SWA fwd GFLOP/s (% of matmul) | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours peak MB | PyTorch peak MB | ours SWA fwd GFLOP/s (% of matmul) "
+        "| SWA fwd speed-up vs PyTorch SDPA | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["D"], r["T"]) for r in rows if r["op"] == "fwd_bwd"})
     for D, T in keys:
         k = ("fwd_bwd", c["B"], c["Hq"], c["Hkv"], D, c["w"], c["dtype"], T)
         o, p = idx.get(k + ("ours",)), idx.get(k + ("torch",))
         s = idx.get(("swa_fwd",) + k[1:] + ("ours",))
+        sp_ = idx.get(("swa_fwd",) + k[1:] + ("torch",))
         sp = f"{p['median_s'] / o['median_s']:.2f}x" if _ok(o) and _ok(p) else "-"
+        swa_sp = f"{sp_['median_s'] / s['median_s']:.2f}x" if _ok(s) and _ok(sp_) else "-"
         swa = (f"{s['gflops']:.1f} ({100 * s['gflops'] / mm:.0f}%)" if _ok(s) else "-")
         notes = []
-        for name, r in (("ours", o), ("PyTorch", p), ("ours SWA", s)):
+        for name, r in (("ours", o), ("PyTorch", p), ("ours SWA", s), ("PyTorch SWA", sp_)):
             if r and not _ok(r):
                 notes.append(f"{name}: {r['status']}")
         lines.append(
             f"| {D} | {T} | {_ms(o)} | {_ms(p)} | {sp} | {_fmt(o.get('gflops') if _ok(o) else None)} "
             f"| {_fmt(p.get('gflops') if _ok(p) else None)} "
             f"| {_fmt(o.get('peak_mb') if _ok(o) else None, 0)} "
-            f"| {_fmt(p.get('peak_mb') if _ok(p) else None, 0)} | {swa} | {'; '.join(notes)} |")
+            f"| {_fmt(p.get('peak_mb') if _ok(p) else None, 0)} | {swa} | {swa_sp} | {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +217,8 @@ def plot(data: Dict, path: Path) -> Optional[Path]:
         if sp:
             ax_s.legend(fontsize=8)
         else:
+            ax_s.set_xscale("linear")
+            ax_s.set_xticks([])
             ax_s.text(0.5, 0.5, "no peer measured", ha="center", va="center", transform=ax_s.transAxes)
     fig.suptitle(stamp(data["meta"]), fontsize=8)
     fig.tight_layout()
