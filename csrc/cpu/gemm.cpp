@@ -2,7 +2,11 @@
 // the ISA-specific files when present).
 #include "gemm.h"
 
+#include <cmath>
+#include <limits>
 #include <vector>
+
+#include "tile_io.h"
 
 namespace rattention::cpu {
 
@@ -36,5 +40,21 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
                           const float*, int64_t, float, float*, int64_t);
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
                            const double*, int64_t, double, double*, int64_t);
+
+// ---- online-softmax row primitives (portable) -------------------------------------------
+float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+float exp_sub_sum(float* x, int64_t n, float sub) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    s += x[j];
+  }
+  return s;
+}
 
 }  // namespace rattention::cpu

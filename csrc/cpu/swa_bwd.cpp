@@ -1,0 +1,220 @@
+// Sliding-window softmax attention, backward, CPU (flash-attention-2 math).
+//
+//   P  = exp(scale * Q'K'^T - lse)         recomputed per tile from the saved lse
+//   dV = P^T dO,  dP = dO V^T,  Di = rowsum(dO * O) - grad_lse
+//   dS = P * (dP - Di),  dQ' = scale * dS K',  dK' = scale * dS^T Q'
+//   dQ = rope^-1(dQ'), dK = rope^-1(dK')   (rotary is a rotation: its adjoint is the inverse)
+//
+// Deterministic by construction, no atomics, two passes:
+//   pass 1: one task per (batch, kv head, key tile) owns dK, dV of that tile and loops over
+//           the query tiles that see it, with the G query heads of the group stacked as rows
+//           (so the GQA sum over the group is part of the GEMM's reduction);
+//   pass 2: one task per (batch, kv head, query tile) owns dQ of the G stacked heads and
+//           loops over the key tiles of the window.
+// Tile shapes (acc type, ld in brackets):
+//   sQ, sdO [G*bm, D] (D)   sK, sV [bn, D] (D)   sP, sdS [G*bm, bn] (kBlockN)
+//   accK, accV [bn, D] (D)  accQ [G*bm, D] (D)
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "../core/online_softmax.h"
+#include "../core/window.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "parallel.h"
+#include "tile_io.h"
+
+namespace rattention::cpu {
+namespace {
+
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+
+template <typename T>
+struct BwdCtx {
+  using acc_t = typename AccType<T>::type;
+  const SwaBwdParams& p;
+  int64_t B, T_len, Hq, Hkv, D, G, w;
+  acc_t scale;
+  const T *q, *k, *v;
+  const acc_t *go, *lse, *cos, *sin;
+  const acc_t* Di;  // [B, Hq, T]
+
+  // Pack the G stacked query tiles (rows r = g*bm + i): Q' and dO, plus lse and Di per row.
+  void pack_query_block(int64_t b, int64_t hkv, int64_t m0, int64_t bm, acc_t* sQ, acc_t* sdO,
+                        acc_t* rlse, acc_t* rDi) const {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hq = hkv * G + g;
+      pack_rows<T, acc_t>(q, p.q_stride, b, hq, m0, bm, D, cos, sin, sQ + g * bm * D);
+      pack_rows<acc_t, acc_t>(go, p.grad_out_stride, b, hq, m0, bm, D, nullptr, nullptr,
+                              sdO + g * bm * D);
+      for (int64_t i = 0; i < bm; ++i) {
+        rlse[g * bm + i] = lse[(b * Hq + hq) * T_len + m0 + i];
+        rDi[g * bm + i] = Di[(b * Hq + hq) * T_len + m0 + i];
+      }
+    }
+  }
+
+  // Given packed Q' [R, D], K' [bn, D], V [bn, D], dO [R, D]: sP = P, sdS = dS (scaled by
+  // nothing: callers fold `scale` into the dQ/dK products).
+  void probs_and_dscores(int64_t mt, int64_t n, int64_t m0, int64_t bm, int64_t n0, int64_t bn,
+                         const acc_t* sQ, const acc_t* sK, const acc_t* sV, const acc_t* sdO,
+                         const acc_t* rlse, const acc_t* rDi, acc_t* sP, acc_t* sdS) const {
+    const int64_t R = G * bm;
+    gemm<acc_t>(false, true, R, bn, D, scale, sQ, D, sK, D, acc_t(0), sP, kBlockN);
+    const bool need_mask = swa_tile_needs_mask(mt, n, kBlockM, kBlockN, T_len, w);
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t* prow = sP + r * kBlockN;
+      if (need_mask) {
+        const int64_t t = m0 + r % bm;
+        for (int64_t j = 0; j < bn; ++j)
+          if (!swa_visible(t, n0 + j, w)) prow[j] = neg_inf<acc_t>();
+      }
+      exp_sub_sum(prow, bn, rlse[r]);
+    }
+    // dP = dO @ V^T   [R, bn]
+    gemm<acc_t>(false, true, R, bn, D, acc_t(1), sdO, D, sV, D, acc_t(0), sdS, kBlockN);
+    for (int64_t r = 0; r < R; ++r) {
+      const acc_t* prow = sP + r * kBlockN;
+      acc_t* drow = sdS + r * kBlockN;
+      const acc_t di = rDi[r];
+      for (int64_t j = 0; j < bn; ++j) drow[j] = prow[j] * (drow[j] - di);
+    }
+  }
+};
+
+template <typename T>
+void swa_bwd_impl(const SwaBwdParams& p) {
+  using acc_t = typename AccType<T>::type;
+  const AttnDims& d = p.dims;
+  BwdCtx<T> c{p};
+  c.B = d.batch;
+  c.T_len = d.seqlen;
+  c.Hq = d.heads_q;
+  c.Hkv = d.heads_kv;
+  c.D = d.head_dim;
+  c.G = d.group();
+  c.w = p.window_size;
+  c.scale = static_cast<acc_t>(p.softmax_scale);
+  c.q = static_cast<const T*>(p.q);
+  c.k = static_cast<const T*>(p.k);
+  c.v = static_cast<const T*>(p.v);
+  c.go = static_cast<const acc_t*>(p.grad_out);
+  c.lse = static_cast<const acc_t*>(p.lse);
+  c.cos = static_cast<const acc_t*>(p.rotary_cos);
+  c.sin = static_cast<const acc_t*>(p.rotary_sin);
+  const int64_t B = c.B, T_len = c.T_len, Hq = c.Hq, Hkv = c.Hkv, D = c.D, G = c.G;
+  const auto* out = static_cast<const acc_t*>(p.out);
+  const auto* glse = static_cast<const acc_t*>(p.grad_lse);
+  auto* dq = static_cast<T*>(p.grad_q);
+  auto* dk = static_cast<T*>(p.grad_k);
+  auto* dv = static_cast<T*>(p.grad_v);
+
+  // Pass 0: Di[b, h, t] = <dO, O> - grad_lse  (O(T) per head: no T x T anything).
+  std::vector<acc_t> Di(static_cast<size_t>(B * Hq * T_len));
+  c.Di = Di.data();
+  parallel_for(B * Hq * T_len, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r % T_len, hq = (r / T_len) % Hq, b = r / (T_len * Hq);
+      const acc_t* orow = out + b * p.out_stride.b + t * p.out_stride.t + hq * p.out_stride.h;
+      const acc_t* grow =
+          c.go + b * p.grad_out_stride.b + t * p.grad_out_stride.t + hq * p.grad_out_stride.h;
+      acc_t s = 0;
+      for (int64_t i = 0; i < D; ++i) s += orow[i * p.out_stride.d] * grow[i * p.grad_out_stride.d];
+      Di[r] = s - (glse != nullptr ? glse[r] : acc_t(0));
+    }
+  });
+
+  const int64_t n_mtiles = ceil_div(T_len, kBlockM);
+  const int64_t n_ntiles = ceil_div(T_len, kBlockN);
+  const int64_t rows_max = G * kBlockM;
+  const int64_t half = D / 2;
+
+  // Pass 1: dK, dV per (b, kv head, key tile).
+  parallel_for(B * Hkv * n_ntiles, 1, [&](int64_t it0, int64_t it1) {
+    std::vector<acc_t> sQ(rows_max * D), sdO(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
+    std::vector<acc_t> sP(rows_max * kBlockN), sdS(rows_max * kBlockN);
+    std::vector<acc_t> accK(kBlockN * D), accV(kBlockN * D), rlse(rows_max), rDi(rows_max);
+    for (int64_t item = it0; item < it1; ++item) {
+      const int64_t n = item % n_ntiles;
+      const int64_t hkv = (item / n_ntiles) % Hkv;
+      const int64_t b = item / (n_ntiles * Hkv);
+      const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+      pack_rows<T, acc_t>(c.k, p.k_stride, b, hkv, n0, bn, D, c.cos, c.sin, sK.data());
+      pack_rows<T, acc_t>(c.v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV.data());
+      std::fill(accK.begin(), accK.end(), acc_t(0));
+      std::fill(accV.begin(), accV.end(), acc_t(0));
+      const TileRange qr = swa_query_tiles_for_key_tile(n, kBlockM, kBlockN, T_len, c.w);
+      for (int64_t mt = qr.begin; mt < qr.end; ++mt) {
+        const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
+        c.pack_query_block(b, hkv, m0, bm, sQ.data(), sdO.data(), rlse.data(), rDi.data());
+        c.probs_and_dscores(mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sV.data(), sdO.data(),
+                            rlse.data(), rDi.data(), sP.data(), sdS.data());
+        // accV += P^T dO   [bn, D];   accK += scale * dS^T Q'   [bn, D]
+        gemm<acc_t>(true, false, bn, D, R, acc_t(1), sP.data(), kBlockN, sdO.data(), D,
+                    acc_t(1), accV.data(), D);
+        gemm<acc_t>(true, false, bn, D, R, c.scale, sdS.data(), kBlockN, sQ.data(), D,
+                    acc_t(1), accK.data(), D);
+      }
+      for (int64_t j = 0; j < bn; ++j) {
+        const int64_t t = n0 + j;
+        acc_t* krow = accK.data() + j * D;
+        if (c.cos != nullptr)
+          rotary_apply<acc_t>(krow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
+                              /*inverse=*/true);
+        const int64_t off = ((b * T_len + t) * Hkv + hkv) * D;
+        store_row<T, acc_t>(krow, dk + off, D);
+        store_row<T, acc_t>(accV.data() + j * D, dv + off, D);
+      }
+    }
+  });
+
+  // Pass 2: dQ per (b, kv head, query tile), G heads stacked.
+  parallel_for(B * Hkv * n_mtiles, 1, [&](int64_t it0, int64_t it1) {
+    std::vector<acc_t> sQ(rows_max * D), sdO(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
+    std::vector<acc_t> sP(rows_max * kBlockN), sdS(rows_max * kBlockN);
+    std::vector<acc_t> accQ(rows_max * D), rlse(rows_max), rDi(rows_max);
+    for (int64_t item = it0; item < it1; ++item) {
+      const int64_t mt = item % n_mtiles;
+      const int64_t hkv = (item / n_mtiles) % Hkv;
+      const int64_t b = item / (n_mtiles * Hkv);
+      const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
+      c.pack_query_block(b, hkv, m0, bm, sQ.data(), sdO.data(), rlse.data(), rDi.data());
+      std::fill(accQ.begin(), accQ.begin() + R * D, acc_t(0));
+      const TileRange kr = swa_key_tiles_for_query_tile(mt, kBlockM, kBlockN, T_len, c.w);
+      for (int64_t n = kr.begin; n < kr.end; ++n) {
+        const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+        pack_rows<T, acc_t>(c.k, p.k_stride, b, hkv, n0, bn, D, c.cos, c.sin, sK.data());
+        pack_rows<T, acc_t>(c.v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV.data());
+        c.probs_and_dscores(mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sV.data(), sdO.data(),
+                            rlse.data(), rDi.data(), sP.data(), sdS.data());
+        // accQ += scale * dS @ K'   [R, D]
+        gemm<acc_t>(false, false, R, D, bn, c.scale, sdS.data(), kBlockN, sK.data(), D,
+                    acc_t(1), accQ.data(), D);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / bm, t = m0 + r % bm, hq = hkv * G + g;
+        acc_t* qrow = accQ.data() + r * D;
+        if (c.cos != nullptr)
+          rotary_apply<acc_t>(qrow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
+                              /*inverse=*/true);
+        store_row<T, acc_t>(qrow, dq + ((b * T_len + t) * Hq + hq) * D, D);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void swa_bwd(const SwaBwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return swa_bwd_impl<float>(p);
+    case DType::kFloat64: return swa_bwd_impl<double>(p);
+    case DType::kBFloat16: return swa_bwd_impl<bf16_t>(p);
+    default: throw std::invalid_argument("swa_bwd: unsupported dtype (float32, float64, bfloat16)");
+  }
+}
+
+}  // namespace rattention::cpu

@@ -1,0 +1,68 @@
+// Tile load / convert / rotary helpers shared by the CPU attention kernels, plus the
+// vectorised row primitives of the online softmax (implemented in gemm.cpp, with an
+// AVX-512 path in gemm_avx512.cpp picked at run time).
+//
+// A "tile" here is a run of consecutive tokens of one head, packed into a contiguous
+// acc-type buffer [rows, D] (ld = D) so the per-tile products can go through cpu::gemm.
+// Packing converts the storage type once, applies rotary once, and hides the strides.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "../core/dtype.h"
+#include "../core/params.h"
+#include "../core/rotary.h"
+
+namespace rattention::cpu {
+
+// dst[0:D] = convert(src[0:D]) (src contiguous over D).
+template <typename T, typename acc_t>
+inline void load_row(const T* src, acc_t* dst, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<acc_t>(Convert<T>::load(src[i]));
+}
+
+// dst[0:D] = convert(src[0:D]) to the storage type T (rounding for bf16).
+template <typename T, typename acc_t>
+inline void store_row(const acc_t* src, T* dst, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) dst[i] = Convert<T>::store(src[i]);
+}
+
+// Pack rows t0 .. t0+n-1 of head h of a [B, T, H, D] tensor (strides st, batch b) into
+// dst [n, D] (ld = D), optionally rotating row i with rotary row t0 + i.
+template <typename T, typename acc_t>
+inline void pack_rows(const T* base, const Strides4& st, int64_t b, int64_t h, int64_t t0,
+                      int64_t n, int64_t D, const acc_t* cos, const acc_t* sin, acc_t* dst) {
+  const T* src = base + b * st.b + h * st.h + t0 * st.t;
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t* row = dst + i * D;
+    load_row<T, acc_t>(src + i * st.t, row, D);
+    if (cos != nullptr) {
+      const int64_t t = t0 + i;
+      rotary_apply<acc_t>(row, cos + t * (D / 2), sin + t * (D / 2), static_cast<int>(D),
+                          /*inverse=*/false);
+    }
+  }
+}
+
+// ---- online-softmax row primitives -----------------------------------------------------
+// max over x[0:n] (-inf for an all -inf row).
+float row_max(const float* x, int64_t n);
+// x[j] = exp(x[j] - sub) in place (exp(-inf) = 0); returns sum_j x[j]. `sub` is finite.
+float exp_sub_sum(float* x, int64_t n, float sub);
+
+inline double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+inline double exp_sub_sum(double* x, int64_t n, double sub) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    s += x[j];
+  }
+  return s;
+}
+
+}  // namespace rattention::cpu
