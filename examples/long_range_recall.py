@@ -69,7 +69,7 @@ class TaskConfig:
     num_values: int = 16
     num_fillers: int = 8          # filler vocabulary size
     filler_len: int = 20          # must exceed num_layers * window_size - 1 (checked)
-    fused_pairs: bool = True      # one token per key-value pair (see the module docstring)
+    fused_pairs: bool = False     # one token per key-value pair (see the module docstring)
 
     @property
     def vocab_size(self) -> int:
@@ -110,19 +110,21 @@ def make_batch(task: TaskConfig, batch: int, gen: torch.Generator):
     return tokens, mask, dist
 
 
-def evaluate(model, tokens, mask, chunk=256):
+def evaluate(model, tokens, mask, chunk=256, per_query=False):
+    """Accuracy of the answers (all of them outside the window); with ``per_query`` also
+    the accuracy by query index (1st, 2nd, ... query of the sequence)."""
     model.eval()
-    correct = total = 0
+    hits = []
     with torch.no_grad():
         for i in range(0, tokens.shape[0], chunk):
             t, m = tokens[i:i + chunk], mask[i:i + chunk]
             pred = model(t[:, :-1]).argmax(-1)
-            tgt = t[:, 1:]
             mm = m[:, :-1]
-            correct += (pred[mm] == tgt[mm]).sum().item()
-            total += mm.sum().item()
+            hits.append((pred[mm] == t[:, 1:][mm]).view(t.shape[0], -1).float())
     model.train()
-    return correct / total
+    hits = torch.cat(hits)                                   # [B, N] in query order
+    acc = hits.mean().item()
+    return (acc, [round(a, 4) for a in hits.mean(0).tolist()]) if per_query else acc
 
 
 def lr_at(step, steps, lr, warmup):
@@ -160,7 +162,8 @@ def train_one(name, model_cfg, task, args, eval_set):
             el = time.time() - t0
             print(f"  [{name:10s}] step {step + 1:5d}/{args.steps}  loss {loss.item():.4f}  "
                   f"held-out acc {acc:.3f}  ({el:.0f}s)", flush=True)
-    return dict(accuracy=curve_eval[-1][1], train_loss=curve_loss, eval_accuracy=curve_eval,
+    _, by_query = evaluate(model, ev_tok, ev_mask, per_query=True)
+    return dict(accuracy=curve_eval[-1][1], accuracy_by_query_index=by_query, train_loss=curve_loss, eval_accuracy=curve_eval,
                 params=model.num_parameters(), layers=model.layer_kinds,
                 seconds=round(time.time() - t0, 1))
 
@@ -254,8 +257,10 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--pattern", type=str, default=None,
                     help="layer pattern for swa/rattention (default all local 'L')")
-    ap.add_argument("--split-pairs", action="store_true",
-                    help="key and value as two tokens (needs a 2-layer induction circuit)")
+    ap.add_argument("--keys", type=int, default=16)
+    ap.add_argument("--values", type=int, default=16)
+    ap.add_argument("--fused-pairs", action="store_true",
+                    help="one token per key-value pair (a 1-layer task) instead of two tokens")
     ap.add_argument("--feature-map", type=str, default="softmax")
     ap.add_argument("--models", type=str, default="full,swa,rattention")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -272,8 +277,8 @@ def main(argv=None):
     w, L = args.window, args.layers
     # Every answer must sit beyond the stack's receptive field L * w: the first query is at
     # 2N + filler and the last value at 2N - 1, so the gap 1 + filler must exceed L * w.
-    task = TaskConfig(num_pairs=pairs, num_keys=2 * pairs, num_values=16,
-                      filler_len=L * w + 4, fused_pairs=not args.split_pairs)
+    task = TaskConfig(num_pairs=pairs, num_keys=args.keys, num_values=args.values,
+                      filler_len=L * w + 4, fused_pairs=args.fused_pairs)
     pattern = args.pattern or "L"
     base = dict(vocab_size=task.vocab_size, hidden_size=args.hidden, num_layers=L,
                 num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
@@ -319,7 +324,8 @@ def main(argv=None):
     )
     print("\nheld-out accuracy on answers outside the window:")
     for name in models:
-        print(f"  {name:10s} {result[name]:.4f}")
+        print(f"  {name:10s} {result[name]:.4f}   by query index: "
+              f"{' '.join(f'{a:.2f}' for a in curves[name]['accuracy_by_query_index'])}")
     print(f"  chance     {chance:.4f}   (total {result['total_seconds']:.0f}s)")
 
     out = args.out
