@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from ._C import build_info as _build_info
 from .api import forward, residual_linear_attention, sliding_window_attention
+from .decode import RAttentionCache, cache_bytes, decode_step, prefill
 from . import nn  # noqa: F401  (rattention_ext.nn.RAttention)
 
 __version__ = "0.1.0"
@@ -19,6 +20,10 @@ __all__ = [
     "forward",
     "sliding_window_attention",
     "residual_linear_attention",
+    "RAttentionCache",
+    "prefill",
+    "decode_step",
+    "cache_bytes",
     "build_info",
     "__version__",
 ]

@@ -193,7 +193,7 @@ class RAttention(nn.Module):
     @staticmethod
     def _next_positions(cache) -> int:
         # Largest position any sequence of the cache will reach after this call.
-        return int(cache.pos.max().item()) if cache.pos.numel() else 0
+        return int(cache.positions.max().item()) if cache.positions.numel() else 0
 
     def prefill(self, x: Tensor, cache, *, seq_lens: Optional[Tensor] = None) -> Tensor:
         """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill ``cache`` (in
