@@ -69,6 +69,7 @@ class TaskConfig:
     num_values: int = 16
     num_fillers: int = 8          # filler vocabulary size
     filler_len: int = 20          # must exceed num_layers * window_size - 1 (checked)
+    num_queries: int = 0          # keys queried per sequence (0: all of them)
     fused_pairs: bool = False     # one token per key-value pair (see the module docstring)
 
     @property
@@ -82,7 +83,11 @@ class TaskConfig:
 
     @property
     def seq_len(self) -> int:
-        return (self.pair_len + 2) * self.num_pairs + self.filler_len
+        return self.pair_len * self.num_pairs + self.filler_len + 2 * self.queries
+
+    @property
+    def queries(self) -> int:
+        return self.num_queries or self.num_pairs
 
 
 def make_batch(task: TaskConfig, batch: int, gen: torch.Generator):
@@ -92,20 +97,20 @@ def make_batch(task: TaskConfig, batch: int, gen: torch.Generator):
     keys = torch.argsort(torch.rand(batch, K, generator=gen), dim=1)[:, :N]        # distinct
     vals = K + torch.randint(0, V, (batch, N), generator=gen)                      # with repl.
     fill = K + V + torch.randint(0, task.num_fillers, (batch, task.filler_len), generator=gen)
-    order = torch.argsort(torch.rand(batch, N, generator=gen), dim=1)
+    order = torch.argsort(torch.rand(batch, N, generator=gen), dim=1)[:, :task.queries]
     qk = torch.gather(keys, 1, order)
     qv = torch.gather(vals, 1, order)
     if task.fused_pairs:
         pairs = K + V + task.num_fillers + keys * V + (vals - K)
     else:
         pairs = torch.stack([keys, vals], dim=2).reshape(batch, 2 * N)
-    queries = torch.stack([qk, qv], dim=2).reshape(batch, 2 * N)
+    queries = torch.stack([qk, qv], dim=2).reshape(batch, 2 * task.queries)
     tokens = torch.cat([pairs, fill, queries], dim=1)
     P = task.pair_len
     q0 = P * N + task.filler_len                      # position of the first query key
     mask = torch.zeros(batch, task.seq_len, dtype=torch.bool)
     mask[:, q0::2] = True                             # query key positions predict the answer
-    qpos = q0 + 2 * torch.arange(N)                   # [N]
+    qpos = q0 + 2 * torch.arange(task.queries)        # [Nq]
     dist = qpos[None, :] - (P * order + P - 1)        # query position - pair's (value) position
     return tokens, mask, dist
 
@@ -259,6 +264,7 @@ def main(argv=None):
                     help="layer pattern for swa/rattention (default all local 'L')")
     ap.add_argument("--keys", type=int, default=16)
     ap.add_argument("--values", type=int, default=16)
+    ap.add_argument("--queries", type=int, default=0, help="keys queried (default all)")
     ap.add_argument("--fused-pairs", action="store_true",
                     help="one token per key-value pair (a 1-layer task) instead of two tokens")
     ap.add_argument("--feature-map", type=str, default="softmax")
@@ -278,7 +284,8 @@ def main(argv=None):
     # Every answer must sit beyond the stack's receptive field L * w: the first query is at
     # 2N + filler and the last value at 2N - 1, so the gap 1 + filler must exceed L * w.
     task = TaskConfig(num_pairs=pairs, num_keys=args.keys, num_values=args.values,
-                      filler_len=L * w + 4, fused_pairs=args.fused_pairs)
+                      filler_len=L * w + 4, fused_pairs=args.fused_pairs,
+                      num_queries=args.queries)
     pattern = args.pattern or "L"
     base = dict(vocab_size=task.vocab_size, hidden_size=args.hidden, num_layers=L,
                 num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
