@@ -219,8 +219,9 @@ def markdown(result, cmd):
         f"Command: `{cmd}`",
         "",
         f"Task: {c['task']['num_pairs']} key-value pairs ({c['task']['num_keys']} keys, "
-        f"{c['task']['num_values']} values), {c['task']['filler_len']} filler tokens, then every "
-        f"key queried once; sequence length {c['task']['seq_len']}. Every answer lies "
+        f"{c['task']['num_values']} values), {c['task']['filler_len']} filler tokens, then "
+        f"{c['task']['num_queries'] or c['task']['num_pairs']} of the keys queried once each "
+        f"in random order; sequence length {c['task']['seq_len']}. Every answer lies "
         f"{result['min_distance']}..{result['max_distance']} tokens before its query, beyond the "
         f"{c['model']['num_layers']} x w = {c['model']['num_layers'] * c['model']['window_size']} "
         f"token receptive field of the sliding-window stack. Chance = {result['chance']:.4f}.",
@@ -230,15 +231,17 @@ def markdown(result, cmd):
         f"{c['train']['steps']} steps of batch {c['train']['batch_size']}, AdamW lr "
         f"{c['train']['lr']}, seed {c['train']['seed']}; {c['train']['eval_size']} held-out sequences.",
         "",
-        "| model | attention in every layer | params | held-out accuracy (answer outside window) | train time (s) |",
-        "|---|---|---|---|---|",
+        "| model | attention in every layer | params | held-out accuracy (answer outside window) | by query index (1st..last) | train time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     desc = {"full": "full causal softmax (SDPA)", "swa": "sliding-window softmax (SWA kernel)",
             "rattention": "RAttention: SWA + residual linear attention (kernels)"}
     for name in ("full", "swa", "rattention"):
         cv = result["curves"][name]
-        lines.append(f"| {name} | {desc[name]} | {cv['params']} | {result[name]:.4f} | {cv['seconds']} |")
-    lines.append("")
+        byq = " ".join(f"{a:.2f}" for a in cv["accuracy_by_query_index"])
+        lines.append(f"| {name} | {desc[name]} | {cv['params']} | {result[name]:.4f} | {byq} | "
+                     f"{cv['seconds']} |")
+    lines += ["", "![accuracy vs step](recall_full.png)", ""]
     return "\n".join(lines)
 
 
@@ -275,10 +278,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
-    args.steps = args.steps or (600 if q else 2000)
-    args.batch_size = args.batch_size or (32 if q else 64)
+    args.steps = args.steps or (500 if q else 1500)
+    args.batch_size = args.batch_size or 32
     args.eval_every = args.eval_every or (50 if q else 100)
-    args.eval_size = args.eval_size or (512 if q else 2048)
+    args.eval_size = args.eval_size or (512 if q else 1024)
     pairs = args.pairs or 8
     w, L = args.window, args.layers
     # Every answer must sit beyond the stack's receptive field L * w: the first query is at
