@@ -54,6 +54,9 @@ GRID = [
     (1, 1025, 8, 1, 32, 5, False, "contiguous"),
     (1, 1025, 2, 2, 64, 1025, True, "contiguous"),
     (1, 1025, 8, 1, 32, 200, True, "strided"),
+    # enough (b, kv head, key chunk) tasks for the single-pass backward (chunked dQ buffers),
+    # with the window reaching across chunk boundaries
+    (2, 1025, 4, 2, 32, 300, True, "perm"),
 ]
 
 
@@ -67,7 +70,9 @@ def test_float64_matches_reference(case):
         assert rel_err(a, b) < 1e-10, (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("case", GRID[1::2] + [(2, 200, 4, 2, 128, 70, True, "perm")],
+@pytest.mark.parametrize("case", GRID[1::2] + [(2, 200, 4, 2, 128, 70, True, "perm"),
+                                              (1, 70, 16, 1, 32, 10, False, "contiguous"),
+                                              (2, 1025, 2, 2, 64, 100, False, "contiguous")],
                          ids=lambda c: "-".join(map(str, c)))
 def test_float32_matches_reference(case):
     B, T, Hq, Hkv, D, w, rot, layout = case
@@ -142,16 +147,19 @@ def test_ops_direct_with_grad_lse_float64():
             assert a.is_contiguous() and rel_err(a, b) < 1e-10
 
 
-def test_deterministic_across_thread_counts():
-    q, k, v = make_qkv(1, 300, 4, 1, 32, torch.float32, seed=5)
-    go = torch.randn(1, 300, 4, 32)
+@pytest.mark.parametrize("shape", [(1, 300, 4, 1, 70), (2, 600, 4, 2, 70)],
+                         ids=["two-pass-bwd", "single-pass-bwd"])
+def test_deterministic_across_thread_counts(shape):
+    B, T, Hq, Hkv, w = shape
+    q, k, v = make_qkv(B, T, Hq, Hkv, 32, torch.float32, seed=5)
+    go = torch.randn(B, T, Hq, 32)
     n = torch.get_num_threads()
     res = []
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            out, lse = ops.swa_fwd(q, k, v, 70, 0.2, None, None)
-            res.append((out, lse, *ops.swa_bwd(go, lse, q, k, v, out, lse, 70, 0.2, None, None,
+            out, lse = ops.swa_fwd(q, k, v, w, 0.2, None, None)
+            res.append((out, lse, *ops.swa_bwd(go, lse, q, k, v, out, lse, w, 0.2, None, None,
                                                True)))
     finally:
         torch.set_num_threads(n)
@@ -197,3 +205,31 @@ def test_bad_inputs_name_the_argument():
         ops.swa_bwd(out, None, q, k, v, out, lse[:, :, :4], 2, 0.25, None, None, False)
     with pytest.raises(RuntimeError, match=r"grad_out must have dtype"):
         ops.swa_bwd(out.double(), None, q, k, v, out, lse, 2, 0.25, None, None, False)
+
+
+def test_portable_gemm_path_matches_reference():
+    """The portable (non-AVX-512) float path, forced with RATTENTION_CPU_ISA=portable in a
+    fresh process (the ISA choice is made once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, rattention_ext as R\n"
+        "from rattention_ext import reference as ref\n"
+        "from conftest import make_qkv, rel_err\n"
+        "q, k, v = make_qkv(1, 77, 4, 2, 32, torch.float32, seed=9)\n"
+        "ls = [x.requires_grad_() for x in (q, k, v)]\n"
+        "o = R.sliding_window_attention(*ls, window_size=20)\n"
+        "g = torch.autograd.grad(o.square().sum(), ls)\n"
+        "rl = [x.detach().double().requires_grad_() for x in (q, k, v)]\n"
+        "ro = ref.sliding_window_attention(*rl, window_size=20)\n"
+        "rg = torch.autograd.grad(ro.square().sum(), rl)\n"
+        "print(max(rel_err(a, b) for a, b in zip((o,) + g, (ro,) + rg)))\n")
+    env = dict(os.environ, RATTENTION_CPU_ISA="portable")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(rattention_ext.__path__[0]),
+                                         os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5

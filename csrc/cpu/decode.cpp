@@ -10,10 +10,10 @@
 //   pos[b] += 1 after every KV head of b is done.
 //
 // Work split: one task per (b, kv head). A task owns its cache rows and its state, so the
-// tasks write disjoint memory; the group's G query heads share the rotated keys (rotated
-// once per task) and a single pass over the state: the rank-1 update of step 1 and the G
-// reads of step 3 happen in the same sweep over the 2D x D state, which is what bounds a
-// decode step (it is memory-bound: the state is 2 D^2 floats per KV head, the ring 2 W1 D).
+// tasks write disjoint memory. The group's G query heads share the rotated keys (rotated
+// once per task) and every product is a [G x ...] gemm (cpu/gemm.h), so the ring and the
+// state are each read once per task, not once per query head: a decode step is
+// memory-bound (per KV head: the state, 2 D^2 acc values, read + written; the ring, 2 W1 D).
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -24,6 +24,7 @@
 #include "../core/online_softmax.h"
 #include "../core/rms_mix.h"
 #include "../core/rotary.h"
+#include "gemm.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -72,10 +73,11 @@ void decode_impl(const DecodeParams& p) {
 
   parallel_for(B * Hkv, 1, [&](int64_t task0, int64_t task1) {
     // Scratch per chunk of tasks (acc type):
-    //   sK [W1, D] rotated keys of the window, sV [W1, D] values, sP [W1] scores/probs,
+    //   sKt [D, W1] rotated keys of the window (transposed), sV [W1, D] values,
+    //   sP [G, W1] scores/probabilities,
     //   sQ [G, D] (rotated) queries, sPhiQ [G, 2D], sPhiK [2D], sOs/sOr [G, D] branch outputs.
-    std::vector<acc_t> sK(W1 * D), sV(W1 * D), sP(W1), sQ(G * D), sQraw(D), sPhiQ(G * D2),
-        sPhiK(D2), sKold(D), sVold(D), sOs(G * D), sOr(G * D);
+    std::vector<acc_t> sKt(W1 * D), sKrow(D), sV(W1 * D), sP(G * W1), sQ(G * D), sQraw(D),
+        sPhiQ(G * D2), sPhiK(D2), sKold(D), sVold(D), sOs(G * D), sOr(G * D);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
       const int64_t pos = p.pos[b];
@@ -108,59 +110,56 @@ void decode_impl(const DecodeParams& p) {
       }
 
       // ---- 3a. SWA over positions s0 .. pos (n keys), each key rotated at its own position.
+      // Keys go to scratch transposed (sKt [D, n]) so both products below are plain
+      // row-major gemms whose inner loops run over contiguous, independent outputs.
       const int64_t s0 = pos - W1 + 1 > 0 ? pos - W1 + 1 : 0;
       const int64_t n = pos - s0 + 1;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t s = s0 + j;
         const int64_t sl = s % W1;
-        acc_t* kr = sK.data() + j * D;
-        load_row(gKc + ((b * W1 + sl) * Hkv + hk) * D, kr, D);
+        load_row(gKc + ((b * W1 + sl) * Hkv + hk) * D, sKrow.data(), D);
         load_row(gVc + ((b * W1 + sl) * Hkv + hk) * D, sV.data() + j * D, D);
-        if (gCos != nullptr) rotary_apply(kr, gCos + s * d2, gSin + s * d2, D, false);
+        if (gCos != nullptr) rotary_apply(sKrow.data(), gCos + s * d2, gSin + s * d2, D, false);
+        for (int i = 0; i < D; ++i) sKt[i * n + j] = sKrow[i];
       }
+      // sP [G, n] = scale * sQ [G, D] @ sKt [D, n]
+      gemm<acc_t>(false, false, G, n, D, scale, sQ.data(), D, sKt.data(), n, acc_t(0), sP.data(), n);
       for (int64_t g = 0; g < G; ++g) {
-        const acc_t* q = sQ.data() + g * D;
+        acc_t* pr = sP.data() + g * n;
         acc_t mx = neg_inf<acc_t>();
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t* kr = sK.data() + j * D;
-          acc_t dot = 0;
-          for (int i = 0; i < D; ++i) dot += q[i] * kr[i];
-          sP[j] = dot * scale;
-          mx = sP[j] > mx ? sP[j] : mx;
-        }
+        for (int64_t j = 0; j < n; ++j) mx = pr[j] > mx ? pr[j] : mx;
         // All keys form one block of the shared online-softmax update (m = -inf -> block max).
         OnlineSoftmaxRow<acc_t> row{neg_inf<acc_t>(), acc_t(0)};
         online_softmax_rescale(row, mx);
-        acc_t* os = sOs.data() + g * D;
-        for (int i = 0; i < D; ++i) os[i] = 0;
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t pr = online_softmax_prob(row, sP[j]);
-          row.l += pr;
-          const acc_t* vr = sV.data() + j * D;
-          for (int i = 0; i < D; ++i) os[i] += pr * vr[i];
+          pr[j] = online_softmax_prob(row, pr[j]);
+          row.l += pr[j];
         }
         const acc_t inv_l = acc_t(1) / row.l;
-        for (int i = 0; i < D; ++i) os[i] *= inv_l;
+        for (int64_t j = 0; j < n; ++j) pr[j] *= inv_l;
       }
+      // sOs [G, D] = sP [G, n] @ sV [n, D]
+      gemm<acc_t>(false, false, G, D, n, acc_t(1), sP.data(), n, sV.data(), D, acc_t(0),
+                  sOs.data(), D);
 
-      // ---- 1 + 3b. one sweep over the state rows: S[i] += phi(k_old)[i] v_old, then
-      // o_rla[g] += phi(q_g)[i] (H0[h][i] + S[i]).
-      for (int i = 0; i < G * D; ++i) sOr[i] = 0;
-      for (int64_t i = 0; i < D2; ++i) {
-        acc_t* Si = S + i * D;
-        if (evict) {
+      // ---- 1. state update: S += phi(k_old) (outer) v_old (rank 1, rows of D contiguous).
+      if (evict) {
+        for (int64_t i = 0; i < D2; ++i) {
+          acc_t* Si = S + i * D;
           const acc_t a = sPhiK[i];
           for (int d = 0; d < D; ++d) Si[d] += a * sVold[d];
         }
+      }
+      // ---- 3b. sOr [G, D] = sPhiQ [G, 2D] @ S [2D, D]  (+ phi(q_g) @ H0[h] per query head).
+      // The state was just swept by the update; at 2 D^2 acc values (128 KiB for D = 128)
+      // it is still in L2 for this read.
+      gemm<acc_t>(false, false, G, D, D2, acc_t(1), sPhiQ.data(), D2, S, D, acc_t(0), sOr.data(), D);
+      if (gH0 != nullptr) {
         for (int64_t g = 0; g < G; ++g) {
-          const acc_t a = sPhiQ[g * D2 + i];
-          acc_t* orr = sOr.data() + g * D;
-          for (int d = 0; d < D; ++d) orr[d] += a * Si[d];
-          if (gH0 != nullptr) {
-            const int64_t h = hk * G + g;
-            const acc_t* H0i = gH0 + b * p.initial_state_bstride + (h * D2 + i) * D;
-            for (int d = 0; d < D; ++d) orr[d] += a * H0i[d];
-          }
+          const int64_t h = hk * G + g;
+          gemm<acc_t>(false, false, 1, D, D2, acc_t(1), sPhiQ.data() + g * D2, D2,
+                      gH0 + b * p.initial_state_bstride + h * D2 * D, D, acc_t(1),
+                      sOr.data() + g * D, D);
         }
       }
 

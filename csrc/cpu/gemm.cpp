@@ -3,15 +3,42 @@
 #include "gemm.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tile_io.h"
 
 namespace rattention::cpu {
 
+namespace avx512 {  // gemm_avx512.cpp (built with -mavx512f; call only when the CPU has it)
+void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+              const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+              int64_t ldc);
+float row_max(const float* x, int64_t n);
+float exp_sub_sum(float* x, int64_t n, float sub);
+}  // namespace avx512
+
+namespace {
+// Checked once per process; RATTENTION_CPU_ISA=portable forces the portable path (tests).
+bool use_avx512() {
+  static const bool ok = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    const char* env = std::getenv("RATTENTION_CPU_ISA");
+    if (env != nullptr && std::string(env) == "portable") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+void gemm_portable(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   auto a_at = [&](int64_t i, int64_t k) { return trans_a ? A[k * lda + i] : A[i * lda + k]; };
   auto b_at = [&](int64_t k, int64_t j) { return trans_b ? B[j * ldb + k] : B[k * ldb + j]; };
@@ -36,6 +63,18 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   }
 }
 
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512())
+      return avx512::gemm_f32(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  gemm_portable<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
                           const float*, int64_t, float, float*, int64_t);
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
@@ -43,12 +82,14 @@ template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const 
 
 // ---- online-softmax row primitives (portable) -------------------------------------------
 float row_max(const float* x, int64_t n) {
+  if (use_avx512()) return avx512::row_max(x, n);
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
 
 float exp_sub_sum(float* x, int64_t n, float sub) {
+  if (use_avx512()) return avx512::exp_sub_sum(x, n, sub);
   float s = 0.f;
   for (int64_t j = 0; j < n; ++j) {
     x[j] = std::exp(x[j] - sub);

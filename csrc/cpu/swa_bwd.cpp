@@ -5,17 +5,22 @@
 //   dS = P * (dP - Di),  dQ' = scale * dS K',  dK' = scale * dS^T Q'
 //   dQ = rope^-1(dQ'), dK = rope^-1(dK')   (rotary is a rotation: its adjoint is the inverse)
 //
-// Deterministic by construction, no atomics, two passes:
-//   pass 1: one task per (batch, kv head, key tile) owns dK, dV of that tile and loops over
-//           the query tiles that see it, with the G query heads of the group stacked as rows
-//           (so the GQA sum over the group is part of the GEMM's reduction);
-//   pass 2: one task per (batch, kv head, query tile) owns dQ of the G stacked heads and
-//           loops over the key tiles of the window.
+// Deterministic by construction (no atomics, nothing depends on the thread count):
+//   main pass: one task per (batch, kv head, chunk of key tiles). For each key tile it owns
+//           dK, dV and loops over the query tiles that see it, with the G query heads of the
+//           group stacked as rows (so the GQA sum over the group is part of the GEMM's
+//           reduction); its dQ' contributions go to a dQ buffer owned by the chunk;
+//   dQ pass: one task per (batch, kv head, query tile) sums the chunk buffers that reach the
+//           tile, in chunk order, and applies the inverse rotary.
+// With too few chunk tasks to fill the machine (w ~ T and few heads), a two-pass variant
+// runs instead: pass 1 as above without dQ, pass 2 per query tile recomputes P and dS over
+// the key tiles of its window and owns dQ.
 // Tile shapes (acc type, ld in brackets):
 //   sQ, sdO [G*bm, D] (D)   sK, sV [bn, D] (D)   sP, sdS [G*bm, bn] (kBlockN)
 //   accK, accV [bn, D] (D)  accQ [G*bm, D] (D)
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -67,11 +72,7 @@ struct BwdCtx {
     const bool need_mask = swa_tile_needs_mask(mt, n, kBlockM, kBlockN, T_len, w);
     for (int64_t r = 0; r < R; ++r) {
       acc_t* prow = sP + r * kBlockN;
-      if (need_mask) {
-        const int64_t t = m0 + r % bm;
-        for (int64_t j = 0; j < bn; ++j)
-          if (!swa_visible(t, n0 + j, w)) prow[j] = neg_inf<acc_t>();
-      }
+      if (need_mask) mask_row(prow, m0 + r % bm, n0, bn, w);
       exp_sub_sum(prow, bn, rlse[r]);
     }
     // dP = dO @ V^T   [R, bn]
@@ -132,51 +133,175 @@ void swa_bwd_impl(const SwaBwdParams& p) {
   const int64_t rows_max = G * kBlockM;
   const int64_t half = D / 2;
 
-  // Pass 1: dK, dV per (b, kv head, key tile).
-  parallel_for(B * Hkv * n_ntiles, 1, [&](int64_t it0, int64_t it1) {
-    std::vector<acc_t> sQ(rows_max * D), sdO(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
-    std::vector<acc_t> sP(rows_max * kBlockN), sdS(rows_max * kBlockN);
-    std::vector<acc_t> accK(kBlockN * D), accV(kBlockN * D), rlse(rows_max), rDi(rows_max);
-    for (int64_t item = it0; item < it1; ++item) {
-      const int64_t n = item % n_ntiles;
-      const int64_t hkv = (item / n_ntiles) % Hkv;
-      const int64_t b = item / (n_ntiles * Hkv);
-      const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
-      pack_rows<T, acc_t>(c.k, p.k_stride, b, hkv, n0, bn, D, c.cos, c.sin, sK.data());
-      pack_rows<T, acc_t>(c.v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV.data());
-      std::fill(accK.begin(), accK.end(), acc_t(0));
-      std::fill(accV.begin(), accV.end(), acc_t(0));
-      const TileRange qr = swa_query_tiles_for_key_tile(n, kBlockM, kBlockN, T_len, c.w);
-      for (int64_t mt = qr.begin; mt < qr.end; ++mt) {
-        const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
-        c.pack_query_block(b, hkv, m0, bm, sQ.data(), sdO.data(), rlse.data(), rDi.data());
-        c.probs_and_dscores(mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sV.data(), sdO.data(),
-                            rlse.data(), rDi.data(), sP.data(), sdS.data());
-        // accV += P^T dO   [bn, D];   accK += scale * dS^T Q'   [bn, D]
-        gemm<acc_t>(true, false, bn, D, R, acc_t(1), sP.data(), kBlockN, sdO.data(), D,
-                    acc_t(1), accV.data(), D);
-        gemm<acc_t>(true, false, bn, D, R, c.scale, sdS.data(), kBlockN, sQ.data(), D,
-                    acc_t(1), accK.data(), D);
-      }
-      for (int64_t j = 0; j < bn; ++j) {
-        const int64_t t = n0 + j;
-        acc_t* krow = accK.data() + j * D;
-        if (c.cos != nullptr)
-          rotary_apply<acc_t>(krow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
-                              /*inverse=*/true);
-        const int64_t off = ((b * T_len + t) * Hkv + hkv) * D;
-        store_row<T, acc_t>(krow, dk + off, D);
-        store_row<T, acc_t>(accV.data() + j * D, dv + off, D);
-      }
+  struct Scratch {
+    std::vector<acc_t> sQ, sdO, sK, sV, sP, sdS, accK, accV, accQ, rlse, rDi;
+  };
+  // Per-thread scratch; `key_tiles` > 1 sizes the key-side buffers for a whole chunk.
+  auto make_scratch_for = [&](int64_t key_tiles) {
+    auto v = [](int64_t n) { return std::vector<acc_t>(static_cast<size_t>(n)); };
+    const int64_t kv = key_tiles * kBlockN * D;
+    return Scratch{v(rows_max * D), v(rows_max * D),       v(kv),
+                   v(kv),           v(rows_max * kBlockN), v(rows_max * kBlockN),
+                   v(kv),           v(kv),                 v(rows_max * D),
+                   v(rows_max),     v(rows_max)};
+  };
+  auto make_scratch = [&] { return make_scratch_for(1); };
+
+  // Single-pass variant: key tiles are grouped into chunks of CT tiles; the task of a chunk
+  // also accumulates dQ' = scale * dS K' into a dQ buffer of its own covering the query tiles
+  // its keys reach ([mt_lo[c], mt_hi[c]), G*kBlockM*D values per tile), and a last pass sums,
+  // per query tile, the buffers of the chunks that reach it in chunk order. That saves the
+  // second recomputation of S, P, dP; memory is O(T) per head (about (1 + (w + 2 tiles) /
+  // chunk) times dQ). The chunking depends on T and w only, never on the thread count, so
+  // results are reproducible bit for bit. When it would leave too few tasks (w ~ T with
+  // few heads), the two-pass variant below runs instead.
+  const int64_t CT = imin(n_ntiles, imax(4, ceil_div(c.w, kBlockN)));
+  const int64_t n_chunks = n_ntiles > 0 ? ceil_div(n_ntiles, CT) : 0;
+  const bool single_pass = B * Hkv * n_chunks >= 8;
+  std::vector<int64_t> mt_lo(n_chunks), mt_hi(n_chunks), buf_off(n_chunks + 1, 0);
+  for (int64_t ch = 0; ch < n_chunks; ++ch) {
+    const int64_t n_first = ch * CT, n_last = imin(n_ntiles, n_first + CT) - 1;
+    mt_lo[ch] = swa_query_tiles_for_key_tile(n_first, kBlockM, kBlockN, T_len, c.w).begin;
+    mt_hi[ch] = swa_query_tiles_for_key_tile(n_last, kBlockM, kBlockN, T_len, c.w).end;
+    buf_off[ch + 1] = buf_off[ch] + (mt_hi[ch] - mt_lo[ch]) * rows_max * D;
+  }
+  const int64_t buf_per_bh = buf_off[n_chunks];
+  std::unique_ptr<acc_t[]> dq_buf(single_pass ? new acc_t[B * Hkv * buf_per_bh] : nullptr);
+
+  // Two-pass variant, pass 1: dK, dV of key tile n.
+  auto key_tile = [&](int64_t b, int64_t hkv, int64_t n, Scratch& s) {
+    auto &sQ = s.sQ, &sdO = s.sdO, &sK = s.sK, &sV = s.sV, &sP = s.sP, &sdS = s.sdS;
+    auto &accK = s.accK, &accV = s.accV, &rlse = s.rlse, &rDi = s.rDi;
+    const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+    pack_rows<T, acc_t>(c.k, p.k_stride, b, hkv, n0, bn, D, c.cos, c.sin, sK.data());
+    pack_rows<T, acc_t>(c.v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV.data());
+    std::fill(accK.begin(), accK.end(), acc_t(0));
+    std::fill(accV.begin(), accV.end(), acc_t(0));
+    const TileRange qr = swa_query_tiles_for_key_tile(n, kBlockM, kBlockN, T_len, c.w);
+    for (int64_t mt = qr.begin; mt < qr.end; ++mt) {
+      const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
+      c.pack_query_block(b, hkv, m0, bm, sQ.data(), sdO.data(), rlse.data(), rDi.data());
+      c.probs_and_dscores(mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sV.data(), sdO.data(),
+                          rlse.data(), rDi.data(), sP.data(), sdS.data());
+      // accV += P^T dO   [bn, D];   accK += scale * dS^T Q'   [bn, D]
+      gemm<acc_t>(true, false, bn, D, R, acc_t(1), sP.data(), kBlockN, sdO.data(), D, acc_t(1),
+                  accV.data(), D);
+      gemm<acc_t>(true, false, bn, D, R, c.scale, sdS.data(), kBlockN, sQ.data(), D, acc_t(1),
+                  accK.data(), D);
     }
+    for (int64_t j = 0; j < bn; ++j) {
+      const int64_t t = n0 + j;
+      acc_t* krow = accK.data() + j * D;
+      if (c.cos != nullptr)
+        rotary_apply<acc_t>(krow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
+                            /*inverse=*/true);
+      const int64_t off = ((b * T_len + t) * Hkv + hkv) * D;
+      store_row<T, acc_t>(krow, dk + off, D);
+      store_row<T, acc_t>(accV.data() + j * D, dv + off, D);
+    }
+  };
+
+  // Inverse-rotate and store dQ' rows [R, D] of query tile mt.
+  auto store_dq = [&](int64_t b, int64_t hkv, int64_t mt, acc_t* accQ) {
+    const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r / bm, t = m0 + r % bm, hq = hkv * G + g;
+      acc_t* qrow = accQ + r * D;
+      if (c.cos != nullptr)
+        rotary_apply<acc_t>(qrow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
+                            /*inverse=*/true);
+      store_row<T, acc_t>(qrow, dq + ((b * T_len + t) * Hq + hq) * D, D);
+    }
+  };
+
+  if (single_pass) {
+    // Query tiles outer, the chunk's key tiles inner: Q' and dO are packed once per
+    // (chunk, query tile) and the chunk's K', V once; each accumulator still sums in the
+    // same order as the per-key-tile loop (query tiles ascending for dK/dV, key tiles
+    // ascending for dQ').
+    auto make_chunk_scratch = [&] { return make_scratch_for(CT); };
+    parallel_items(B * Hkv * n_chunks, make_chunk_scratch, [&](int64_t item, Scratch& s) {
+      const int64_t ch = item % n_chunks, bh = item / n_chunks;
+      const int64_t b = bh / Hkv, hkv = bh % Hkv;
+      const int64_t n_first = ch * CT, n_end = imin(n_ntiles, n_first + CT);
+      const int64_t tileKD = kBlockN * D;
+      acc_t* buf = dq_buf.get() + bh * buf_per_bh + buf_off[ch];
+      std::fill(buf, buf + (buf_off[ch + 1] - buf_off[ch]), acc_t(0));
+      for (int64_t n = n_first; n < n_end; ++n) {
+        const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+        acc_t* sK = s.sK.data() + (n - n_first) * tileKD;
+        acc_t* sV = s.sV.data() + (n - n_first) * tileKD;
+        pack_rows<T, acc_t>(c.k, p.k_stride, b, hkv, n0, bn, D, c.cos, c.sin, sK);
+        pack_rows<T, acc_t>(c.v, p.v_stride, b, hkv, n0, bn, D, nullptr, nullptr, sV);
+      }
+      std::fill(s.accK.begin(), s.accK.begin() + (n_end - n_first) * tileKD, acc_t(0));
+      std::fill(s.accV.begin(), s.accV.begin() + (n_end - n_first) * tileKD, acc_t(0));
+      for (int64_t mt = mt_lo[ch]; mt < mt_hi[ch]; ++mt) {
+        const TileRange kr = swa_key_tiles_for_query_tile(mt, kBlockM, kBlockN, T_len, c.w);
+        const int64_t nb = imax(kr.begin, n_first), ne = imin(kr.end, n_end);
+        if (nb >= ne) continue;
+        const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, T_len - m0), R = G * bm;
+        c.pack_query_block(b, hkv, m0, bm, s.sQ.data(), s.sdO.data(), s.rlse.data(),
+                           s.rDi.data());
+        acc_t* dq_blk = buf + (mt - mt_lo[ch]) * rows_max * D;
+        for (int64_t n = nb; n < ne; ++n) {
+          const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+          const acc_t* sK = s.sK.data() + (n - n_first) * tileKD;
+          const acc_t* sV = s.sV.data() + (n - n_first) * tileKD;
+          acc_t* accK = s.accK.data() + (n - n_first) * tileKD;
+          acc_t* accV = s.accV.data() + (n - n_first) * tileKD;
+          c.probs_and_dscores(mt, n, m0, bm, n0, bn, s.sQ.data(), sK, sV, s.sdO.data(),
+                              s.rlse.data(), s.rDi.data(), s.sP.data(), s.sdS.data());
+          gemm<acc_t>(true, false, bn, D, R, acc_t(1), s.sP.data(), kBlockN, s.sdO.data(), D,
+                      acc_t(1), accV, D);
+          gemm<acc_t>(true, false, bn, D, R, c.scale, s.sdS.data(), kBlockN, s.sQ.data(), D,
+                      acc_t(1), accK, D);
+          gemm<acc_t>(false, false, R, D, bn, c.scale, s.sdS.data(), kBlockN, sK, D, acc_t(1),
+                      dq_blk, D);
+        }
+      }
+      for (int64_t n = n_first; n < n_end; ++n) {
+        const int64_t n0 = n * kBlockN, bn = imin(kBlockN, T_len - n0);
+        for (int64_t j = 0; j < bn; ++j) {
+          const int64_t t = n0 + j;
+          acc_t* krow = s.accK.data() + (n - n_first) * tileKD + j * D;
+          if (c.cos != nullptr)
+            rotary_apply<acc_t>(krow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
+                                /*inverse=*/true);
+          const int64_t off = ((b * T_len + t) * Hkv + hkv) * D;
+          store_row<T, acc_t>(krow, dk + off, D);
+          store_row<T, acc_t>(s.accV.data() + (n - n_first) * tileKD + j * D, dv + off, D);
+        }
+      }
+    });
+    parallel_items(B * Hkv * n_mtiles, make_scratch, [&](int64_t item, Scratch& s) {
+      const int64_t mt = item % n_mtiles, bh = item / n_mtiles;
+      const int64_t b = bh / Hkv, hkv = bh % Hkv;
+      const int64_t R = G * imin(kBlockM, T_len - mt * kBlockM);
+      acc_t* accQ = s.accQ.data();
+      std::fill(accQ, accQ + R * D, acc_t(0));
+      const TileRange kr = swa_key_tiles_for_query_tile(mt, kBlockM, kBlockN, T_len, c.w);
+      for (int64_t ch = kr.begin / CT; ch <= (kr.end - 1) / CT; ++ch) {
+        const acc_t* src = dq_buf.get() + bh * buf_per_bh + buf_off[ch] +
+                           (mt - mt_lo[ch]) * rows_max * D;
+        for (int64_t i = 0; i < R * D; ++i) accQ[i] += src[i];
+      }
+      store_dq(b, hkv, mt, accQ);
+    });
+    return;
+  }
+
+  // Two-pass variant. Pass 1: dK, dV per (b, kv head, key tile).
+  parallel_items(B * Hkv * n_ntiles, make_scratch, [&](int64_t item, Scratch& s) {
+    const int64_t n = item % n_ntiles, bh = item / n_ntiles;
+    key_tile(bh / Hkv, bh % Hkv, n, s);
   });
 
   // Pass 2: dQ per (b, kv head, query tile), G heads stacked.
-  parallel_for(B * Hkv * n_mtiles, 1, [&](int64_t it0, int64_t it1) {
-    std::vector<acc_t> sQ(rows_max * D), sdO(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
-    std::vector<acc_t> sP(rows_max * kBlockN), sdS(rows_max * kBlockN);
-    std::vector<acc_t> accQ(rows_max * D), rlse(rows_max), rDi(rows_max);
-    for (int64_t item = it0; item < it1; ++item) {
+  parallel_items(B * Hkv * n_mtiles, make_scratch, [&](int64_t item, Scratch& s) {
+    auto &sQ = s.sQ, &sdO = s.sdO, &sK = s.sK, &sV = s.sV, &sP = s.sP, &sdS = s.sdS;
+    auto &accQ = s.accQ, &rlse = s.rlse, &rDi = s.rDi;
+    {  // NOLINT(readability/braces): one query tile
       const int64_t mt = item % n_mtiles;
       const int64_t hkv = (item / n_mtiles) % Hkv;
       const int64_t b = item / (n_mtiles * Hkv);
@@ -194,14 +319,7 @@ void swa_bwd_impl(const SwaBwdParams& p) {
         gemm<acc_t>(false, false, R, D, bn, c.scale, sdS.data(), kBlockN, sK.data(), D,
                     acc_t(1), accQ.data(), D);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t g = r / bm, t = m0 + r % bm, hq = hkv * G + g;
-        acc_t* qrow = accQ.data() + r * D;
-        if (c.cos != nullptr)
-          rotary_apply<acc_t>(qrow, c.cos + t * half, c.sin + t * half, static_cast<int>(D),
-                              /*inverse=*/true);
-        store_row<T, acc_t>(qrow, dq + ((b * T_len + t) * Hq + hq) * D, D);
-      }
+      store_dq(b, hkv, mt, accQ.data());
     }
   });
 }

@@ -50,14 +50,26 @@ void swa_fwd_impl(const SwaFwdParams& p) {
   const int64_t n_items = B * Hkv * n_mtiles;
   const acc_t kNegInf = neg_inf<acc_t>();
 
-  parallel_for(n_items, 1, [&](int64_t item_begin, int64_t item_end) {
-    // Per-thread scratch (one chunk of tasks per thread), sized for full tiles.
-    const int64_t rows_max = G * kBlockM;
-    std::vector<acc_t> sQ(rows_max * D), sK(kBlockN * D), sV(kBlockN * D);
-    std::vector<acc_t> sS(rows_max * kBlockN), accO(rows_max * D);
-    std::vector<OnlineSoftmaxRow<acc_t>> st(rows_max);
-
-    for (int64_t item = item_begin; item < item_end; ++item) {
+  struct Scratch {
+    std::vector<acc_t> sQ, sK, sV, sS, accO;
+    std::vector<OnlineSoftmaxRow<acc_t>> st;
+  };
+  const int64_t rows_max = G * kBlockM;
+  auto make_scratch = [&] {
+    // Per-thread scratch, sized for full tiles.
+    return Scratch{std::vector<acc_t>(rows_max * D), std::vector<acc_t>(kBlockN * D),
+                   std::vector<acc_t>(kBlockN * D), std::vector<acc_t>(rows_max * kBlockN),
+                   std::vector<acc_t>(rows_max * D),
+                   std::vector<OnlineSoftmaxRow<acc_t>>(rows_max)};
+  };
+  parallel_items(n_items, make_scratch, [&](int64_t item, Scratch& sc) {
+    auto& sQ = sc.sQ;
+    auto& sK = sc.sK;
+    auto& sV = sc.sV;
+    auto& sS = sc.sS;
+    auto& accO = sc.accO;
+    auto& st = sc.st;
+    {  // one (b, kv head, query tile) task
       const int64_t mt = item % n_mtiles;
       const int64_t hkv = (item / n_mtiles) % Hkv;
       const int64_t b = item / (n_mtiles * Hkv);
@@ -84,10 +96,7 @@ void swa_fwd_impl(const SwaFwdParams& p) {
         for (int64_t r = 0; r < R; ++r) {
           acc_t* srow = sS.data() + r * kBlockN;
           const int64_t t = m0 + r % bm;
-          if (need_mask) {
-            for (int64_t j = 0; j < bn; ++j)
-              if (!swa_visible(t, n0 + j, w)) srow[j] = kNegInf;
-          }
+          if (need_mask) mask_row(srow, t, n0, bn, w);
           const acc_t factor = online_softmax_rescale(st[r], row_max(srow, bn));
           if (st[r].m == kNegInf) {
             // No visible key yet for this row: p = 0 (avoids -inf - -inf).

@@ -6,6 +6,8 @@
 // acc-type buffer [rows, D] (ld = D) so the per-tile products can go through cpu::gemm.
 // Packing converts the storage type once, applies rotary once, and hides the strides.
 #pragma once
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -13,6 +15,8 @@
 #include "../core/dtype.h"
 #include "../core/params.h"
 #include "../core/rotary.h"
+#include "../core/window.h"
+#include "parallel.h"
 
 namespace rattention::cpu {
 
@@ -43,6 +47,33 @@ inline void pack_rows(const T* base, const Strides4& st, int64_t b, int64_t h, i
                           /*inverse=*/false);
     }
   }
+}
+
+// Runs fn(item, scratch) for every item in [0, n) on the thread pool. Items are handed out
+// one at a time from a shared counter (dynamic scheduling: on a shared machine a slowed
+// thread does not hold the others up); each worker builds its scratch once with make().
+// Every item's result is computed by one call in a fixed order, so the output does not
+// depend on which thread ran it or on the thread count.
+template <typename MakeScratch, typename Fn>
+void parallel_items(int64_t n, MakeScratch make, Fn fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, std::max(1, max_threads()));
+  parallel_for(workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, scratch);
+  });
+}
+
+// Set the scores of keys n0 .. n0+bn-1 that query t does not see (SWA window) to -inf.
+template <typename acc_t>
+inline void mask_row(acc_t* srow, int64_t t, int64_t n0, int64_t bn, int64_t window) {
+  // visible: t - window <= n0 + j <= t
+  const int64_t lo = imin(bn, imax(0, t - window - n0));
+  const int64_t hi = imax(lo, imin(bn, t - n0 + 1));
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < lo; ++j) srow[j] = ninf;
+  for (int64_t j = hi; j < bn; ++j) srow[j] = ninf;
 }
 
 // ---- online-softmax row primitives -----------------------------------------------------
