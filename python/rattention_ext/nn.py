@@ -196,8 +196,8 @@ class RAttention(nn.Module):
         return int(cache.positions.max().item()) if cache.positions.numel() else 0
 
     def prefill(self, x: Tensor, cache, *, seq_lens: Optional[Tensor] = None) -> Tensor:
-        """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill ``cache`` (in
-        place) so that ``step`` continues after it. Returns ``[B, T, hidden_size]``, equal to
+        """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill the empty
+        ``cache`` (from ``new_cache``; in place) so that ``step`` continues after it. Returns ``[B, T, hidden_size]``, equal to
         ``forward(x)``. ``seq_lens [B]`` (optional): true prompt lengths of a right-padded batch."""
         q, k, v = self._project(x)
         n = self._next_positions(cache) + x.shape[1]
