@@ -12,6 +12,7 @@ from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from ._C import build_info as _build_info
 from .api import forward, residual_linear_attention, sliding_window_attention
 from .decode import RAttentionCache, cache_bytes, decode_step, prefill
+from . import nn  # noqa: F401  (rattention_ext.nn.RAttention)
 
 __version__ = "0.1.0"
 
