@@ -31,6 +31,22 @@ find_package(pybind11 CONFIG REQUIRED)
 if(RATTENTION_CPU_ONLY OR NOT RATTENTION_TORCH_HAS_CUDA)
   set(USE_CUDA OFF)
 endif()
+# TorchConfig's legacy FindCUDA guesses the toolkit root from nvcc on PATH (a wrapper in
+# /usr/local/bin guesses wrong): take CUDA_HOME / CUDA_PATH when given.
+if(NOT RATTENTION_CPU_ONLY AND RATTENTION_TORCH_HAS_CUDA AND NOT CUDA_TOOLKIT_ROOT_DIR)
+  if(DEFINED ENV{CUDA_HOME})
+    set(CUDA_TOOLKIT_ROOT_DIR "$ENV{CUDA_HOME}")
+  elseif(DEFINED ENV{CUDA_PATH})
+    set(CUDA_TOOLKIT_ROOT_DIR "$ENV{CUDA_PATH}")
+  endif()
+  if(CUDA_TOOLKIT_ROOT_DIR AND NOT CMAKE_CUDA_COMPILER AND EXISTS "${CUDA_TOOLKIT_ROOT_DIR}/bin/nvcc")
+    set(CMAKE_CUDA_COMPILER "${CUDA_TOOLKIT_ROOT_DIR}/bin/nvcc")
+  endif()
+  # nvrtc may only exist in torch's nvidia-* pip packages, not in the toolkit
+  find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
+               PATHS "${CUDA_TOOLKIT_ROOT_DIR}/lib64" "${_ratt_torch_prefix}/../../../nvidia/cu13/lib"
+                     "${_ratt_torch_prefix}/../../../nvidia/cuda_nvrtc/lib")
+endif()
 find_package(Torch REQUIRED)
 
 find_library(RATTENTION_TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib"
