@@ -24,6 +24,13 @@ function(rattention_add_cuda_sources target)
   file(GLOB _cuda_cpp CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cpp)
   target_sources(${target} PRIVATE ${_cu} ${_cuda_cpp})
   target_include_directories(${target} PRIVATE ${CUTLASS_INCLUDE_DIRS})
+  # ATen/cuda headers include cusparse.h/cublas.h, which a minimal toolkit may lack; torch's
+  # nvidia-* pip packages carry them (searched after the toolkit's own headers).
+  file(GLOB _ratt_nv_inc "${TORCH_INSTALL_PREFIX}/../nvidia/cu13/include"
+       "${TORCH_INSTALL_PREFIX}/../nvidia/cusparse/include" "${TORCH_INSTALL_PREFIX}/../nvidia/cublas/include")
+  if(_ratt_nv_inc)
+    target_include_directories(${target} AFTER PRIVATE ${_ratt_nv_inc})
+  endif()
   set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${RATTENTION_CUDA_ARCHS}")
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr --use_fast_math -lineinfo>)

@@ -42,6 +42,17 @@ if(NOT RATTENTION_CPU_ONLY AND RATTENTION_TORCH_HAS_CUDA AND NOT CUDA_TOOLKIT_RO
   if(CUDA_TOOLKIT_ROOT_DIR AND NOT CMAKE_CUDA_COMPILER AND EXISTS "${CUDA_TOOLKIT_ROOT_DIR}/bin/nvcc")
     set(CMAKE_CUDA_COMPILER "${CUDA_TOOLKIT_ROOT_DIR}/bin/nvcc")
   endif()
+  # TorchConfig adds -gencode flags for TORCH_CUDA_ARCH_LIST (default: every arch, incl.
+  # compute_50 that nvcc 13 rejects) to the nvcc lines: give it our archs instead.
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(_ratt_tal "")
+    foreach(a ${RATTENTION_CUDA_ARCHS})
+      string(REGEX REPLACE "^([0-9]+)([0-9])(a?)$" "\\1.\\2\\3" _ta "${a}")
+      list(APPEND _ratt_tal "${_ta}")
+    endforeach()
+    string(REPLACE ";" " " _ratt_tal "${_ratt_tal}")
+    set(ENV{TORCH_CUDA_ARCH_LIST} "${_ratt_tal}")
+  endif()
   # nvrtc may only exist in torch's nvidia-* pip packages, not in the toolkit
   find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
                PATHS "${CUDA_TOOLKIT_ROOT_DIR}/lib64" "${_ratt_torch_prefix}/../../../nvidia/cu13/lib"
@@ -52,3 +63,7 @@ find_package(Torch REQUIRED)
 find_library(RATTENTION_TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib"
              NO_DEFAULT_PATH REQUIRED)
 message(STATUS "rattention: torch ${RATTENTION_TORCH_VERSION} (cuda=${RATTENTION_TORCH_HAS_CUDA})")
+# torch >= 2.14 headers need C++20 (ATen.h: "#error C++20 or later ... is required").
+if(RATTENTION_TORCH_VERSION VERSION_GREATER_EQUAL "2.14")
+  set(CMAKE_CXX_STANDARD 20)
+endif()
