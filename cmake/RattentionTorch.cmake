@@ -42,6 +42,29 @@ else()
                HINTS "$ENV{CUDA_HOME}/lib64" "$ENV{CUDA_PATH}/lib64" /usr/local/cuda/lib64
                PATHS ${_ratt_nvidia_libdirs})
 endif()
+# TorchConfig's legacy FindCUDA guesses the toolkit root from nvcc on PATH (a wrapper in
+# /usr/local/bin guesses wrong): take CUDA_HOME / CUDA_PATH when given.
+if(NOT RATTENTION_CPU_ONLY AND RATTENTION_TORCH_HAS_CUDA AND NOT CUDA_TOOLKIT_ROOT_DIR)
+  if(DEFINED ENV{CUDA_HOME})
+    set(CUDA_TOOLKIT_ROOT_DIR "$ENV{CUDA_HOME}")
+  elseif(DEFINED ENV{CUDA_PATH})
+    set(CUDA_TOOLKIT_ROOT_DIR "$ENV{CUDA_PATH}")
+  endif()
+  if(CUDA_TOOLKIT_ROOT_DIR AND NOT CMAKE_CUDA_COMPILER AND EXISTS "${CUDA_TOOLKIT_ROOT_DIR}/bin/nvcc")
+    set(CMAKE_CUDA_COMPILER "${CUDA_TOOLKIT_ROOT_DIR}/bin/nvcc")
+  endif()
+  # TorchConfig adds -gencode flags for TORCH_CUDA_ARCH_LIST (default: every arch, incl.
+  # compute_50 that nvcc 13 rejects) to the nvcc lines: give it our archs instead.
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(_ratt_tal "")
+    foreach(a ${RATTENTION_CUDA_ARCHS})
+      string(REGEX REPLACE "^([0-9]+)([0-9])(a?)$" "\\1.\\2\\3" _ta "${a}")
+      list(APPEND _ratt_tal "${_ta}")
+    endforeach()
+    string(REPLACE ";" " " _ratt_tal "${_ratt_tal}")
+    set(ENV{TORCH_CUDA_ARCH_LIST} "${_ratt_tal}")
+  endif()
+endif()
 find_package(Torch REQUIRED)
 # TorchConfig appends -gencode flags for torch's own architecture list (TORCH_CUDA_ARCH_LIST,
 # else every arch torch supports, e.g. sm_50 that CUDA 13 rejects) to CMAKE_CUDA_FLAGS. Our
@@ -51,3 +74,7 @@ string(REGEX REPLACE "-gencode[ =]+arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA
 find_library(RATTENTION_TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib"
              NO_DEFAULT_PATH REQUIRED)
 message(STATUS "rattention: torch ${RATTENTION_TORCH_VERSION} (cuda=${RATTENTION_TORCH_HAS_CUDA})")
+# torch >= 2.14 headers need C++20 (ATen.h: "#error C++20 or later ... is required").
+if(RATTENTION_TORCH_VERSION VERSION_GREATER_EQUAL "2.14")
+  set(CMAKE_CXX_STANDARD 20)
+endif()
