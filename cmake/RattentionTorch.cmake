@@ -74,7 +74,3 @@ string(REGEX REPLACE "-gencode[ =]+arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA
 find_library(RATTENTION_TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib"
              NO_DEFAULT_PATH REQUIRED)
 message(STATUS "rattention: torch ${RATTENTION_TORCH_VERSION} (cuda=${RATTENTION_TORCH_HAS_CUDA})")
-# torch >= 2.14 headers need C++20 (ATen.h: "#error C++20 or later ... is required").
-if(RATTENTION_TORCH_VERSION VERSION_GREATER_EQUAL "2.14")
-  set(CMAKE_CXX_STANDARD 20)
-endif()
