@@ -1,0 +1,209 @@
+// SWA forward on tensor cores, flash-attention-2 style. One CTA (4 warps) per
+// (query tile of kBlockM rows, batch, query head); it visits only the key tiles inside the
+// window (core/window.h) and masks only the tiles at the window's two edges.
+//
+//   gQ (kBlockM, D)  --cp.async-->  sQ  --ldmatrix-->  tSrQ
+//   gK (kBlockN, D)  --cp.async-->  sK  --ldmatrix-->  tSrK      S = Q K^T   (fp32 acc)
+//   online softmax on S (rows owned by quads)  ->  P (registers, input dtype)
+//   gV (kBlockN, D)  --cp.async-->  sV  --ldmatrix.trans--> tOrVt  O += P V  (fp32 acc)
+//
+// Outputs: out fp32 [B, T, Hq, D] (strided), lse fp32 [B, Hq, T] = scale * max + log(sum).
+#pragma once
+#include <cute/tensor.hpp>
+
+#include <cmath>
+
+#include "core/params.h"
+#include "core/window.h"
+#include "cuda/swa_traits.cuh"
+
+namespace rattention::cuda {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    swa_fwd_kernel(const SwaFwdParams p) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  const int m_block = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t h = blockIdx.z;
+  const int64_t T = p.dims.seqlen;
+  const int64_t hk = h / (p.dims.heads_q / p.dims.heads_kv);  // GQA: kv head h / G
+  const int64_t window = p.window_size;
+  const int tid = threadIdx.x;
+  const int64_t m0 = int64_t(m_block) * kBlockM;
+  const int rows_q = int(imin(kBlockM, T - m0));
+
+  extern __shared__ __align__(128) char smem_raw[];
+  Element* smem = reinterpret_cast<Element*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});  // (M, D)
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});  // (N, D)
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});  // (N, D)
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});            // (D, N)
+  Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
+
+  // Global views with runtime strides; the D stride is 1 (rows contiguous).
+  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.q_stride.t, _1{}));
+  Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.k_stride.t, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.v_stride.t, _1{}));
+  Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  // (kBlockN, D, n_tiles)
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));
+
+  typename Traits::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, n_tiles)
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  // Row coordinates of every copied element, for the ragged-T predicate.
+  Tensor cQ = make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{}));
+  Tensor cKV = make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{}));
+  Tensor tQcQ = gmem_thr.partition_S(cQ);
+  Tensor tKVcKV = gmem_thr.partition_S(cKV);
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);            // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);            // (MMA, MMA_N, MMA_K)
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle); // (MMA, MMA_D, MMA_N)
+
+  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_thr_q = smem_copy_q.get_thread_slice(tid);
+  Tensor tSsQ = smem_thr_q.partition_S(sQ);
+  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_thr_k = smem_copy_k.get_thread_slice(tid);
+  Tensor tSsK = smem_thr_k.partition_S(sK);
+  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  auto smem_thr_v = smem_copy_v.get_thread_slice(tid);
+  Tensor tOsVt = smem_thr_v.partition_S(sVt);
+
+  // Output accumulator (MMA, MMA_M, MMA_D) and the score tile's element coordinates.
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(acc_o);
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);  // (MMA, MMA_M, MMA_N) -> (row, col) in the tile
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+
+  constexpr int kRowsPerThread = 2 * decltype(size<1>(acc_o))::value;  // rows of acc_rowcol
+  float row_max[kRowsPerThread];
+  float row_sum[kRowsPerThread];
+  CUTE_UNROLL
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+  }
+  const float scale_log2 = float(p.softmax_scale * M_LOG2E);
+  const float* rot_cos = static_cast<const float*>(p.rotary_cos);
+  const float* rot_sin = static_cast<const float*>(p.rotary_sin);
+
+  // Q tile: loaded once, rotated once (rows past T are zero and stay zero).
+  copy_rows_pred(gmem_copy, tQgQ, tQsQ, tQcQ, rows_q);
+  cp_async_fence();
+
+  const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
+  for (int64_t n = tiles.begin; n < tiles.end; ++n) {
+    const int64_t n0 = n * kBlockN;
+    const int rows_k = int(imin(kBlockN, T - n0));
+    // Single-stage pipeline: the previous iteration's readers of sK/sV are done (barrier at
+    // the loop end), so both tiles are refilled here and waited on together.
+    copy_rows_pred(gmem_copy, tKgK(_, _, _, n), tKsK, tKVcKV, rows_k);
+    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
+    cp_async_fence();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (rot_cos != nullptr) {
+      if (n == tiles.begin) {
+        rotate_tile_smem<kBlockM, kHeadDim, Traits::kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q,
+                                                               false);
+      }
+      rotate_tile_smem<kBlockN, kHeadDim, Traits::kNThreads>(sK, rot_cos, rot_sin, n0, rows_k,
+                                                             false);
+      __syncthreads();
+    }
+
+    // S = Q K^T for this (query tile, key tile) pair.
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_q,
+            smem_thr_k);
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
+
+    // Element mask only on the window's edge tiles (and ragged tails).
+    if (swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window)) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(s); ++i) {
+        const int64_t t = m0 + get<0>(tScS_rc(i));
+        const int64_t sk = n0 + get<1>(tScS_rc(i));
+        if (!(sk < T && swa_visible(t, sk, window))) s(i) = -INFINITY;
+      }
+    }
+
+    // Online softmax: new running max, rescale the old sum and O, exponentiate in place.
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(s); ++r) {
+      float mx = row_max[r];
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) mx = fmaxf(mx, s(r, c));
+      mx = quad_allreduce(mx, MaxOp{});
+      // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0, not NaN.
+      const float mx_scaled = (mx == -INFINITY ? 0.f : mx * scale_log2);
+      const float corr = (row_max[r] == -INFINITY) ? 0.f : exp2f(row_max[r] * scale_log2 - mx_scaled);
+      row_max[r] = mx;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) {
+        s(r, c) = exp2f(s(r, c) * scale_log2 - mx_scaled);
+        sum += s(r, c);
+      }
+      row_sum[r] = row_sum[r] * corr + sum;  // per-thread partial; quad-reduced at the end
+      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
+    }
+
+    // O += P V with P straight from registers (input dtype, the MMA's A layout).
+    Tensor rP = convert_frag<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
+    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, smem_thr_v);
+    __syncthreads();  // sK / sV are refilled next iteration
+  }
+
+  // Epilogue: O / sum to fp32 out (strided), lse = scale * max + log(sum) natural-log units.
+  Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+  Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  Tensor tOcO = thr_mma.partition_C(cO);
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+  float* out = static_cast<float*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
+  float* lse = static_cast<float*>(p.lse) + (b * p.dims.heads_q + h) * T;
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(o); ++r) {
+    const float sum = quad_allreduce(row_sum[r], SumOp{});
+    const float inv = (sum > 0.f) ? 1.f / sum : 0.f;
+    const int64_t t = m0 + get<0>(tOcO_rc(r, 0));
+    if (t < T) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) {
+        out[t * p.out_stride.t + get<1>(tOcO_rc(r, c)) * p.out_stride.d] = o(r, c) * inv;
+      }
+      if ((tid & 3) == 0) {
+        lse[t] = (sum > 0.f) ? row_max[r] * float(p.softmax_scale) + logf(sum) : -INFINITY;
+      }
+    }
+  }
+}
+
+}  // namespace rattention::cuda
