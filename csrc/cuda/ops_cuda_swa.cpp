@@ -1,0 +1,69 @@
+// CUDA implementations of swa_fwd and swa_bwd: validate and fill params (op_common,
+// cuda_backend = true), launch on the current stream, check the launch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/swa_launch.h"
+#include "op_common.h"
+
+namespace rattention {
+namespace {
+
+void check_swa_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// The kernels move q/k/v with 16-byte cp.async: rows must be contiguous along D, the base
+// 16-byte aligned and the B/T/H strides multiples of 8 elements. Anything else (odd views,
+// slices at odd offsets) gets a contiguous copy here rather than a misaligned access there.
+at::Tensor cp_async_ready(const at::Tensor& x) {
+  if (x.dim() != 4) return x;  // op_common reports the shape error by name
+  bool ok = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3 && ok; ++i) ok = x.size(i) <= 1 || x.stride(i) % 8 == 0;
+  return ok ? x : x.contiguous();
+}
+
+void check_cuda_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, int64_t window_size,
+                                                double softmax_scale,
+                                                const c10::optional<at::Tensor>& rotary_cos,
+                                                const c10::optional<at::Tensor>& rotary_sin) {
+  check_cuda_input(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto r = prepare_swa_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v), window_size,
+                           softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true);
+  check_swa_launch(cuda::swa_fwd(r.params, at::cuda::getCurrentCUDAStream()), "swa_fwd_kernel");
+  return {r.out, r.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    int64_t window_size, double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
+    const c10::optional<at::Tensor>& rotary_sin, bool deterministic) {
+  check_cuda_input(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // The CUDA backward is deterministic whatever `deterministic` says (no atomics).
+  auto r = prepare_swa_bwd(grad_out, grad_lse, cp_async_ready(q), cp_async_ready(k),
+                           cp_async_ready(v), out, lse, window_size, softmax_scale, rotary_cos,
+                           rotary_sin, deterministic, /*cuda_backend=*/true);
+  at::Tensor ws = at::empty({cuda::swa_bwd_workspace_floats(r.params)},
+                            q.options().dtype(at::kFloat));
+  check_swa_launch(cuda::swa_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                   "swa_bwd (swa_bwd_preprocess_kernel / swa_bwd_dkdv_kernel / swa_bwd_dq_kernel)");
+  return {r.grad_q, r.grad_k, r.grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rattention_ext, CUDA, m) {
+  m.impl("swa_fwd", &swa_fwd_cuda);
+  m.impl("swa_bwd", &swa_bwd_cuda);
+}
+
+}  // namespace rattention
