@@ -1,0 +1,180 @@
+"""GPU gate (`make gpu-check`), for a machine with a GPU, torch with CUDA and nvcc, offline.
+
+  1. build the extension for the local architecture only ((9, 0) -> "90a", else "<major><minor>"),
+     CUTLASS from third_party/cutlass (`make cutlass`) or the nvidia-cutlass pip package;
+  2. run tests/test_*_cuda.py;
+  3. a short benchmark: SWA forward and forward+backward vs FlexAttention with a
+     sliding-window block mask (bf16, B=1, T=8192, Hq=16, Hkv=4, D=128, w=512; CUDA events,
+     warm-up, median), JSON to benchmarks/results/ (GPU name, date, git commit), table last.
+
+`--dry-run` prints the plan and runs nothing (works without a GPU).
+"""
+import argparse
+import datetime as dt
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = dict(B=1, T=8192, Hq=16, Hkv=4, D=128, w=512, dtype="bfloat16")
+
+
+def local_arch() -> str:
+    import torch
+    major, minor = torch.cuda.get_device_capability()
+    return "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
+
+
+def cutlass_dir() -> str:
+    third = ROOT / "third_party" / "cutlass"
+    if (third / "include" / "cute").is_dir():
+        return str(third)
+    try:
+        import cutlass_library
+        return str(Path(cutlass_library.__file__).parent / "source")
+    except ImportError:
+        return ""
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def plan(arch: str, cutlass: str):
+    env = {"RATTENTION_CUDA_ARCHS": arch, "RATTENTION_BUILD_DIR": f"build/gpu-{arch}"}
+    if cutlass:
+        env["CUTLASS_DIR"] = cutlass
+    build = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    tests = sorted(glob.glob(str(ROOT / "tests" / "test_*_cuda.py")))
+    test = [sys.executable, "-m", "pytest", "-q", "-x"] + [os.path.relpath(t, ROOT / "tests") for t in tests]
+    return env, build, test
+
+
+def bench():
+    import torch
+    import torch.nn.attention.flex_attention as fa
+
+    import rattention_ext
+
+    B, T, Hq, Hkv, D, w = (BENCH[k] for k in ("B", "T", "Hq", "Hkv", "D", "w"))
+    dtp = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=dtp, generator=g)
+    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=dtp, generator=g)
+    v = torch.randn(B, T, Hkv, D, device="cuda", dtype=dtp, generator=g)
+    go = torch.randn(B, T, Hq, D, device="cuda", dtype=dtp, generator=g)
+
+    def swa_mask(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki <= w)
+
+    block_mask = fa.create_block_mask(swa_mask, None, None, T, T, device="cuda")
+    flex = torch.compile(fa.flex_attention, dynamic=False)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    got = go.transpose(1, 2).contiguous()
+
+    def ours_f(q, k, v):
+        return rattention_ext.sliding_window_attention(q, k, v, window_size=w)
+
+    def flex_f(q, k, v):
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+    def timed(fn, reps=10, warm=3):
+        for _ in range(warm):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    def fwd_bwd(f, args, grad):
+        leaves = [x.detach().requires_grad_() for x in args]
+        return lambda: torch.autograd.grad(f(*leaves), leaves, grad)
+
+    rows = []
+    with torch.no_grad():
+        rows.append(("swa fwd", timed(lambda: ours_f(q, k, v)), timed(lambda: flex_f(qt, kt, vt))))
+    rows.append(("swa fwd+bwd", timed(fwd_bwd(ours_f, (q, k, v), go)),
+                 timed(fwd_bwd(flex_f, (qt, kt, vt), got))))
+    # useful FLOPs: 4 * B * Hq * D * (visible pairs) forward, 2.5x that for fwd+bwd
+    pairs = sum(min(t, w) + 1 for t in range(T))
+    fl = 4.0 * B * Hq * D * pairs
+    out = []
+    for name, ms_ours, ms_flex in rows:
+        f = fl * (3.5 if "bwd" in name else 1.0)
+        out.append(dict(case=name, ours_ms=ms_ours, flex_ms=ms_flex,
+                        ours_tflops=f / ms_ours / 1e9, flex_tflops=f / ms_flex / 1e9,
+                        speedup=ms_flex / ms_ours))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args()
+
+    if args.dry_run:
+        try:
+            import torch
+            arch = local_arch() if torch.cuda.is_available() else "<local arch: none here>"
+        except ImportError:
+            arch = "<local arch: torch missing>"
+        env, build, test = plan(arch, cutlass_dir())
+        print("gpu-check plan (dry run):")
+        print("  1. build:", " ".join(f"{k}={v}" for k, v in env.items()), " ".join(build))
+        print("  2. tests (cwd tests/):", " ".join(test))
+        print("  3. benchmark: SWA fwd and fwd+bwd vs FlexAttention (sliding-window block mask),",
+              ", ".join(f"{k}={v}" for k, v in BENCH.items()), "; CUDA events, 3 warm-up, median of 10")
+        print("  4. JSON -> benchmarks/results/gpu_check_<gpu>_<date>.json, table printed last")
+        return 0
+
+    import torch
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    env, build, test = plan(local_arch(), cutlass_dir())
+    if not args.skip_build:
+        print("gpu-check: build", env, flush=True)
+        r = subprocess.run(build, cwd=ROOT, env={**os.environ, **env})
+        if r.returncode:
+            return r.returncode
+    test_rc = 0
+    if not args.skip_tests:
+        penv = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+        test_rc = subprocess.run(test, cwd=ROOT / "tests", env=penv).returncode
+    sys.path.insert(0, str(ROOT / "python"))
+    rows = bench()
+    name = torch.cuda.get_device_name()
+    now = dt.datetime.now(dt.timezone.utc)
+    res = dict(gpu=name, capability=list(torch.cuda.get_device_capability()), date=now.isoformat(),
+               commit=git_commit(), torch=torch.__version__, config=BENCH, tests_rc=test_rc,
+               results=rows)
+    outdir = ROOT / "benchmarks" / "results"
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / f"gpu_check_{name.replace(' ', '_')}_{now:%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {path}")
+    print(f"{name}, commit {res['commit'][:10]}, tests rc={test_rc}")
+    print(f"{'case':<12} {'ours ms':>9} {'flex ms':>9} {'ours TF/s':>10} {'flex TF/s':>10} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['case']:<12} {r['ours_ms']:>9.3f} {r['flex_ms']:>9.3f} {r['ours_tflops']:>10.1f} "
+              f"{r['flex_tflops']:>10.1f} {r['speedup']:>8.2f}")
+    return test_rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
