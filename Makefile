@@ -49,6 +49,13 @@ $(VENV)/.cuda-tools-stamp: $(VENV)/.deps-stamp
 cuda-check: $(VENV)/.cuda-tools-stamp
 	$(PY) tools/cuda_check.py --archs "$(subst ;,$(comma),$(ARCHS))" --jobs $(JOBS)
 
+# GPU gate (a GPU machine with torch CUDA and nvcc; no network): build for the local arch,
+# run tests/test_*_cuda.py, short SWA benchmark vs FlexAttention -> benchmarks/results/.
+# GPU_CHECK_ARGS=--dry-run prints the plan without a GPU.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
 # Copy the CuTe/CUTLASS headers into the checkout (third_party/, ignored) so an offline
 # GPU machine can build from the checkout alone.
 cutlass: $(VENV)/.cuda-tools-stamp
