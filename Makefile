@@ -61,5 +61,16 @@ gpu-check:
 cutlass: $(VENV)/.cuda-tools-stamp
 	$(PY) -c "import cutlass_library, os, shutil; src = os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'); [shutil.copytree(os.path.join(src, d), os.path.join('third_party/cutlass/include', d), dirs_exist_ok=True) for d in ('cute', 'cutlass')]"
 
+# A wheel for exactly the CUDA architectures in ARCHS, into dist/, from a clean build tree,
+# then its contents (SASS/PTX architectures, sizes). CPU-only when torch has no CUDA.
+wheel: venv
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
+	  echo "wheel: CUDA architectures $(ARCHS)"; else \
+	  echo "wheel: the torch in $(VENV) has no CUDA: building a CPU-only wheel (ARCHS ignored)"; fi
+	rm -rf build/wheel build/lib.* build/bdist.*
+	RATTENTION_CUDA_ARCHS="$(ARCHS)" RATTENTION_BUILD_DIR=build/wheel MAX_JOBS=$(JOBS) \
+	  $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	$(PY) python/rattention_ext/inspect_wheel.py --no-build-info "$$(ls -t dist/rattention_ext-*.whl | head -1)"
+
 clean:
 	rm -rf build dist *.egg-info python/rattention_ext/_C*.so

@@ -24,6 +24,19 @@ function(rattention_add_cuda_sources target)
   file(GLOB _cuda_cpp CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cpp)
   target_sources(${target} PRIVATE ${_cu} ${_cuda_cpp})
   target_include_directories(${target} PRIVATE ${CUTLASS_INCLUDE_DIRS})
+  # ATen/cuda/CUDAContext.h includes cusparse.h and cublas_v2.h. A compiler-only toolkit lacks
+  # them; the nvidia-* wheels that CUDA torch depends on have them (after the toolkit's dirs).
+  execute_process(
+    COMMAND ${Python_EXECUTABLE} -c
+      "import glob, nvidia; print(';'.join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + '/*/include'))))"
+    OUTPUT_VARIABLE _ratt_nvidia_incdirs OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  foreach(_hdr cusparse.h cublas_v2.h)
+    string(MAKE_C_IDENTIFIER "RATTENTION_DIR_${_hdr}" _var)
+    find_path(${_var} ${_hdr} HINTS ${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES} PATHS ${_ratt_nvidia_incdirs})
+    if(${_var})
+      target_include_directories(${target} SYSTEM AFTER PRIVATE ${${_var}})
+    endif()
+  endforeach()
   set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${RATTENTION_CUDA_ARCHS}")
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr --use_fast_math -lineinfo>)

@@ -30,8 +30,23 @@ find_package(pybind11 CONFIG REQUIRED)
 # must not need one, so hide CUDA from TorchConfig in that case.
 if(RATTENTION_CPU_ONLY OR NOT RATTENTION_TORCH_HAS_CUDA)
   set(USE_CUDA OFF)
+else()
+  # TorchConfig links CUDA::nvrtc (CUDA_nvrtc_LIBRARY). A toolkit with only the compiler
+  # (nvcc-only installs) has no libnvrtc; the nvidia-cuda-nvrtc wheel that CUDA torch
+  # depends on has it (site-packages/nvidia/cu13/lib or nvidia/cuda_nvrtc/lib).
+  execute_process(
+    COMMAND ${Python_EXECUTABLE} -c
+      "import nvidia; print(';'.join(p + s for p in nvidia.__path__ for s in ('/cu13/lib', '/cuda_nvrtc/lib')))"
+    OUTPUT_VARIABLE _ratt_nvidia_libdirs OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
+               HINTS "$ENV{CUDA_HOME}/lib64" "$ENV{CUDA_PATH}/lib64" /usr/local/cuda/lib64
+               PATHS ${_ratt_nvidia_libdirs})
 endif()
 find_package(Torch REQUIRED)
+# TorchConfig appends -gencode flags for torch's own architecture list (TORCH_CUDA_ARCH_LIST,
+# else every arch torch supports, e.g. sm_50 that CUDA 13 rejects) to CMAKE_CUDA_FLAGS. Our
+# architectures are RATTENTION_CUDA_ARCHS alone (the target's CUDA_ARCHITECTURES).
+string(REGEX REPLACE "-gencode[ =]+arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
 
 find_library(RATTENTION_TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib"
              NO_DEFAULT_PATH REQUIRED)

@@ -1,0 +1,289 @@
+// CPU residual linear attention, backward, chunked with state checkpoints.
+//
+// Forward (per query head h of kv group g): o[t] = phi(q[t])^T (H0[h] + S[t]),
+// S[t] = sum_{s <= t-w-1} phi(k[s]) v[s]^T. With do = grad_out:
+//   dphi_q[t] = (H0[h] + S[t]) do[t]
+//   dphi_k[s] = U_s v[s],  dv[s] = U_s^T phi(k[s]),   U_s = GF + sum_{h, t >= s+w+1} phi(q_h[t]) do_h[t]^T
+//   dH0[b, h] = sum_t phi(q_h[t]) do_h[t]^T
+// where GF = grad_final_state (every key that enters the state is in the final state).
+// Chunked, for chunk c (queries [t0, t0+nq), shifted keys [s0, s0+nk)), per head h:
+//   dphi(Q)  = dO (H0 + S_c)^T + mask(dO V~^T) phi(K~)
+//   dphi(K~) += mask(dO V~^T)^T phi(Q)           dV~ += mask(phi(Q) phi(K~)^T)^T dO
+// and per kv head: dphi(K~) += V~ U_c^T, dV~ += phi(K~) U_c, then U_{c-1} = U_c + sum_h phi(Q)^T dO.
+// S_c is recomputed from the nearest checkpoint: a segment's states are rebuilt forward into
+// a small buffer ([checkpoint_every, 2D, D]) and the segment is then walked backward.
+// dq, dk come from the feature-map backward (core/feature_map.h) per row.
+//
+// Parallelism: one task per (b, g) walks all segments backward, carrying U. When B * Hkv
+// cannot fill the threads, a reverse pass over value-column blocks (U and dH0 are separable
+// by value column) first stores U at each segment end; then every (b, g, segment) is an
+// independent task.
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "rla_common.h"
+
+namespace rattention::cpu {
+namespace {
+
+using namespace rla_detail;
+
+template <typename scalar_t>
+struct RlaBwd {
+  using acc_t = typename AccType<scalar_t>::type;
+  const RlaBwdParams& p;
+  Geometry geo;
+
+  explicit RlaBwd(const RlaBwdParams& params)
+      : p(params), geo(params.dims, params.window_size, params.chunk_size, params.checkpoint_every) {}
+
+  const scalar_t* q() const { return static_cast<const scalar_t*>(p.q); }
+  const scalar_t* k() const { return static_cast<const scalar_t*>(p.k); }
+  const scalar_t* v() const { return static_cast<const scalar_t*>(p.v); }
+  const acc_t* grad_out() const { return static_cast<const acc_t*>(p.grad_out); }
+  const acc_t* ckpt(int64_t b, int64_t g, int64_t i) const {
+    return static_cast<const acc_t*>(p.checkpoints) +
+           ((b * geo.Hkv + g) * geo.n_seg + i) * geo.F * geo.D;
+  }
+  const acc_t* h0(int64_t b, int64_t h) const {
+    return static_cast<const acc_t*>(p.initial_state) + b * p.initial_state_bstride +
+           h * geo.F * geo.D;
+  }
+  acc_t* dh0(int64_t b, int64_t h) const {
+    return static_cast<acc_t*>(p.grad_initial_state) + (b * geo.Hq + h) * geo.F * geo.D;
+  }
+  const acc_t* grad_final(int64_t b, int64_t g) const {
+    return static_cast<const acc_t*>(p.grad_final_state) + (b * geo.Hkv + g) * geo.F * geo.D;
+  }
+  bool has_h0() const { return p.initial_state != nullptr; }
+
+  // Reverse pass over value columns [j0, j0 + nc) of (b, g): U at the last chunk of each
+  // segment into gUck [n_seg, F, D] (columns j0..), and dH0 for the group's heads.
+  void reverse_scan(int64_t b, int64_t g, int64_t j0, int64_t nc, acc_t* gUck) const {
+    const int64_t C = geo.C, D = geo.D, F = geo.F;
+    std::vector<acc_t> scratch(F * nc + C * D + C * F + C * nc + F * nc);
+    acc_t* sU = scratch.data();  // [F, nc]
+    acc_t* sXq = sU + F * nc;    // [C, D]
+    acc_t* sPq = sXq + C * D;    // [C, F]
+    acc_t* sdO = sPq + C * F;    // [C, nc]
+    acc_t* sT = sdO + C * nc;    // [F, nc] one head's phi(Q)^T dO
+    if (p.grad_final_state != nullptr) {
+      copy_block(grad_final(b, g) + j0, D, sU, nc, F, nc);
+    } else {
+      std::fill(sU, sU + F * nc, acc_t(0));
+    }
+    for (int64_t sg = geo.n_seg - 1; sg >= 0; --sg) {
+      const int64_t cb = geo.seg_first_chunk(sg), ce = geo.seg_end_chunk(sg);
+      copy_block(sU, nc, gUck + sg * F * D + j0, D, F, nc);
+      // U is needed only at segment ends; dH0 needs every chunk.
+      const int64_t c_stop = has_h0() ? 0 : geo.seg_first_chunk(1);
+      for (int64_t c = ce - 1; c >= cb && c >= c_stop; --c) {
+        const ChunkRange r = chunk_range(geo, c);
+        for (int64_t hh = 0; hh < geo.G; ++hh) {
+          const int64_t h = g * geo.G + hh;
+          load_rows(q(), p.q_stride, b, h, r.t0, r.nq, 0, D, sXq, D);
+          feature_rows(p.feature_map, sXq, sPq, r.nq, D);
+          load_rows(grad_out(), p.grad_out_stride, b, h, r.t0, r.nq, j0, nc, sdO, nc);
+          if (has_h0()) {
+            gemm<acc_t>(true, false, F, nc, r.nq, acc_t(1), sPq, F, sdO, nc, acc_t(0), sT, nc);
+            add_block(sT, nc, dh0(b, h) + j0, D, F, nc);
+            add_block(sT, nc, sU, nc, F, nc);
+          } else {
+            gemm<acc_t>(true, false, F, nc, r.nq, acc_t(1), sPq, F, sdO, nc, acc_t(1), sU, nc);
+          }
+        }
+      }
+    }
+  }
+
+  // Gradients for segments [sg_begin, sg_end) of (b, g), walked backward. sU [F, D]: U for
+  // the last chunk of segment sg_end - 1 (updated in place). with_dh0: accumulate dH0.
+  void run(int64_t b, int64_t g, int64_t sg_begin, int64_t sg_end, acc_t* sU, bool with_dh0) const {
+    const int64_t C = geo.C, D = geo.D, F = geo.F, w = geo.w;
+    const int64_t n_states = imin(geo.every, geo.n_chunks);
+    std::vector<acc_t> states(n_states * F * D);
+    std::vector<acc_t> scratch(3 * F * D + 5 * C * D + 4 * C * F + 2 * C * C + D);
+    acc_t* sSh = scratch.data();  // [F, D] H0[h] + S_c
+    acc_t* sdU = sSh + F * D;     // [F, D] this chunk's sum_h phi(Q)^T dO
+    acc_t* sT = sdU + F * D;      // [F, D] one head's phi(Q)^T dO (for dH0)
+    acc_t* sXk = sT + F * D;      // [C, D] raw k~
+    acc_t* sV = sXk + C * D;      // [C, D] v~
+    acc_t* sdV = sV + C * D;      // [C, D] dv~
+    acc_t* sdO = sdV + C * D;     // [C, D] dO
+    acc_t* sXq = sdO + C * D;     // [C, D] raw q
+    acc_t* sPk = sXq + C * D;     // [C, F] phi(k~)
+    acc_t* sdPk = sPk + C * F;    // [C, F] dphi(k~)
+    acc_t* sPq = sdPk + C * F;    // [C, F] phi(q)
+    acc_t* sdPq = sPq + C * F;    // [C, F] dphi(q)
+    acc_t* sA = sdPq + C * F;     // [C, C] masked phi(Q) phi(K~)^T
+    acc_t* sdP = sA + C * C;      // [C, C] masked dO V~^T
+    acc_t* sdx = sdP + C * C;     // [D] one row's dq / dk
+    auto* gdq = static_cast<scalar_t*>(p.grad_q);
+    auto* gdk = static_cast<scalar_t*>(p.grad_k);
+    auto* gdv = static_cast<scalar_t*>(p.grad_v);
+    const FeatureMap fm = p.feature_map;
+
+    auto load_keys = [&](const ChunkRange& r) {
+      load_rows(k(), p.k_stride, b, g, r.s0, r.nk, 0, D, sXk, D);
+      feature_rows(fm, sXk, sPk, r.nk, D);
+      load_rows(v(), p.v_stride, b, g, r.s0, r.nk, 0, D, sV, D);
+    };
+
+    for (int64_t sg = sg_end - 1; sg >= sg_begin; --sg) {
+      const int64_t cb = geo.seg_first_chunk(sg), ce = geo.seg_end_chunk(sg);
+      // Rebuild S_c for the segment's chunks from its checkpoint.
+      std::memcpy(states.data(), ckpt(b, g, sg), F * D * sizeof(acc_t));
+      for (int64_t c = cb; c + 1 < ce; ++c) {
+        acc_t* next = states.data() + (c - cb + 1) * F * D;
+        std::memcpy(next, next - F * D, F * D * sizeof(acc_t));
+        const ChunkRange r = chunk_range(geo, c);
+        if (r.nk > 0) {
+          load_keys(r);
+          gemm<acc_t>(true, false, F, D, r.nk, acc_t(1), sPk, F, sV, D, acc_t(1), next, D);
+        }
+      }
+      for (int64_t c = ce - 1; c >= cb; --c) {
+        const acc_t* sS = states.data() + (c - cb) * F * D;
+        const ChunkRange r = chunk_range(geo, c);
+        // No U update is needed below the first chunk that has keys, unless for dH0.
+        const bool need_dU = c > 0;
+        if (r.nk > 0) {
+          load_keys(r);
+          std::fill(sdPk, sdPk + r.nk * F, acc_t(0));
+          std::fill(sdV, sdV + r.nk * D, acc_t(0));
+        }
+        if (need_dU) std::fill(sdU, sdU + F * D, acc_t(0));
+        for (int64_t hh = 0; hh < geo.G; ++hh) {
+          const int64_t h = g * geo.G + hh;
+          load_rows(q(), p.q_stride, b, h, r.t0, r.nq, 0, D, sXq, D);
+          feature_rows(fm, sXq, sPq, r.nq, D);
+          load_rows(grad_out(), p.grad_out_stride, b, h, r.t0, r.nq, 0, D, sdO, D);
+          const acc_t* state = sS;
+          if (has_h0()) {
+            const acc_t* gH0 = h0(b, h);
+            for (int64_t i = 0; i < F * D; ++i) sSh[i] = sS[i] + gH0[i];
+            state = sSh;
+          }
+          // dphi(Q)[nq, F] = dO [nq, D] @ state^T (state stored [F, D])
+          gemm<acc_t>(false, true, r.nq, F, D, acc_t(1), sdO, D, state, D, acc_t(0), sdPq, F);
+          if (r.nk > 0) {
+            // sdP[nq, nk] = dO @ V~^T, masked
+            gemm<acc_t>(false, true, r.nq, r.nk, D, acc_t(1), sdO, D, sV, D, acc_t(0), sdP, r.nk);
+            mask_chunk(sdP, r.nk, r, w);
+            // dphi(Q) += sdP @ phi(K~); dphi(K~) += sdP^T @ phi(Q)
+            gemm<acc_t>(false, false, r.nq, F, r.nk, acc_t(1), sdP, r.nk, sPk, F, acc_t(1), sdPq, F);
+            gemm<acc_t>(true, false, r.nk, F, r.nq, acc_t(1), sdP, r.nk, sPq, F, acc_t(1), sdPk, F);
+            // sA = phi(Q) phi(K~)^T masked; dV~ += sA^T @ dO
+            gemm<acc_t>(false, true, r.nq, r.nk, F, acc_t(1), sPq, F, sPk, F, acc_t(0), sA, r.nk);
+            mask_chunk(sA, r.nk, r, w);
+            gemm<acc_t>(true, false, r.nk, D, r.nq, acc_t(1), sA, r.nk, sdO, D, acc_t(1), sdV, D);
+          }
+          for (int64_t i = 0; i < r.nq; ++i) {
+            feature_map_backward<acc_t>(fm, sXq + i * D, sPq + i * F, sdPq + i * F, sdx,
+                                        static_cast<int>(D));
+            scalar_t* dst = gdq + ((b * geo.T + r.t0 + i) * geo.Hq + h) * D;
+            for (int64_t j = 0; j < D; ++j) dst[j] = Convert<scalar_t>::store(sdx[j]);
+          }
+          if (with_dh0) {
+            gemm<acc_t>(true, false, F, D, r.nq, acc_t(1), sPq, F, sdO, D, acc_t(0), sT, D);
+            add_block(sT, D, dh0(b, h), D, F, D);
+            if (need_dU) add_block(sT, D, sdU, D, F, D);
+          } else if (need_dU) {
+            gemm<acc_t>(true, false, F, D, r.nq, acc_t(1), sPq, F, sdO, D, acc_t(1), sdU, D);
+          }
+        }
+        if (r.nk > 0) {
+          // Later queries see all of this chunk's keys: dphi(K~) += V~ U^T, dV~ += phi(K~) U.
+          gemm<acc_t>(false, true, r.nk, F, D, acc_t(1), sV, D, sU, D, acc_t(1), sdPk, F);
+          gemm<acc_t>(false, false, r.nk, D, F, acc_t(1), sPk, F, sU, D, acc_t(1), sdV, D);
+          for (int64_t i = 0; i < r.nk; ++i) {
+            feature_map_backward<acc_t>(fm, sXk + i * D, sPk + i * F, sdPk + i * F, sdx,
+                                        static_cast<int>(D));
+            const int64_t row = ((b * geo.T + r.s0 + i) * geo.Hkv + g) * D;
+            for (int64_t j = 0; j < D; ++j) {
+              gdk[row + j] = Convert<scalar_t>::store(sdx[j]);
+              gdv[row + j] = Convert<scalar_t>::store(sdV[i * D + j]);
+            }
+          }
+        }
+        if (need_dU) add_block(sdU, D, sU, D, F, D);
+      }
+    }
+  }
+
+  void operator()() const {
+    const int64_t BH = geo.B * geo.Hkv, D = geo.D, F = geo.F;
+    const int64_t threads = max_threads();
+    // Keys that never enter the state (the last w + 1) get zero gradients.
+    {
+      auto* gdk = static_cast<scalar_t*>(p.grad_k);
+      auto* gdv = static_cast<scalar_t*>(p.grad_v);
+      const scalar_t zero = Convert<scalar_t>::store(0);
+      for (int64_t b = 0; b < geo.B; ++b) {
+        for (int64_t s = geo.state_len(); s < geo.T; ++s) {
+          const int64_t row = (b * geo.T + s) * geo.Hkv * D;
+          std::fill(gdk + row, gdk + row + geo.Hkv * D, zero);
+          std::fill(gdv + row, gdv + row + geo.Hkv * D, zero);
+        }
+      }
+    }
+    if (has_h0()) {
+      std::fill(dh0(0, 0), dh0(0, 0) + geo.B * geo.Hq * F * D, acc_t(0));
+    }
+    auto init_u = [&](int64_t b, int64_t g, acc_t* sU) {
+      if (p.grad_final_state != nullptr) {
+        std::memcpy(sU, grad_final(b, g), F * D * sizeof(acc_t));
+      } else {
+        std::fill(sU, sU + F * D, acc_t(0));
+      }
+    };
+    if (!use_segment_parallel(geo)) {
+      parallel_for(BH, 1, [&](int64_t t_begin, int64_t t_end) {
+        std::vector<acc_t> sU(F * D);
+        for (int64_t bg = t_begin; bg < t_end; ++bg) {
+          const int64_t b = bg / geo.Hkv, g = bg % geo.Hkv;
+          init_u(b, g, sU.data());
+          run(b, g, 0, geo.n_seg, sU.data(), has_h0());
+        }
+      });
+      return;
+    }
+    // 1) Reverse state U at each segment end (and dH0), split over value columns.
+    std::vector<acc_t> u_ckpt(BH * geo.n_seg * F * D);
+    {
+      const int64_t nc0 = column_block(D, ceil_div(threads, BH), 16);
+      const int64_t nb = ceil_div(D, nc0);
+      parallel_for(BH * nb, 1, [&](int64_t t_begin, int64_t t_end) {
+        for (int64_t task = t_begin; task < t_end; ++task) {
+          const int64_t bg = task / nb, j0 = (task % nb) * nc0, nc = imin(nc0, D - j0);
+          const int64_t b = bg / geo.Hkv, g = bg % geo.Hkv;
+          reverse_scan(b, g, j0, nc, u_ckpt.data() + bg * geo.n_seg * F * D);
+        }
+      });
+    }
+    // 2) Every (b, g, segment) independently.
+    parallel_for(BH * geo.n_seg, 1, [&](int64_t t_begin, int64_t t_end) {
+      std::vector<acc_t> sU(F * D);
+      for (int64_t task = t_begin; task < t_end; ++task) {
+        const int64_t bg = task / geo.n_seg, sg = task % geo.n_seg;
+        const int64_t b = bg / geo.Hkv, g = bg % geo.Hkv;
+        std::memcpy(sU.data(), u_ckpt.data() + (bg * geo.n_seg + sg) * F * D, F * D * sizeof(acc_t));
+        run(b, g, sg, sg + 1, sU.data(), false);
+      }
+    });
+  }
+};
+
+}  // namespace
+
+void rla_bwd(const RlaBwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: RlaBwd<float>{p}(); break;
+    case DType::kFloat64: RlaBwd<double>{p}(); break;
+    case DType::kBFloat16: RlaBwd<bf16_t>{p}(); break;
+    default: throw std::runtime_error("rla_bwd: unsupported dtype on CPU");
+  }
+}
+
+}  // namespace rattention::cpu
