@@ -114,6 +114,7 @@ def test_swa_cuda_stream_and_determinism():
     out, lse = ops.swa_fwd(q, k, v, w, 0.1, None, None)
     grads = ops.swa_bwd(go, None, q, k, v, out, lse, w, 0.1, None, None, True)
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # inputs were made on the default stream
     with torch.cuda.stream(s):
         _poison()
         out2, lse2 = ops.swa_fwd(q, k, v, w, 0.1, None, None)
