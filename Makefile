@@ -49,15 +49,17 @@ $(VENV)/.cuda-tools-stamp: $(VENV)/.deps-stamp
 cuda-check: $(VENV)/.cuda-tools-stamp
 	$(PY) tools/cuda_check.py --archs "$(subst ;,$(comma),$(ARCHS))" --jobs $(JOBS)
 
+# GPU gate (a GPU machine with torch CUDA and nvcc; no network): build for the local arch,
+# run tests/test_*_cuda.py, short SWA benchmark vs FlexAttention -> benchmarks/results/.
+# GPU_CHECK_ARGS=--dry-run prints the plan without a GPU.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
 # Copy the CuTe/CUTLASS headers into the checkout (third_party/, ignored) so an offline
 # GPU machine can build from the checkout alone.
 cutlass: $(VENV)/.cuda-tools-stamp
 	$(PY) -c "import cutlass_library, os, shutil; src = os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'); [shutil.copytree(os.path.join(src, d), os.path.join('third_party/cutlass/include', d), dirs_exist_ok=True) for d in ('cute', 'cutlass')]"
-
-# One prepared command for a machine with a GPU, torch (CUDA) and nvcc, no network:
-# build for this GPU's arch only, run the GPU tests, short benchmark vs FlexAttention.
-gpu-check:
-	$(PY) tools/gpu_check.py
 
 # A wheel for exactly the CUDA architectures in ARCHS, into dist/, from a clean build tree,
 # then its contents (SASS/PTX architectures, sizes). CPU-only when torch has no CUDA.

@@ -1,7 +1,5 @@
-// CUDA implementations of swa_fwd: validate + fill params (op_common), make the rows the
-// kernel reads 16-byte aligned (cp.async), launch on the current stream, check the launch.
-// swa_bwd has no CUDA kernel yet (see csrc/cuda/README.md): it is not registered for CUDA,
-// so the dispatcher reports that clearly instead of running a stub.
+// CUDA implementations of swa_fwd and swa_bwd: validate and fill params (op_common,
+// cuda_backend = true), launch on the current stream, check the launch.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -12,38 +10,60 @@
 namespace rattention {
 namespace {
 
-// cp.async moves 16 B: the base pointer and every row start must be 16-byte aligned.
-bool rows_aligned16(const void* ptr, const Strides4& s, int64_t elem_size) {
-  auto ok = [&](int64_t stride) { return (stride * elem_size) % 16 == 0; };
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ok(s.b) && ok(s.t) && ok(s.h);
+void check_swa_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& v, int64_t window_size,
-                                                   double softmax_scale,
-                                                   const c10::optional<at::Tensor>& rotary_cos,
-                                                   const c10::optional<at::Tensor>& rotary_sin) {
+// The kernels move q/k/v with 16-byte cp.async: rows must be contiguous along D, the base
+// 16-byte aligned and the B/T/H strides multiples of 8 elements. Anything else (odd views,
+// slices at odd offsets) gets a contiguous copy here rather than a misaligned access there.
+at::Tensor cp_async_ready(const at::Tensor& x) {
+  if (x.dim() != 4) return x;  // op_common reports the shape error by name
+  bool ok = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3 && ok; ++i) ok = x.size(i) <= 1 || x.stride(i) % 8 == 0;
+  return ok ? x : x.contiguous();
+}
+
+void check_cuda_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, int64_t window_size,
+                                                double softmax_scale,
+                                                const c10::optional<at::Tensor>& rotary_cos,
+                                                const c10::optional<at::Tensor>& rotary_sin) {
+  check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto r = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, true);
-  auto& p = r.params;
-  const int64_t es = q.element_size();
-  // Misaligned views (e.g. a slice at an odd offset) are copied once.
-  if (!rows_aligned16(p.q, p.q_stride, es) || !rows_aligned16(p.k, p.k_stride, es) ||
-      !rows_aligned16(p.v, p.v_stride, es)) {
-    auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-    r = prepare_swa_fwd(qc, kc, vc, window_size, softmax_scale, rotary_cos, rotary_sin, true);
-    r.keep.push_back(qc);
-    r.keep.push_back(kc);
-    r.keep.push_back(vc);
-  }
-  const cudaError_t err = swa_fwd_cuda(r.params, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "swa_fwd: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  auto r = prepare_swa_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v), window_size,
+                           softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true);
+  check_swa_launch(cuda::swa_fwd(r.params, at::cuda::getCurrentCUDAStream()), "swa_fwd_kernel");
   return {r.out, r.lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    int64_t window_size, double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
+    const c10::optional<at::Tensor>& rotary_sin, bool deterministic) {
+  check_cuda_input(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // The CUDA backward is deterministic whatever `deterministic` says (no atomics).
+  auto r = prepare_swa_bwd(grad_out, grad_lse, cp_async_ready(q), cp_async_ready(k),
+                           cp_async_ready(v), out, lse, window_size, softmax_scale, rotary_cos,
+                           rotary_sin, deterministic, /*cuda_backend=*/true);
+  at::Tensor ws = at::empty({cuda::swa_bwd_workspace_floats(r.params)},
+                            q.options().dtype(at::kFloat));
+  check_swa_launch(cuda::swa_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                   "swa_bwd (swa_bwd_preprocess_kernel / swa_bwd_dkdv_kernel / swa_bwd_dq_kernel)");
+  return {r.grad_q, r.grad_k, r.grad_v};
+}
+
 }  // namespace
-}  // namespace rattention
 
 TORCH_LIBRARY_IMPL(rattention_ext, CUDA, m) {
-  m.impl("swa_fwd", &rattention::swa_fwd_cuda_op);
+  m.impl("swa_fwd", &swa_fwd_cuda);
+  m.impl("swa_bwd", &swa_bwd_cuda);
 }
+
+}  // namespace rattention

@@ -18,7 +18,7 @@
 #include <cutlass/half.h>
 
 #include "core/feature_map.h"
-#include "swa_traits.cuh"  // DynSmem<N>: dynamic smem in the kernel name for tools/cuda_check.py
+#include "dyn_smem.cuh"  // DynSmem<N>: dynamic smem in the kernel name for tools/cuda_check.py
 #include "core/params.h"
 
 namespace rattention::cuda {

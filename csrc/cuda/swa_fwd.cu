@@ -1,42 +1,40 @@
-// SWA forward launcher: dispatch dtype x head dim, dynamic smem, grid (m tiles, Hq, B).
+// Host launcher of the SWA forward: picks the (dtype, head dim) instantiation; T, window,
+// GQA group, scale and rotary are runtime.
 #include "cuda/swa_fwd_kernel.cuh"
 #include "cuda/swa_launch.h"
 
-namespace rattention {
+namespace rattention::cuda {
 namespace {
 
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const SwaFwdParams& p, cudaStream_t stream) {
-  using Traits = cuda::SwaFwdTraitsFor<Element, kHeadDim>;
-  auto kernel = &cuda::swa_fwd_kernel<Traits>;
-  constexpr int smem = Traits::kSmemSize;
-  if (smem > 48 * 1024) {
-    cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.dims.seqlen, Traits::kBlockM)),
-                  static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch));
-  if (p.dims.seqlen == 0 || p.dims.batch == 0) return cudaSuccess;
+  using Traits = SwaTraits<Element, kHeadDim>;
+  const int64_t T = p.dims.seqlen;
+  if (T == 0 || p.dims.batch == 0 || p.dims.heads_q == 0) return cudaSuccess;
+  auto kernel = swa_fwd_kernel<Traits>;
+  constexpr int smem = Traits::kSmemFwd;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(ceil_div(T, Traits::kBlockM)), unsigned(p.dims.batch),
+                  unsigned(p.dims.heads_q));
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t swa_fwd_cuda(const SwaFwdParams& p, cudaStream_t stream) {
+cudaError_t swa_fwd(const SwaFwdParams& p, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
-  switch (p.dims.head_dim) {
-    case 64:
-      return bf16 ? launch_fwd<cutlass::bfloat16_t, 64>(p, stream)
-                  : launch_fwd<cutlass::half_t, 64>(p, stream);
-    case 128:
-      return bf16 ? launch_fwd<cutlass::bfloat16_t, 128>(p, stream)
-                  : launch_fwd<cutlass::half_t, 128>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
+  if (!bf16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (p.dims.head_dim == 64) {
+    return bf16 ? launch_fwd<cutlass::bfloat16_t, 64>(p, stream)
+                : launch_fwd<cutlass::half_t, 64>(p, stream);
   }
+  if (p.dims.head_dim == 128) {
+    return bf16 ? launch_fwd<cutlass::bfloat16_t, 128>(p, stream)
+                : launch_fwd<cutlass::half_t, 128>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
-}  // namespace rattention
+}  // namespace rattention::cuda

@@ -1,42 +1,43 @@
-// Kernel traits of the SWA kernels: tile sizes, swizzled smem layouts, tiled MMA, copies.
-// One instantiation per (Element, kHeadDim); window, T, GQA, scale, rotary are runtime.
+// Sliding-window attention on tensor cores (flash-attention-2 structure): tile sizes,
+// swizzled shared-memory layouts, the tiled MMA, copy atoms and the small register-level
+// helpers (layout conversions, warp-quad reductions, smem->reg GEMMs) shared by the SWA
+// forward and backward kernels.
 #pragma once
 #include <cute/tensor.hpp>
-#include <cutlass/numeric_types.h>
+#include <cutlass/bfloat16.h>
+#include <cutlass/half.h>
+#include <cutlass/numeric_conversion.h>
 
-namespace rattention {
-namespace cuda {
+namespace rattention::cuda {
 
-// Dynamic shared memory of a kernel as a template argument, so the demangled kernel name
-// tells tools/cuda_check.py how much the launcher requests (ptxas only sees static smem).
-template <int N>
-struct DynSmem {
-  static constexpr int value = N;
+template <typename Element>
+struct SwaMmaAtom;
+template <>
+struct SwaMmaAtom<cutlass::bfloat16_t> {
+  using type = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <>
+struct SwaMmaAtom<cutlass::half_t> {
+  using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct SwaFwdTraits {
+template <typename Element_, int kHeadDim_>
+struct SwaTraits {
   using Element = Element_;
-  using ElementAccum = float;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBlockM_;  // query rows per CTA
-  static constexpr int kBlockN = kBlockN_;  // key rows per tile
-  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kHeadDim = kHeadDim_;  // D (compile time; everything else is runtime)
+  static constexpr int kBlockM = 64;          // query rows per tile: 4 warps x 16 rows
+  static constexpr int kBlockN = 64;          // key rows per tile
+  static constexpr int kNWarps = 4;
   static constexpr int kNThreads = kNWarps * 32;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
-  static_assert(kBlockM == 16 * kNWarps, "each warp owns 16 query rows (one MMA M tile)");
-  static_assert(kBlockN % 16 == 0, "key tile must be a multiple of the MMA K (16)");
 
-  static constexpr bool kIsBf16 = cute::is_same_v<Element, cutlass::bfloat16_t>;
-  using MmaAtom = cute::conditional_t<kIsBf16, cute::SM80_16x8x16_F32BF16BF16F32_TN,
-                                      cute::SM80_16x8x16_F32F16F16F32_TN>;
-  // Warps tile M; the N permutation of 16 makes each warp's B fragment one ldmatrix.x4.
-  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaAtom>,
+  // 4 warps stacked along M: warp w owns rows [16w, 16w + 16) of every 64-row tile, so the
+  // softmax row statistics never cross warps (only the 4 lanes of a quad share a row).
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename SwaMmaAtom<Element>::type>,
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
 
-  // Smem rows of 64 elements (128 B) with Swizzle<3,3,3>: ldmatrix of 8 rows hits 8
-  // different bank groups, and cp.async writes 16 B chunks without conflicts.
+  // Swizzled 8 x 64 atom (128-byte rows): ldmatrix of 8 rows at the same column hits 8
+  // different bank groups, and 16-byte cp.async stores stay vectorised.
   static constexpr int kBlockKSmem = 64;
   using SmemLayoutAtom = decltype(cute::composition(
       cute::Swizzle<3, 3, 3>{},
@@ -46,39 +47,165 @@ struct SwaFwdTraits {
       SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
   using SmemLayoutKV = decltype(cute::tile_to_shape(
       SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
-  // V seen as [D, kBlockN] (the B operand of O = P V), read with ldmatrix.trans.
+  // V^T (D x kBlockN) as a view on the same storage, for the P V product (B operand).
   using SmemLayoutVt = decltype(cute::composition(
-      SmemLayoutKV{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{},
-                                        cute::GenRowMajor{})));
+      SmemLayoutKV{},
+      cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
   using SmemLayoutVtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutVt{}));
+
+  // A (kBlockM x kBlockN) tile of P or dS in the input dtype, used by the backward pass.
+  using SmemLayoutAtomP = decltype(cute::composition(
+      cute::Swizzle<3, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::_64>, cute::Stride<cute::_64, cute::_1>>{}));
+  using SmemLayoutP = decltype(cute::tile_to_shape(
+      SmemLayoutAtomP{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>>{}));
+  using SmemLayoutPt = decltype(cute::composition(
+      SmemLayoutP{},
+      cute::make_layout(cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>>{}, cute::GenRowMajor{})));
+  using SmemLayoutPtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutPt{}));
+  // Q^T / K^T views (D x rows) for dK += dS^T Q (B operand Q^T) and dQ += dS K (B operand K^T).
+  using SmemLayoutQt = decltype(cute::composition(
+      SmemLayoutQ{},
+      cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockM>>{}, cute::GenRowMajor{})));
+  using SmemLayoutQtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutQt{}));
+  using SmemLayoutKt = SmemLayoutVt;
+  using SmemLayoutKtNoSwizzle = SmemLayoutVtNoSwizzle;
 
   using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomTransposed = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
 
-  // gmem -> smem: 16 B cp.async per thread, 8 threads per 64-element row segment.
-  static constexpr int kGmemElemsPerLoad = sizeof(cute::uint128_t) / sizeof(Element);
+  // gmem -> smem: 16-byte cp.async per thread, 8 threads per 64-element row segment.
+  static constexpr int kGmemElemsPerLoad = 16 / int(sizeof(Element));
   static constexpr int kGmemThreadsPerRow = kBlockKSmem / kGmemElemsPerLoad;
-  static_assert(kNThreads % kGmemThreadsPerRow == 0);
-  using GmemLayoutAtom =
-      cute::Layout<cute::Shape<cute::Int<kNThreads / kGmemThreadsPerRow>,
-                               cute::Int<kGmemThreadsPerRow>>,
-                   cute::Stride<cute::Int<kGmemThreadsPerRow>, cute::_1>>;
-  using GmemTiledCopyQKV = decltype(cute::make_tiled_copy(
+  using GmemLayoutAtom = cute::Layout<
+      cute::Shape<cute::Int<kNThreads / kGmemThreadsPerRow>, cute::Int<kGmemThreadsPerRow>>,
+      cute::Stride<cute::Int<kGmemThreadsPerRow>, cute::_1>>;
+  using GmemTiledCopy = decltype(cute::make_tiled_copy(
       cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
       GmemLayoutAtom{}, cute::Layout<cute::Shape<cute::_1, cute::Int<kGmemElemsPerLoad>>>{}));
 
-  static constexpr int kSmemQSize = cute::cosize_v<SmemLayoutQ> * sizeof(Element);
-  static constexpr int kSmemKVSize = cute::cosize_v<SmemLayoutKV> * sizeof(Element);
-  static constexpr int kSmemSize = kSmemQSize + 2 * kSmemKVSize;
-  static_assert(kSmemSize <= 227 * 1024, "fits the sm_80/sm_90 smem carve-out");
+  static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemFwd = kSmemQ + 2 * kSmemKV;  // sQ, sK, sV
 };
 
-// Forward: 128 x 64 tiles, 8 warps for D=128 (acc_o 64 floats/thread); 4 warps, 64 rows
-// for D=64 keeps enough CTAs per SM with a small register file footprint.
-template <typename Element, int kHeadDim>
-using SwaFwdTraitsFor =
-    cute::conditional_t<kHeadDim == 128, SwaFwdTraits<Element, 128, 128, 64, 8>,
-                        SwaFwdTraits<Element, 64, 64, 64, 4>>;
+// ---- register-level helpers (after flash-attention-2's utils.h) ----------------------------
+// MMA accumulator (MMA=4, MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)).
+template <typename Layout>
+CUTE_HOST_DEVICE auto acc_rowcol(Layout acc) {
+  using namespace cute;
+  static_assert(decltype(size<0>(acc))::value == 4);
+  static_assert(decltype(rank(acc))::value == 3);
+  auto l = logical_divide(acc, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
 
-}  // namespace cuda
-}  // namespace rattention
+// Accumulator of a 16x8 MMA (4, MMA_M, MMA_N) reused as the A operand of a 16x8x16 MMA:
+// (4, MMA_M, MMA_N) -> ((4, 2), MMA_M, MMA_N / 2).
+template <typename Layout>
+CUTE_HOST_DEVICE auto acc_as_a(Layout acc) {
+  using namespace cute;
+  auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N/2))
+  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+// Element-wise float -> To conversion of a register fragment (same layout), into an owning
+// register tensor (packed cvt through cutlass::NumericArrayConverter).
+template <typename To, typename Engine, typename Layout>
+CUTE_DEVICE auto convert_frag(cute::Tensor<Engine, Layout> const& t) {
+  using From = typename Engine::value_type;
+  constexpr int N = decltype(cute::size(t))::value;
+  cutlass::NumericArrayConverter<To, From, N> conv;
+  auto out = cute::make_tensor<To>(t.layout());
+  *reinterpret_cast<cutlass::Array<To, N>*>(out.data()) =
+      conv(*reinterpret_cast<const cutlass::Array<From, N>*>(t.data()));
+  return out;
+}
+
+// Reductions over the 4 lanes of a quad (the lanes sharing an accumulator row).
+template <typename Op>
+CUTE_DEVICE float quad_allreduce(float x, Op op) {
+  x = op(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = op(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return x;
+}
+struct MaxOp {
+  CUTE_DEVICE float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  CUTE_DEVICE float operator()(float a, float b) const { return a + b; }
+};
+
+// acc += A B^T with both operands in shared memory, ldmatrix-ed one k-slice ahead.
+template <typename Acc, typename TA, typename TB, typename SA, typename SB, typename Mma,
+          typename CopyA, typename CopyB, typename ThrCopyA, typename ThrCopyB>
+CUTE_DEVICE void gemm_ss(Acc& acc, TA& tCrA, TB& tCrB, SA const& tCsA, SB const& tCsB,
+                         Mma& mma, CopyA const& copy_a, CopyB const& copy_b,
+                         ThrCopyA const& thr_a, ThrCopyB const& thr_b) {
+  using namespace cute;
+  auto tCrA_view = thr_a.retile_D(tCrA);
+  auto tCrB_view = thr_b.retile_D(tCrB);
+  copy(copy_a, tCsA(_, _, _0{}), tCrA_view(_, _, _0{}));
+  copy(copy_b, tCsB(_, _, _0{}), tCrB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(tCrA); ++i) {
+    if (i < size<2>(tCrA) - 1) {
+      copy(copy_a, tCsA(_, _, i + 1), tCrA_view(_, _, i + 1));
+      copy(copy_b, tCsB(_, _, i + 1), tCrB_view(_, _, i + 1));
+    }
+    gemm(mma, tCrA(_, _, i), tCrB(_, _, i), acc);
+  }
+}
+
+// acc += A B^T with A already in registers (P or dS) and B in shared memory.
+template <typename Acc, typename TA, typename TB, typename SB, typename Mma, typename CopyB,
+          typename ThrCopyB>
+CUTE_DEVICE void gemm_rs(Acc& acc, TA const& tCrA, TB& tCrB, SB const& tCsB, Mma& mma,
+                         CopyB const& copy_b, ThrCopyB const& thr_b) {
+  using namespace cute;
+  auto tCrB_view = thr_b.retile_D(tCrB);
+  copy(copy_b, tCsB(_, _, _0{}), tCrB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(tCrA); ++i) {
+    if (i < size<2>(tCrA) - 1) copy(copy_b, tCsB(_, _, i + 1), tCrB_view(_, _, i + 1));
+    gemm(mma, tCrA(_, _, i), tCrB(_, _, i), acc);
+  }
+}
+
+// Predicated tile copy gmem -> smem with cp.async: rows at or past `rows_left` are zero-filled
+// in shared memory (ragged T without padded copies; zero V rows keep 0 * garbage out of O).
+template <typename TiledCopy, typename S, typename D, typename C>
+CUTE_DEVICE void copy_rows_pred(TiledCopy const& tiled_copy, S const& src, D& dst, C const& coord,
+                                int rows_left) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < rows_left) {
+      copy(tiled_copy, src(_, m, _), dst(_, m, _));
+    } else {
+      clear(dst(_, m, _));
+    }
+  }
+}
+
+// Half-split rotary on a (rows x D) shared-memory tile whose first row is token `t0`:
+//   [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] (inverse: s -> -s). Rows >= rows_left are skipped.
+// Each thread owns whole (row, i) pairs, so no two threads touch the same element.
+template <int kRows, int kHeadDim, int kNThreads, typename STensor>
+CUTE_DEVICE void rotate_tile_smem(STensor& s, const float* cos, const float* sin, int64_t t0,
+                                  int rows_left, bool inverse) {
+  constexpr int kHalf = kHeadDim / 2;
+  for (int idx = threadIdx.x; idx < kRows * kHalf; idx += kNThreads) {
+    const int r = idx / kHalf, i = idx % kHalf;
+    if (r >= rows_left) continue;
+    const float c = cos[(t0 + r) * kHalf + i];
+    const float sn = inverse ? -sin[(t0 + r) * kHalf + i] : sin[(t0 + r) * kHalf + i];
+    using E = typename STensor::value_type;
+    const float x1 = static_cast<float>(s(r, i));
+    const float x2 = static_cast<float>(s(r, i + kHalf));
+    s(r, i) = static_cast<E>(x1 * c - x2 * sn);
+    s(r, i + kHalf) = static_cast<E>(x2 * c + x1 * sn);
+  }
+}
+
+}  // namespace rattention::cuda

@@ -1,0 +1,408 @@
+// SWA backward on tensor cores. Four launches, all deterministic (no atomics):
+//   1. swa_bwd_preprocess_kernel: Di = rowsum(dO * O) - grad_lse   (one warp per row)
+//   2. swa_bwd_dkdv_kernel, one CTA per (b, kv head, key tile, D slice): loops over the
+//      group's query heads and the query tiles that see the key tile
+//      (swa_query_tiles_for_key_tile), in the transposed orientation so P^T and dS^T come
+//      out of the MMA accumulator already in the A-operand layout of the next MMA:
+//        S^T = K Q^T,  P^T = exp(scale S^T - lse),  dV += P^T dO,
+//        dP^T = V dO^T, dS^T = P^T (dP^T - Di) scale,  dK += dS^T Q.
+//      Each CTA owns kDSlice = 64 output columns of dK/dV (D = 128 runs two slices that
+//      recompute S^T and dP^T) so the fp32 dK/dV accumulators fit in registers.
+//   3. swa_bwd_dq_kernel, one CTA per (b, q head, query tile) over its key tiles:
+//        S = Q K^T, P, dP = dO V^T, dS = P (dP - Di) scale,  dQ += dS K.
+//   4. swa_bwd_convert_kernel: fp32 dQ/dK workspaces -> input dtype, inverse rotary.
+// dO (fp32) is converted to the input dtype while staged into shared memory.
+#pragma once
+#include <cute/tensor.hpp>
+
+#include <cmath>
+
+#include "core/params.h"
+#include "core/window.h"
+#include "cuda/swa_traits.cuh"
+
+namespace rattention::cuda {
+
+constexpr int kBwdDSlice = 64;  // dK/dV output columns per dkdv CTA
+
+// Di[b, h, t] = sum_d dO * O - grad_lse (the -grad_lse term: d lse / d z = P).
+__global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdParams p, float* di) {
+  const int64_t B = p.dims.batch, T = p.dims.seqlen, H = p.dims.heads_q, D = p.dims.head_dim;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;  // over (b, h, t)
+  const int lane = threadIdx.x % 32;
+  if (row >= B * H * T) return;
+  const int64_t t = row % T, h = (row / T) % H, b = row / (T * H);
+  const float* go = static_cast<const float*>(p.grad_out) + b * p.grad_out_stride.b +
+                    t * p.grad_out_stride.t + h * p.grad_out_stride.h;
+  const float* o = static_cast<const float*>(p.out) + b * p.out_stride.b + t * p.out_stride.t +
+                   h * p.out_stride.h;
+  float acc = 0.f;
+  for (int64_t d = lane; d < D; d += 32) acc += go[d * p.grad_out_stride.d] * o[d * p.out_stride.d];
+  acc = quad_allreduce(acc, SumOp{});
+  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+  if (lane == 0) {
+    const float g = p.grad_lse ? static_cast<const float*>(p.grad_lse)[row] : 0.f;
+    di[row] = acc - g;  // row == (b * H + h) * T + t: the lse layout
+  }
+}
+
+// Stage a (kRows x D) fp32 tile (row stride `ld_t`, D contiguous) into smem in the input
+// dtype; rows >= rows_left are zero.
+template <int kRows, int kHeadDim, int kNThreads, typename STensor>
+CUTE_DEVICE void stage_fp32_tile(STensor& s, const float* g, int64_t ld_t, int rows_left) {
+  using E = typename STensor::value_type;
+  for (int idx = threadIdx.x; idx < kRows * kHeadDim; idx += kNThreads) {
+    const int r = idx / kHeadDim, c = idx % kHeadDim;
+    s(r, c) = static_cast<E>(r < rows_left ? g[r * ld_t + c] : 0.f);
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    swa_bwd_dkdv_kernel(const SwaBwdParams p, const float* di, float* dk_ws) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kNSlices = kHeadDim / kBwdDSlice;
+  static_assert(kBlockM == 64 && kBwdDSlice == 64, "slice views reuse the 64x64 P layout");
+
+  const int n_block = blockIdx.x / kNSlices;
+  const int slice = blockIdx.x % kNSlices;
+  const int64_t b = blockIdx.y;
+  const int64_t hk = blockIdx.z;
+  const int64_t T = p.dims.seqlen;
+  const int64_t G = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t window = p.window_size;
+  const int tid = threadIdx.x;
+  const int64_t n0 = int64_t(n_block) * kBlockN;
+  const int rows_k = int(imin(kBlockN, T - n0));
+  const float scale = float(p.softmax_scale);
+  const float scale_log2 = float(p.softmax_scale * M_LOG2E);
+
+  extern __shared__ __align__(128) char smem_raw[];
+  Element* smem = reinterpret_cast<Element*>(smem_raw);
+  Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKV{});     // (N, D)
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});    // (N, D)
+  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});     // (M, D)
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});    // (M, D)
+  // Column slice [64 slice, 64 slice + 64) of sQ / sdO, transposed: (Ds, M). The swizzled
+  // (M, D) layout stores each 64-column block as a contiguous (64, 64) block of the same
+  // swizzle, so the slice is the 64x64 transposed layout at offset slice * 64 * 64.
+  Tensor sQt = make_tensor(sQ.data() + slice * kBlockM * kBwdDSlice, typename Traits::SmemLayoutPt{});
+  Tensor sdOt = make_tensor(sdO.data() + slice * kBlockM * kBwdDSlice, typename Traits::SmemLayoutPt{});
+  Tensor sQtNoSwizzle = make_tensor(sQt.data(), typename Traits::SmemLayoutPtNoSwizzle{});
+  float* s_lse = reinterpret_cast<float*>(smem_raw + Traits::kSmemQ * 2 + Traits::kSmemKV * 2);
+  float* s_di = s_lse + kBlockM;
+
+  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.k_stride.t, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.v_stride.t, _1{}));
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+
+  typename Traits::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
+  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  copy_rows_pred(gmem_copy, gmem_thr.partition_S(gK), tKsK, tKVcKV, rows_k);
+  copy_rows_pred(gmem_copy, gmem_thr.partition_S(gV), tVsV, tKVcKV, rows_k);
+  cp_async_fence();
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);            // S^T = K Q^T
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
+  Tensor tPrV = thr_mma.partition_fragment_A(sV);            // dP^T = V dO^T
+  Tensor tPrdO = thr_mma.partition_fragment_B(sdO);
+  Tensor tVrdOt = thr_mma.partition_fragment_B(sQtNoSwizzle);  // dV += P^T dO_slice
+  Tensor tKrQt = thr_mma.partition_fragment_B(sQtNoSwizzle);   // dK += dS^T Q_slice
+
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  auto thr_bt = copy_bt.get_thread_slice(tid);
+  Tensor tSsK = thr_a.partition_S(sK);
+  Tensor tPsV = thr_a.partition_S(sV);
+  Tensor tSsQ = thr_b.partition_S(sQ);
+  Tensor tPsdO = thr_b.partition_S(sdO);
+  Tensor tVsdOt = thr_bt.partition_S(sdOt);
+  Tensor tKsQt = thr_bt.partition_S(sQt);
+
+  Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
+  Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+  // (row = key j, col = query i) coordinates of the S^T accumulator.
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+
+  const float* rot_cos = static_cast<const float*>(p.rotary_cos);
+  const float* rot_sin = static_cast<const float*>(p.rotary_sin);
+  bool k_rotated = false;
+  const TileRange mt = swa_query_tiles_for_key_tile(n_block, kBlockM, kBlockN, T, window);
+  for (int64_t hq = hk * G; hq < hk * G + G; ++hq) {
+    const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
+    Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
+                            make_stride(p.q_stride.t, _1{}));
+    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));
+    Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, m_tiles)
+    const float* go_ptr = static_cast<const float*>(p.grad_out) + b * p.grad_out_stride.b +
+                          hq * p.grad_out_stride.h;
+    const float* lse_ptr = static_cast<const float*>(p.lse) + (b * p.dims.heads_q + hq) * T;
+    const float* di_ptr = di + (b * p.dims.heads_q + hq) * T;
+    for (int64_t m = mt.begin; m < mt.end; ++m) {
+      const int64_t m0 = m * kBlockM;
+      const int rows_q = int(imin(kBlockM, T - m0));
+      copy_rows_pred(gmem_copy, tQgQ(_, _, _, m), tQsQ, tQcQ, rows_q);
+      cp_async_fence();
+      stage_fp32_tile<kBlockM, kHeadDim, kNThreads>(sdO, go_ptr + m0 * p.grad_out_stride.t,
+                                                    p.grad_out_stride.t, rows_q);
+      for (int i = tid; i < kBlockM; i += kNThreads) {
+        s_lse[i] = i < rows_q ? lse_ptr[m0 + i] * float(M_LOG2E) : 0.f;
+        s_di[i] = i < rows_q ? di_ptr[m0 + i] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (rot_cos != nullptr) {
+        if (!k_rotated) {
+          rotate_tile_smem<kBlockN, kHeadDim, kNThreads>(sK, rot_cos, rot_sin, n0, rows_k, false);
+          k_rotated = true;
+        }
+        rotate_tile_smem<kBlockM, kHeadDim, kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q, false);
+        __syncthreads();
+      }
+
+      // S^T (N, M) and P^T = exp2(S^T scale log2e - lse log2e), masked at the window edges.
+      Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      clear(acc_s);
+      gemm_ss(acc_s, tSrK, tSrQ, tSsK, tSsQ, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+      const bool need_mask = swa_tile_needs_mask(m, n_block, kBlockM, kBlockN, T, window);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int j = get<0>(tScS(i)), qi = get<1>(tScS(i));
+        const int64_t t = m0 + qi, sk = n0 + j;
+        const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
+        acc_s(i) = vis ? exp2f(acc_s(i) * scale_log2 - s_lse[qi]) : 0.f;
+      }
+      // dV_slice += P^T dO_slice
+      Tensor rP = convert_frag<Element>(acc_s);
+      gemm_rs(acc_dv, make_tensor(rP.data(), acc_as_a(rP.layout())), tVrdOt, tVsdOt, tiled_mma,
+              copy_bt, thr_bt);
+      // dP^T = V dO^T, then dS^T = P^T (dP^T - Di) scale (in place in acc_dp).
+      Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      clear(acc_dp);
+      gemm_ss(acc_dp, tPrV, tPrdO, tPsV, tPsdO, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dp); ++i) {
+        acc_dp(i) = acc_s(i) * (acc_dp(i) - s_di[get<1>(tScS(i))]) * scale;
+      }
+      // dK_slice += dS^T Q_slice
+      Tensor rdS = convert_frag<Element>(acc_dp);
+      gemm_rs(acc_dk, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tKrQt, tKsQt, tiled_mma,
+              copy_bt, thr_bt);
+      __syncthreads();  // sQ / sdO / s_lse / s_di are refilled next iteration
+    }
+  }
+
+  // dV straight to the input dtype (no rotary on v); dK (rotated space) to the fp32
+  // workspace, rotated back and converted by swa_bwd_convert_kernel.
+  Tensor tCc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBwdDSlice>>{}));
+  const int64_t Hkv = p.dims.heads_kv;
+  Element* dv = static_cast<Element*>(p.grad_v);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dv); ++i) {
+    const int64_t sk = n0 + get<0>(tCc(i));
+    const int c = slice * kBwdDSlice + get<1>(tCc(i));
+    if (sk < T) {
+      const int64_t off = ((b * T + sk) * Hkv + hk) * kHeadDim + c;
+      dv[off] = static_cast<Element>(acc_dv(i));
+      dk_ws[off] = acc_dk(i);
+    }
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    swa_bwd_dq_kernel(const SwaBwdParams p, const float* di, float* dq_ws) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+
+  const int m_block = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t h = blockIdx.z;
+  const int64_t T = p.dims.seqlen;
+  const int64_t hk = h / (p.dims.heads_q / p.dims.heads_kv);
+  const int64_t window = p.window_size;
+  const int tid = threadIdx.x;
+  const int64_t m0 = int64_t(m_block) * kBlockM;
+  const int rows_q = int(imin(kBlockM, T - m0));
+  const float scale = float(p.softmax_scale);
+  const float scale_log2 = float(p.softmax_scale * M_LOG2E);
+
+  extern __shared__ __align__(128) char smem_raw[];
+  Element* smem = reinterpret_cast<Element*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});      // (M, D)
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});    // (M, D)
+  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});  // (N, D)
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});    // (N, D)
+  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (D, N)
+  Tensor sKtNoSwizzle = make_tensor(sK.data(), typename Traits::SmemLayoutKtNoSwizzle{});
+
+  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.q_stride.t, _1{}));
+  Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.k_stride.t, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(T, Int<kHeadDim>{}),
+                          make_stride(p.v_stride.t, _1{}));
+  Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));
+
+  typename Traits::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
+  Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tKgK = gmem_thr.partition_S(gK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  copy_rows_pred(gmem_copy, gmem_thr.partition_S(gQ), tQsQ, tQcQ, rows_q);
+  cp_async_fence();
+  const float* go_ptr = static_cast<const float*>(p.grad_out) + b * p.grad_out_stride.b +
+                        h * p.grad_out_stride.h + m0 * p.grad_out_stride.t;
+  stage_fp32_tile<kBlockM, kHeadDim, kNThreads>(sdO, go_ptr, p.grad_out_stride.t, rows_q);
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // S = Q K^T
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tPrdO = thr_mma.partition_fragment_A(sdO);           // dP = dO V^T
+  Tensor tPrV = thr_mma.partition_fragment_B(sV);
+  Tensor tQrKt = thr_mma.partition_fragment_B(sKtNoSwizzle);  // dQ += dS K
+
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  auto thr_bt = copy_bt.get_thread_slice(tid);
+  Tensor tSsQ = thr_a.partition_S(sQ);
+  Tensor tPsdO = thr_a.partition_S(sdO);
+  Tensor tSsK = thr_b.partition_S(sK);
+  Tensor tPsV = thr_b.partition_S(sV);
+  Tensor tQsKt = thr_bt.partition_S(sKt);
+
+  Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(acc_dq);
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+
+  // Per-row lse (log2 units) and Di of this thread's accumulator rows.
+  constexpr int kRows = 2 * decltype(size<1>(acc_dq))::value;
+  float row_lse[kRows], row_di[kRows];
+  const float* lse_ptr = static_cast<const float*>(p.lse) + (b * p.dims.heads_q + h) * T;
+  const float* di_ptr = di + (b * p.dims.heads_q + h) * T;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t t = m0 + get<0>(tScS_rc(r, 0));
+    row_lse[r] = t < T ? lse_ptr[t] * float(M_LOG2E) : 0.f;
+    row_di[r] = t < T ? di_ptr[t] : 0.f;
+  }
+
+  const float* rot_cos = static_cast<const float*>(p.rotary_cos);
+  const float* rot_sin = static_cast<const float*>(p.rotary_sin);
+  const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
+  for (int64_t n = tiles.begin; n < tiles.end; ++n) {
+    const int64_t n0 = n * kBlockN;
+    const int rows_k = int(imin(kBlockN, T - n0));
+    copy_rows_pred(gmem_copy, tKgK(_, _, _, n), tKsK, tKVcKV, rows_k);
+    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
+    cp_async_fence();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (rot_cos != nullptr) {
+      if (n == tiles.begin) {
+        rotate_tile_smem<kBlockM, kHeadDim, kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q, false);
+      }
+      rotate_tile_smem<kBlockN, kHeadDim, kNThreads>(sK, rot_cos, rot_sin, n0, rows_k, false);
+      __syncthreads();
+    }
+
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, tPrdO, tPrV, tPsdO, tPsV, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    const bool need_mask = swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window);
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(s); ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) {
+        const int64_t t = m0 + get<0>(tScS_rc(r, c)), sk = n0 + get<1>(tScS_rc(r, c));
+        const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
+        const float pr = vis ? exp2f(s(r, c) * scale_log2 - row_lse[r]) : 0.f;
+        dp(r, c) = pr * (dp(r, c) - row_di[r]) * scale;  // dS
+      }
+    }
+    Tensor rdS = convert_frag<Element>(acc_dp);
+    gemm_rs(acc_dq, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tQrKt, tQsKt, tiled_mma,
+            copy_bt, thr_bt);
+    __syncthreads();  // sK / sV are refilled next iteration
+  }
+
+  Tensor tCc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  const int64_t Hq = p.dims.heads_q;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dq); ++i) {
+    const int64_t t = m0 + get<0>(tCc(i));
+    if (t < T) dq_ws[((b * T + t) * Hq + h) * kHeadDim + get<1>(tCc(i))] = acc_dq(i);
+  }
+}
+
+// fp32 [rows, D] (rows = B*T*H, token t = (row / H) % T) -> input dtype, with the inverse
+// rotary when rotary is on (gradients are w.r.t. the unrotated inputs).
+template <typename Element>
+__global__ void __launch_bounds__(256)
+    swa_bwd_convert_kernel(const float* src, Element* dst, int64_t rows, int64_t H, int64_t T,
+                           int D, const float* cos, const float* sin) {
+  const int half = D / 2;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * half) return;
+  const int64_t row = idx / half;
+  const int i = int(idx % half);
+  float x1 = src[row * D + i], x2 = src[row * D + half + i];
+  if (cos != nullptr) {
+    const int64_t t = (row / H) % T;
+    const float c = cos[t * half + i], s = -sin[t * half + i];
+    const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+    x1 = y1;
+    x2 = y2;
+  }
+  dst[row * D + i] = static_cast<Element>(x1);
+  dst[row * D + half + i] = static_cast<Element>(x2);
+}
+
+}  // namespace rattention::cuda
