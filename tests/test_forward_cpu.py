@@ -1,26 +1,14 @@
 """End-to-end tests of rattention_ext.forward on CPU (SWA + RLA + mixing) against the
 float64 reference: values, gradients of every differentiable input, opcheck of every op,
 torch.compile(fullgraph=True), and input validation messages."""
-import math
-
 import pytest
 import torch
 
 import rattention_ext
+from conftest import rel_err, rotary_tables
 from rattention_ext import reference as ref
 
 ops = torch.ops.rattention_ext
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def rotary_tables(P, D, dtype=torch.float64, theta=10000.0):
-    inv = 1.0 / theta ** (torch.arange(0, D // 2, dtype=torch.float64) / (D // 2))
-    ang = torch.arange(P, dtype=torch.float64)[:, None] * inv[None, :]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def make_inputs(B, T, Hq, Hkv, D, dtype, seed, h0_batch=None, weights=False, rotary=False):

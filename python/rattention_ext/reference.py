@@ -104,6 +104,8 @@ def sliding_window_attention(
         p = torch.exp(scores - lse[..., None])
         outs.append(torch.matmul(p, vb).transpose(1, 2))
         lses.append(lse)
+    if T == 0:  # empty sequence: empty outputs
+        outs, lses = [qf.new_zeros(B, 0, Hq, v.shape[-1])], [qf.new_zeros(B, Hq, 0)]
     o = torch.cat(outs, dim=1).to(q.dtype)
     if return_lse:
         return o, torch.cat(lses, dim=-1)
@@ -171,6 +173,8 @@ def _rla(q, k, v, window_size, fm, initial_state):
             )
         outs.append(ob.transpose(1, 2))
     # Final state S[T-1]: keys s <= T - shift - 1; the loop added exactly keys s < T - shift.
+    if T == 0:
+        outs = [q.new_zeros(B, 0, Hq, D, dtype=acc)]
     return torch.cat(outs, dim=1), state
 
 
