@@ -206,7 +206,8 @@ class Backend:
         return None
 
     def build(self, case: Case, sets: List[Dict[str, torch.Tensor]]) -> Callable[[int], object]:
-        raise NotImplementedError
+        """fn(i) running the case on input set i; every backend defines it."""
+        raise TypeError(f"backend {self.name!r} does not define build()")
 
 
 def _fwd_bwd(f, sets):
