@@ -381,17 +381,21 @@ void check_branch_output(const at::Tensor& t, const char* name, const at::Tensor
 }
 }  // namespace
 
+void check_mix_scalars(double eps, at::ScalarType out_dtype, at::ScalarType acc) {
+  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  TORCH_CHECK(acc == at::kDouble ? out_dtype == at::kDouble
+                                 : (out_dtype == at::kFloat || out_dtype == at::kBFloat16 ||
+                                    out_dtype == at::kHalf),
+              "out_dtype ", out_dtype, " does not match accumulation dtype ", acc);
+}
+
 MixPrepared prepare_mix_fwd(const at::Tensor& o_swa_in, const at::Tensor& o_rla_in,
                             const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
                             at::ScalarType out_dtype) {
   check_branch_output(o_swa_in, "o_swa", o_swa_in);
   check_branch_output(o_rla_in, "o_rla", o_swa_in);
-  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  check_mix_scalars(eps, out_dtype, o_swa_in.scalar_type());
   const auto acc = o_swa_in.scalar_type();
-  TORCH_CHECK(acc == at::kDouble ? out_dtype == at::kDouble
-                                 : (out_dtype == at::kFloat || out_dtype == at::kBFloat16 ||
-                                    out_dtype == at::kHalf),
-              "out_dtype ", out_dtype, " does not match accumulation dtype ", acc);
   const int64_t H = o_swa_in.size(2), D = o_swa_in.size(3);
   MixPrepared r;
   at::Tensor a = o_swa_in.contiguous(), b = o_rla_in.contiguous();
@@ -534,6 +538,70 @@ DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, con
   p.softmax_scale = softmax_scale;
   p.eps = eps;
   r.keep = {qc, kc, vc, h0, cos, sin, ga, gb};
+  return r;
+}
+
+}  // namespace rattention
+
+namespace rattention {
+
+SwaMixFwdPrepared prepare_swa_mix_fwd(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, int64_t window_size,
+                                      double softmax_scale,
+                                      const c10::optional<at::Tensor>& rotary_cos,
+                                      const c10::optional<at::Tensor>& rotary_sin,
+                                      const at::Tensor& o_rla_in, const at::Tensor& swa_weight,
+                                      const at::Tensor& rla_weight, double eps,
+                                      at::ScalarType out_dtype, bool save_branch,
+                                      bool cuda_backend) {
+  SwaMixFwdPrepared r;
+  // Everything is validated before any kernel runs.
+  r.swa = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin,
+                          cuda_backend);
+  const at::Tensor& o_swa = r.swa.out;
+  check_branch_output(o_rla_in, "o_rla", o_swa);
+  const auto acc = o_swa.scalar_type();
+  check_mix_scalars(eps, out_dtype, acc);
+  const int64_t H = o_swa.size(2), D = o_swa.size(3);
+  at::Tensor o_rla = o_rla_in.contiguous();
+  at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, o_swa);
+  at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", H, D, acc, o_swa);
+  r.out = at::empty(o_swa.sizes(), o_swa.options().dtype(out_dtype));
+  r.keep = {o_rla, ga, gb};
+
+  auto& e = r.swa.params.mix;
+  e = MixEpilogueParams{};
+  e.o_rla = o_rla.data_ptr();
+  e.o_rla_stride = strides_of(o_rla);
+  e.swa_weight = ga.data_ptr();
+  e.rla_weight = gb.data_ptr();
+  e.out = r.out.data_ptr();
+  e.out_stride = strides_of(r.out);
+  e.out_dtype = to_dtype(out_dtype);
+  e.eps = eps;
+
+  auto& m = r.mix;
+  m = MixParams{};
+  m.rows = o_swa.numel() / D;
+  m.heads_q = H;
+  m.head_dim = D;
+  m.acc_dtype = to_dtype(acc);
+  m.out_dtype = to_dtype(out_dtype);
+  m.o_swa = o_swa.data_ptr();
+  m.o_rla = o_rla.data_ptr();
+  m.swa_weight = ga.data_ptr();
+  m.rla_weight = gb.data_ptr();
+  m.out = r.out.data_ptr();
+  m.eps = eps;
+
+  if (cuda_backend && !save_branch) {
+    // Inference: the fused kernel writes only the mixed output.
+    r.swa.params.out = nullptr;
+    r.swa.params.lse = nullptr;
+    m.o_swa = nullptr;
+    r.swa.out = at::empty({0}, o_swa.options());
+    r.swa.lse = at::empty({0}, o_swa.options());
+  }
   return r;
 }
 

@@ -45,6 +45,26 @@ SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q, const at::Tensor& k, const a
                                const c10::optional<at::Tensor>& rotary_cos,
                                const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend);
 
+// SWA forward with the mixing fused into its epilogue (op swa_mix_fwd). `swa` carries the
+// SWA params with `mix` filled for the CUDA epilogue; `mix` is the same mixing as separate
+// MixParams over swa.out, for backends that run the two steps one after the other (CPU).
+// With save_branch false on CUDA, o_swa and lse are not written (swa.out/lse empty).
+struct SwaMixFwdPrepared {
+  SwaFwdPrepared swa;
+  MixParams mix;
+  at::Tensor out;
+  std::vector<at::Tensor> keep;
+};
+SwaMixFwdPrepared prepare_swa_mix_fwd(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, int64_t window_size,
+                                      double softmax_scale,
+                                      const c10::optional<at::Tensor>& rotary_cos,
+                                      const c10::optional<at::Tensor>& rotary_sin,
+                                      const at::Tensor& o_rla, const at::Tensor& swa_weight,
+                                      const at::Tensor& rla_weight, double eps,
+                                      at::ScalarType out_dtype, bool save_branch,
+                                      bool cuda_backend);
+
 struct SwaBwdPrepared {
   SwaBwdParams params;
   at::Tensor grad_q, grad_k, grad_v;

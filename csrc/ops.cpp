@@ -16,6 +16,13 @@ TORCH_LIBRARY(rattention_ext, m) {
   m.def(
       "swa_fwd(Tensor q, Tensor k, Tensor v, int window_size, float softmax_scale, "
       "Tensor? rotary_cos, Tensor? rotary_sin) -> (Tensor out, Tensor lse)");
+  // swa_fwd + mix_fwd in one op: the CUDA kernel mixes in the SWA epilogue. o_swa and lse
+  // are returned for the backward when save_for_backward is true (empty otherwise).
+  m.def(
+      "swa_mix_fwd(Tensor q, Tensor k, Tensor v, int window_size, float softmax_scale, "
+      "Tensor? rotary_cos, Tensor? rotary_sin, Tensor o_rla, Tensor swa_weight, "
+      "Tensor rla_weight, float eps, ScalarType out_dtype, bool save_for_backward) "
+      "-> (Tensor out, Tensor o_swa, Tensor lse)");
   m.def(
       "swa_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int window_size, float softmax_scale, Tensor? rotary_cos, "

@@ -17,6 +17,23 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
   return {r.out, r.lse};
 }
 
+// The CPU backend runs the two steps one after the other (the mixing is a small share of
+// the time here); the CUDA backend fuses them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
+    double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
+    const c10::optional<at::Tensor>& rotary_sin, const at::Tensor& o_rla,
+    const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
+    at::ScalarType out_dtype, bool save_for_backward) {
+  TORCH_CHECK(out_dtype != at::kHalf, "out_dtype float16 is not supported on CPU");
+  auto r = prepare_swa_mix_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
+                               swa_weight, rla_weight, eps, out_dtype, save_for_backward, false);
+  cpu::swa_fwd(r.swa.params);
+  cpu::mix_fwd(r.mix);
+  if (!save_for_backward) return {r.out, r.swa.out.new_empty({0}), r.swa.lse.new_empty({0})};
+  return {r.out, r.swa.out, r.swa.lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -98,6 +115,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
 
 TORCH_LIBRARY_IMPL(rattention_ext, CPU, m) {
   m.impl("swa_fwd", &swa_fwd_cpu);
+  m.impl("swa_mix_fwd", &swa_mix_fwd_cpu);
   m.impl("swa_bwd", &swa_bwd_cpu);
   m.impl("rla_fwd", &rla_fwd_cpu);
   m.impl("rla_bwd", &rla_bwd_cpu);

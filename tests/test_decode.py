@@ -469,7 +469,8 @@ def test_decode_long_float32_state_accuracy():
 
 # ---- prefill's cache bookkeeping, independent of the forward kernels ------------------------
 class _ReferenceBranchOps:
-    """torch.ops.rattention_ext with swa_fwd / rla_fwd answered by the float64 reference, so
+    """torch.ops.rattention_ext with swa_fwd / swa_mix_fwd / rla_fwd answered by the float64
+    reference (the mixing by the mix_fwd op), so
     that prefill's own logic (ring fill, per-sequence state, positions) is tested even in a
     build whose forward kernels are placeholders. The kernels are tested by the
     ``needs_forward`` tests above and by their own test files."""
@@ -484,6 +485,12 @@ class _ReferenceBranchOps:
                                           softmax_scale=scale, return_lse=True, rotary_cos=cos,
                                           rotary_sin=sin)
 
+    @classmethod
+    def swa_mix_fwd(cls, q, k, v, w, scale, cos, sin, o_rla, g_swa, g_rla, eps, out_dtype, save):
+        o_swa, lse = cls.swa_fwd(q, k, v, w, scale, cos, sin)
+        out = torch.ops.rattention_ext.mix_fwd(o_swa, o_rla, g_swa, g_rla, eps, out_dtype)
+        return out, o_swa, lse
+
     @staticmethod
     def rla_fwd(q, k, v, w, fm, h0, chunk_size, checkpoint_every):
         out, state = R._rla(q, k, v, w, fm, h0)
@@ -494,7 +501,9 @@ class _ReferenceBranchOps:
 @pytest.mark.parametrize("w", [0, 5, 30])
 def test_prefill_cache_logic_reference_branches(monkeypatch, seq_lens, w):
     import rattention_ext.decode as dec
+    import rattention_ext.api as api
     monkeypatch.setattr(dec, "ops", _ReferenceBranchOps())
+    monkeypatch.setattr(api, "ops", _ReferenceBranchOps())
     B, T, Hq, Hkv, D, n_new = 3, 23, 4, 2, 8, 4
     q, k, v = _inputs(B, T + n_new, Hq, Hkv, D, seed=17)
     kw = _extras(B, Hq, D, torch.float64, h0_batch=B, rotary_P=T + n_new)

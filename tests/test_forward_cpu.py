@@ -149,13 +149,80 @@ def _opcheck_samples():
                                ga.requires_grad_(True), gb.requires_grad_(True), 1e-6,
                                torch.float64)),
         (ops.mix_bwd.default, (go, o.detach(), orl.detach(), ga.detach(), gb.detach(), 1e-6)),
+        (ops.swa_mix_fwd.default, (q, k, v, 3, 0.3, cos, sin, orl.detach().requires_grad_(True),
+                                   ga, gb, 1e-6, torch.float64, True)),
+        (ops.swa_mix_fwd.default, (q.detach(), k.detach(), v.detach(), 3, 0.3, None, None,
+                                   orl.detach(), ga.detach(), gb.detach(), 1e-6, torch.float64,
+                                   False)),
     ]
 
 
-@pytest.mark.parametrize("idx", range(6))
+@pytest.mark.parametrize("idx", range(8))
 def test_opcheck(idx):
     op, args = _opcheck_samples()[idx]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float64, torch.float64),
+                                             (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+def test_swa_mix_fwd_is_swa_then_mix(dtype, out_dtype):
+    """The fused op computes exactly swa_fwd followed by mix_fwd (CPU runs those two steps)."""
+    q, k, v, kw = make_inputs(2, 45, 4, 2, 16, dtype, seed=21, weights=True, rotary=True)
+    cos, sin = kw["rotary_cos"], kw["rotary_sin"]
+    ga, gb = kw["swa_norm_weight"], kw["rla_norm_weight"]
+    o_rla = ops.rla_fwd(q, k, v, 6, "softmax", None, 8, 2)[0]
+    o_swa, lse = ops.swa_fwd(q, k, v, 6, 0.25, cos, sin)
+    expect = ops.mix_fwd(o_swa, o_rla, ga, gb, 1e-6, out_dtype)
+    out, o_swa2, lse2 = ops.swa_mix_fwd(q, k, v, 6, 0.25, cos, sin, o_rla, ga, gb, 1e-6,
+                                        out_dtype, True)
+    assert out.dtype == out_dtype
+    assert torch.equal(out, expect) and torch.equal(o_swa2, o_swa) and torch.equal(lse2, lse)
+    out3, o_swa3, lse3 = ops.swa_mix_fwd(q, k, v, 6, 0.25, cos, sin, o_rla, ga, gb, 1e-6,
+                                         out_dtype, False)
+    assert torch.equal(out3, expect)
+    assert o_swa3.numel() == 0 and lse3.numel() == 0
+
+
+def test_forward_under_no_grad_matches_and_unsaved_backward_is_refused():
+    q, k, v, kw = make_inputs(1, 40, 4, 2, 16, torch.float32, seed=22, weights=True)
+    with torch.no_grad():
+        quiet = rattention_ext.forward(q, k, v, window_size=5, **kw)
+    qg = q.clone().requires_grad_(True)
+    loud = rattention_ext.forward(qg, k, v, window_size=5, **kw)
+    assert torch.equal(quiet, loud.detach())
+    o_rla = ops.rla_fwd(qg, k, v, 5, "softmax", None, 8, 2)[0]
+    w = kw["swa_norm_weight"]
+    out, _, _ = ops.swa_mix_fwd(qg, k, v, 5, 0.25, None, None, o_rla, w, w, 1e-8, q.dtype, False)
+    with pytest.raises(RuntimeError, match="save_for_backward"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("bad,msg", [("o_rla_shape", "o_rla must be"),
+                                     ("o_rla_dtype", "o_rla must have dtype"),
+                                     ("weight", "rla_norm_weight"),
+                                     ("eps", "norm_eps"),
+                                     ("out_dtype", "out_dtype")])
+def test_swa_mix_fwd_bad_input_names_argument(bad, msg):
+    q, k, v, _ = make_inputs(1, 12, 4, 2, 8, torch.float32, seed=23)
+    o_rla = torch.zeros(1, 12, 4, 8)
+    w = torch.ones(4, 8)
+    args = dict(o_rla=o_rla, gb=w, eps=1e-8, out_dtype=torch.float32)
+    if bad == "o_rla_shape":
+        args["o_rla"] = o_rla[:, :5]
+    elif bad == "o_rla_dtype":
+        args["o_rla"] = o_rla.double()
+    elif bad == "weight":
+        args["gb"] = torch.ones(3, 8)
+    elif bad == "eps":
+        args["eps"] = -1.0
+    else:
+        args["out_dtype"] = torch.float64
+    with pytest.raises((ValueError, RuntimeError)) as e:
+        ops.swa_mix_fwd(q, k, v, 3, 0.3, None, None, args["o_rla"], w, args["gb"], args["eps"],
+                        args["out_dtype"], True)
+    assert msg in str(e.value)
 
 
 def test_build_info():

@@ -260,7 +260,7 @@ def test_mix_non_default_stream():
 # A line-by-line mirror of the CUDA RLA kernels' tiling: chunks of 64, value slices of 64,
 # shifted key rows by index arithmetic, the three forward passes (segment sums, prefix,
 # outputs from checkpoints), the dq pass from checkpoints, the reverse dk/dv/dH0 pass with the
-# per-head workspace, and the feature-map backward. It catches algorithm and index errors
+# dphi(k) workspace slots, and the feature-map backward. It catches algorithm and index errors
 # in the design; it does not exercise the CuTe code (the GPU tests above do).
 _EC, _EBV = 64, 64
 
@@ -352,7 +352,8 @@ def _emu_bwd(go, gfs, q, k, v, w, fm, h0, ck, every):
     nch = -(-T // _EC)
     nck = -(-nch // every)
     wsQ = torch.zeros(B, T, Hq, F, dtype=q.dtype)
-    wsK = torch.zeros(B, T, Hq, F, dtype=q.dtype)
+    slots = 1 if G == 1 else D // _EBV  # rla_dk_slots: per value slice when G > 1
+    wsK = torch.zeros(slots, B, T, Hkv, F, dtype=q.dtype)
     dv = torch.zeros_like(v)
     dh0 = torch.zeros(B, Hq, F, D, dtype=q.dtype) if h0 is not None else None
     tril = torch.tril(torch.ones(_EC, _EC, dtype=q.dtype))
@@ -394,7 +395,7 @@ def _emu_bwd(go, gfs, q, k, v, w, fm, h0, ck, every):
                         dpk = ((dO @ V.T) * tril).T @ pQ + (V @ dS.T if g == 0 else 0)
                         for j in range(_EC):
                             if kv(j):
-                                wsK[b, sb + j, h] += dpk[j]
+                                wsK[vb if G > 1 else 0, b, sb + j, hk] += dpk[j]
                         acc_dv = acc_dv + ((pQ @ pK.T) * tril).T @ dO
                         u = pQ.T @ dO
                         dS = dS + u
@@ -404,7 +405,7 @@ def _emu_bwd(go, gfs, q, k, v, w, fm, h0, ck, every):
                         if kv(j):
                             dv[b, sb + j, hk, cols] = acc_dv[j]
     dq = _emu_phi_bwd(q, wsQ, fm)
-    dk = _emu_phi_bwd(k, wsK.view(B, T, Hkv, G, F).sum(3), fm)
+    dk = _emu_phi_bwd(k, wsK.sum(0), fm)
     if dh0 is not None and h0.shape[0] == 1:
         dh0 = dh0.sum(0, keepdim=True)
     return dq, dk, dv, dh0
@@ -418,6 +419,7 @@ def _emu_bwd(go, gfs, q, k, v, w, fm, h0, ck, every):
         (1, 70, 4, 2, 64, 100, "softmax", 1, 3),  # w >= T
         (1, 1, 2, 1, 64, 0, "softmax", None, 2),
         (1, 200, 4, 1, 64, 63, "softmax", None, 100),
+        (1, 100, 2, 2, 128, 3, "relu", None, 2),  # G == 1, two value slices share a dk slot
     ],
 )
 def test_cuda_rla_algorithm_emulated(B, T, Hq, Hkv, D, w, fm, h0b, every):

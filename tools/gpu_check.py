@@ -5,7 +5,9 @@
   2. run tests/test_*_cuda.py;
   3. a short benchmark: SWA forward and forward+backward vs FlexAttention with a
      sliding-window block mask (bf16, B=1, T=8192, Hq=16, Hkv=4, D=128, w=512; CUDA events,
-     warm-up, median), JSON to benchmarks/results/ (GPU name, date, git commit), table last.
+     warm-up, median), and the RLA issue's goals (bench_issue_goals: RAttention w=512 vs
+     SWA w=2048, RLA vs flash-linear-attention when importable, saved-state memory),
+     JSON to benchmarks/results/ (GPU name, date, git commit), tables last.
 
 `--dry-run` prints the plan and runs nothing (works without a GPU).
 """
@@ -104,6 +106,7 @@ def bench():
         return lambda: torch.autograd.grad(f(*leaves), leaves, grad)
 
     rows = []
+    rows += bench_issue_goals(timed, fwd_bwd)
     with torch.no_grad():
         rows.append(("swa fwd", timed(lambda: ours_f(q, k, v)), timed(lambda: flex_f(qt, kt, vt))))
     rows.append(("swa fwd+bwd", timed(fwd_bwd(ours_f, (q, k, v), go)),
@@ -111,12 +114,71 @@ def bench():
     # useful FLOPs: 4 * B * Hq * D * (visible pairs) forward, 2.5x that for fwd+bwd
     pairs = sum(min(t, w) + 1 for t in range(T))
     fl = 4.0 * B * Hq * D * pairs
-    out = []
-    for name, ms_ours, ms_flex in rows:
+    out = [r for r in rows if isinstance(r, dict)]
+    for name, ms_ours, ms_flex in (r for r in rows if not isinstance(r, dict)):
         f = fl * (3.5 if "bwd" in name else 1.0)
         out.append(dict(case=name, ours_ms=ms_ours, flex_ms=ms_flex,
                         ours_tflops=f / ms_ours / 1e9, flex_tflops=f / ms_flex / 1e9,
                         speedup=ms_flex / ms_ours))
+    return out
+
+
+def bench_issue_goals(timed, fwd_bwd):
+    """The CUDA RLA issue's goals, each one row of {case, ours_ms, peer, peer_ms, ratio, goal}:
+    RAttention (w=512) fwd+bwd vs our SWA alone at w=2048 (T=4096; the paper measured +9%),
+    and RLA fwd+bwd vs flash-linear-attention's chunk_linear_attn at feature width 256
+    (normalize off, scale 1, fed phi(q), phi(k) from our feature map; T=8192, Hkv=8, D=128)
+    when fla is importable, plus the saved-state memory against saving every chunk."""
+    import inspect
+    import math
+
+    import torch
+
+    import rattention_ext
+    from rattention_ext import reference as ref
+
+    dtp = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def qkvg(B, T, Hq, Hkv, D):
+        mk = lambda H: torch.randn(B, T, H, D, device="cuda", dtype=dtp, generator=g)  # noqa: E731
+        return mk(Hq), mk(Hkv), mk(Hkv), mk(Hq)
+
+    out = []
+    q, k, v, go = qkvg(1, 4096, 16, 4, 128)
+    t_ratt = timed(fwd_bwd(lambda a, b, c: rattention_ext.forward(a, b, c, window_size=512),
+                           (q, k, v), go))
+    t_swa = timed(fwd_bwd(lambda a, b, c: rattention_ext.sliding_window_attention(
+        a, b, c, window_size=2048), (q, k, v), go))
+    out.append(dict(case="rattention w512 vs swa w2048 fwd+bwd T4096", ours_ms=t_ratt,
+                    peer="ours swa w=2048", peer_ms=t_swa, ratio=t_ratt / t_swa,
+                    goal="ratio <= 1.0"))
+
+    B, T, H, D = 1, 8192, 8, 128
+    q, k, v, go = qkvg(B, T, H, H, D)
+    t_rla = timed(fwd_bwd(lambda a, b, c: rattention_ext.residual_linear_attention(
+        a, b, c, window_size=512), (q, k, v), go))
+    row = dict(case="rla fwd+bwd T8192 Hkv8 D128", ours_ms=t_rla, peer="fla chunk_linear_attn",
+               peer_ms=None, ratio=None, goal="peer_ms / ours_ms >= 2")
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+        kw = dict(scale=1.0, normalize=False)
+        if "head_first" in inspect.signature(chunk_linear_attn).parameters:
+            kw["head_first"] = False
+        pq, pk = ref.feature_map(q).to(dtp), ref.feature_map(k).to(dtp)
+        t_fla = timed(fwd_bwd(lambda a, b, c: chunk_linear_attn(a, b, c, **kw)[0],
+                              (pq, pk, v), go))
+        row.update(peer_ms=t_fla, ratio=t_fla / t_rla)
+    except Exception as e:  # not installed (offline machine) or an API change
+        row["peer"] = f"fla unavailable: {type(e).__name__}: {e}"[:200]
+    out.append(row)
+    n_chunks = math.ceil(T / 64)
+    every = rattention_ext.api.DEFAULT_CHECKPOINT_EVERY
+    per_state = B * H * 2 * D * D * 4
+    out.append(dict(case="rla saved states T8192 (MiB)",
+                    ours_ms=math.ceil(n_chunks / every) * per_state / 2**20,
+                    peer="a state per chunk", peer_ms=n_chunks * per_state / 2**20,
+                    ratio=n_chunks / math.ceil(n_chunks / every), goal="ratio >= 3"))
     return out
 
 
@@ -139,6 +201,8 @@ def main() -> int:
         print("  2. tests (cwd tests/):", " ".join(test))
         print("  3. benchmark: SWA fwd and fwd+bwd vs FlexAttention (sliding-window block mask),",
               ", ".join(f"{k}={v}" for k, v in BENCH.items()), "; CUDA events, 3 warm-up, median of 10")
+        print("     + RAttention w=512 vs SWA w=2048 fwd+bwd (T=4096), RLA fwd+bwd vs fla "
+              "chunk_linear_attn (T=8192, Hkv=8, D=128) when importable, saved-state memory")
         print("  4. JSON -> benchmarks/results/gpu_check_<gpu>_<date>.json, table printed last")
         return 0
 
@@ -170,9 +234,14 @@ def main() -> int:
     print(f"\nwrote {path}")
     print(f"{name}, commit {res['commit'][:10]}, tests rc={test_rc}")
     print(f"{'case':<12} {'ours ms':>9} {'flex ms':>9} {'ours TF/s':>10} {'flex TF/s':>10} {'speedup':>8}")
-    for r in rows:
+    for r in (r for r in rows if "flex_ms" in r):
         print(f"{r['case']:<12} {r['ours_ms']:>9.3f} {r['flex_ms']:>9.3f} {r['ours_tflops']:>10.1f} "
               f"{r['flex_tflops']:>10.1f} {r['speedup']:>8.2f}")
+    for r in (r for r in rows if "goal" in r):
+        peer = "-" if r["peer_ms"] is None else f"{r['peer_ms']:.3f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['case']}: ours {r['ours_ms']:.3f}, {r['peer']} {peer}, ratio {ratio} "
+              f"(goal {r['goal']})")
     return test_rc
 
 

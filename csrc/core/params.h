@@ -36,6 +36,21 @@ struct AttnDims {
   int64_t group() const { return heads_q / heads_kv; }
 };
 
+// Mixing fused into the SWA forward's epilogue (CUDA; op swa_mix_fwd). Off when out ==
+// nullptr. The epilogue owns whole rows of o_swa, so it can finish the RAttention output
+//   out = rms(o_swa) * swa_weight + rms(o_rla) * rla_weight
+// without o_swa making a round trip through memory.
+struct MixEpilogueParams {
+  const void* o_rla;         // acc type [B, T, Hq, D], strides o_rla_stride
+  Strides4 o_rla_stride;
+  const void* swa_weight;    // acc type [Hq, D] contiguous
+  const void* rla_weight;    // acc type [Hq, D] contiguous
+  void* out;                 // out_dtype [B, T, Hq, D], strides out_stride; nullptr: no mixing
+  Strides4 out_stride;
+  DType out_dtype;
+  double eps;
+};
+
 struct SwaFwdParams {
   AttnDims dims;
   DType dtype;  // of q, k, v
@@ -43,14 +58,15 @@ struct SwaFwdParams {
   const void* k;
   const void* v;
   Strides4 q_stride, k_stride, v_stride;
-  void* out;  // [B, T, Hq, D] acc type, strides out_stride
+  void* out;  // [B, T, Hq, D] acc type, strides out_stride (CUDA: nullptr = not written)
   Strides4 out_stride;
-  void* lse;  // [B, Hq, T] acc type, contiguous
+  void* lse;  // [B, Hq, T] acc type, contiguous (CUDA: nullptr = not written)
   const void* rotary_cos;  // nullptr: no rotary
   const void* rotary_sin;
   int64_t window_size;
   double softmax_scale;
   const int64_t* cu_seqlens;  // planned varlen; nullptr
+  MixEpilogueParams mix;      // fused mixing (CUDA); mix.out == nullptr: off
 };
 
 struct SwaBwdParams {

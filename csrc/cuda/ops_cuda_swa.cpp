@@ -1,4 +1,4 @@
-// CUDA implementations of swa_fwd and swa_bwd: validate and fill params (op_common,
+// CUDA implementations of swa_fwd, swa_mix_fwd and swa_bwd: validate and fill params (op_common,
 // cuda_backend = true), launch on the current stream, check the launch.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,6 +41,25 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::T
   return {r.out, r.lse};
 }
 
+// SWA forward with the mixing in its epilogue: one kernel reads q/k/v and o_rla and writes
+// the RAttention output (plus o_swa and lse when the backward needs them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
+    double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
+    const c10::optional<at::Tensor>& rotary_sin, const at::Tensor& o_rla,
+    const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
+    at::ScalarType out_dtype, bool save_for_backward) {
+  check_cuda_input(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto r = prepare_swa_mix_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v),
+                               window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
+                               swa_weight, rla_weight, eps, out_dtype, save_for_backward,
+                               /*cuda_backend=*/true);
+  check_swa_launch(cuda::swa_fwd(r.swa.params, at::cuda::getCurrentCUDAStream()),
+                   "swa_fwd_kernel (fused mixing)");
+  return {r.out, r.swa.out, r.swa.lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -63,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
 
 TORCH_LIBRARY_IMPL(rattention_ext, CUDA, m) {
   m.impl("swa_fwd", &swa_fwd_cuda);
+  m.impl("swa_mix_fwd", &swa_mix_fwd_cuda);
   m.impl("swa_bwd", &swa_bwd_cuda);
 }
 

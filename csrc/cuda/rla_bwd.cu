@@ -11,13 +11,16 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t
   const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
   const int64_t D = p.dims.head_dim;
   const int64_t bh = B * Hkv;
-  const int64_t n_ws = B * T * Hq * 2 * D;
+  static_assert(Tr::kBlockV == kRlaBlockV, "rla_dk_slots assumes kRlaBlockV value columns");
+  const int64_t n_wsQ = B * T * Hq * 2 * D;
   float* wsQ = workspace;
-  float* wsK = workspace + n_ws;
+  float* wsK = workspace + n_wsQ;
   cudaError_t err;
-  // Zeros: the workspaces (atomic targets), dv (keys that never enter a state keep 0),
-  // dH0 (accumulated in place).
-  if ((err = cudaMemsetAsync(workspace, 0, sizeof(float) * 2 * n_ws, stream)) != cudaSuccess) return err;
+  // Zeros: the workspaces (accumulation targets), dv (keys that never enter a state keep
+  // 0), dH0 (accumulated in place).
+  if ((err = cudaMemsetAsync(workspace, 0, sizeof(float) * rla_bwd_workspace_floats(p), stream)) !=
+      cudaSuccess)
+    return err;
   if ((err = cudaMemsetAsync(p.grad_v, 0, sizeof(typename Tr::Element) * B * T * Hkv * D, stream)) != cudaSuccess)
     return err;
   if (p.grad_initial_state != nullptr &&
@@ -55,8 +58,11 @@ cudaError_t dispatch_head_dim(const RlaBwdParams& p, float* ws, cudaStream_t str
 
 }  // namespace
 
+// wsQ [B, T, Hq, 2D] (dphi(q)) + wsK [slots, B, T, Hkv, 2D] (dphi(k)).
 int64_t rla_bwd_workspace_floats(const RlaBwdParams& p) {
-  return 2 * p.dims.batch * p.dims.seqlen * p.dims.heads_q * 2 * p.dims.head_dim;
+  const auto& d = p.dims;
+  const int64_t row = d.batch * d.seqlen * 2 * d.head_dim;
+  return row * d.heads_q + rla_dk_slots(d.group(), d.head_dim) * row * d.heads_kv;
 }
 
 cudaError_t rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {

@@ -11,16 +11,19 @@
 //    workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
 // 2. rla_bwd_dkv_kernel, grid (D/BV, B*Hkv): reverse direction over chunks with the fp32
 //    suffix state dS [2D, BV] in shared memory (starts at grad_final_state):
-//      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, in head slot g = 0)  -> wsK [B,T,Hq,2D]
+//      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, for g = 0)  -> a wsK slot
 //      dv       = sum_g mask(phi(q) phi(k)^T)^T dO + phi(k) dS               -> grad_v (owned)
 //      dS      += sum_g phi(q)^T dO;   dH0_h += phi(q)^T dO                  (owned columns)
-// 3. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum_g wsK (fixed
-//    order over g), in the input dtype.
-// Value-column slices are the only cross-CTA sum (into wsQ/wsK, by atomicAdd onto zeros):
+// 3. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum of
+//    the wsK slots (fixed order), in the input dtype.
+// wsK [slots, B, T, Hkv, 2D] (rla_dk_slots): with G > 1 each value slice owns a slot and sums
+// the group's heads into it in order; with G == 1 the slices share one slot. The only
+// cross-CTA sums are the value slices' atomicAdds onto zeros (into wsQ, and wsK when G == 1):
 // with D / BV <= 2 slices the fp32 sum of two terms is order-independent, so the result is
 // deterministic.
 #pragma once
 #include "core/window.h"
+#include "rla_launch.h"
 #include "rla_traits.cuh"
 
 namespace rattention::cuda {
@@ -204,6 +207,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
   const int64_t n_chunks = ceil_div(T, C);
+  const int64_t B = p.dims.batch;
+  const int64_t dk_slot = (G == 1) ? 0 : blockIdx.x;  // see rla_dk_slots (rla_launch.h)
 
   const Element* gQ = static_cast<const Element*>(p.q);
   const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
@@ -267,8 +272,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         for (int i = 0; i < size(acc_s); ++i)
           tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
         __syncthreads();
-        // dphi(k)[:, tile m] = P^T phi(q) (+ v dS^T in slot g = 0)  -> wsK (keys x 64 features)
-        float* ws = wsK + ((b * T + s_base) * Hq + h) * D2;  // key row j at + j * Hq * 2D
+        // dphi(k)[:, tile m] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
+        float* ws = wsK + (((dk_slot * B + b) * T + s_base) * Hkv + hk) * D2;  // key j: + j * Hkv * 2D
 #pragma unroll 1  // feature tiles one at a time: acc_dv stays live across the head loop
         for (int m = 0; m < F / C; ++m) {
           Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
@@ -281,7 +286,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           CUTE_UNROLL
           for (int i = 0; i < size(acc_k); ++i) {
             const int j = get<0>(tScS(i));
-            if (key_valid(j)) atomicAdd(ws + j * Hq * D2 + m * C + get<1>(tScS(i)), acc_k(i));
+            if (!key_valid(j)) continue;
+            float* dst = ws + j * Hkv * D2 + m * C + get<1>(tScS(i));
+            if (G == 1) {
+              atomicAdd(dst, acc_k(i));  // the value slices share the slot
+            } else {
+              *dst += acc_k(i);  // own slot: this thread adds head g after head g - 1
+            }
           }
         }
         __syncthreads();  // sP (dO v^T) consumed
@@ -328,7 +339,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 // ---------------------------------------------------------------------------------------
 // dq / dk from the workspaces: one warp per row, the feature-map backward of
 // core/feature_map.h with phi recomputed from the raw row. Rows [0, B*T*Hq) are q rows,
-// the rest k rows (dk sums the G head slots of wsK in order).
+// the rest k rows (dk sums the wsK slots in order).
 template <class Tr>
 __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaBwdParams p, const float* wsQ,
                                                           const float* wsK) {
@@ -361,8 +372,9 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
       dy2[e] = ws[D + lane * E + e];
     }
   } else {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* ws = wsK + ((bb * T + t) * Hq + hh * G + g) * 2 * D;
+    const int64_t n_slots = rla_dk_slots(G, D);
+    for (int64_t s = 0; s < n_slots; ++s) {
+      const float* ws = wsK + (((s * B + bb) * T + t) * Hkv + hh) * 2 * D;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         dy1[e] += ws[lane * E + e];

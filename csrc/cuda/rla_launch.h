@@ -11,6 +11,16 @@ namespace rattention::cuda {
 
 // Chunk size the CUDA RLA kernels are compiled for (RlaFwdParams::chunk_size must equal it).
 constexpr int kRlaChunk = 64;
+// Value columns per CTA: D = 128 runs as two 64-column slices.
+constexpr int kRlaBlockV = 64;
+
+// Slots of the backward's dphi(k) workspace, each [B, T, Hkv, 2D] floats. With G > 1 query
+// heads per kv head every value slice sums its G heads into its own slot (plain
+// read-modify-write by the owning thread, fixed order); with G == 1 the slices share one
+// slot (two atomic terms onto zero, order-independent). Both are deterministic.
+constexpr int64_t rla_dk_slots(int64_t group, int64_t head_dim) {
+  return group == 1 ? 1 : head_dim / kRlaBlockV;
+}
 
 cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream);
 // The backward needs an fp32 workspace of rla_bwd_workspace_floats(p) entries (it zeroes it).

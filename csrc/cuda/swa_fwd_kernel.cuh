@@ -7,7 +7,8 @@
 //   online softmax on S (rows owned by quads)  ->  P (registers, input dtype)
 //   gV (kBlockN, D)  --cp.async-->  sV  --ldmatrix.trans--> tOrVt  O += P V  (fp32 acc)
 //
-// Outputs: out fp32 [B, T, Hq, D] (strided), lse fp32 [B, Hq, T] = scale * max + log(sum).
+// Outputs: out fp32 [B, T, Hq, D] (strided), lse fp32 [B, Hq, T] = scale * max + log(sum);
+// optionally the mixed RAttention output (swa_mix_epilogue.cuh) from the same registers.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -15,6 +16,7 @@
 
 #include "core/params.h"
 #include "core/window.h"
+#include "cuda/swa_mix_epilogue.cuh"
 #include "cuda/swa_traits.cuh"
 
 namespace rattention::cuda {
@@ -182,26 +184,34 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     __syncthreads();  // sK / sV are refilled next iteration
   }
 
-  // Epilogue: O / sum to fp32 out (strided), lse = scale * max + log(sum) natural-log units.
+  // Epilogue: O / sum to fp32 out (strided), lse = scale * max + log(sum) natural-log units;
+  // with p.mix on, also the mixed RAttention output (out/lse may then be skipped: nullptr).
   Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
   Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
   Tensor tOcO = thr_mma.partition_C(cO);
   Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-  float* out = static_cast<float*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
-  float* lse = static_cast<float*>(p.lse) + (b * p.dims.heads_q + h) * T;
+  float* out = p.out == nullptr ? nullptr
+                                : static_cast<float*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
+  float* lse = p.lse == nullptr ? nullptr
+                                : static_cast<float*>(p.lse) + (b * p.dims.heads_q + h) * T;
   CUTE_UNROLL
   for (int r = 0; r < size<0>(o); ++r) {
     const float sum = quad_allreduce(row_sum[r], SumOp{});
     const float inv = (sum > 0.f) ? 1.f / sum : 0.f;
     const int64_t t = m0 + get<0>(tOcO_rc(r, 0));
-    if (t < T) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
+    if (t < T && out != nullptr) {
       CUTE_UNROLL
       for (int c = 0; c < size<1>(o); ++c) {
-        out[t * p.out_stride.t + get<1>(tOcO_rc(r, c)) * p.out_stride.d] = o(r, c) * inv;
+        out[t * p.out_stride.t + get<1>(tOcO_rc(r, c)) * p.out_stride.d] = o(r, c);
       }
-      if ((tid & 3) == 0) {
-        lse[t] = (sum > 0.f) ? row_max[r] * float(p.softmax_scale) + logf(sum) : -INFINITY;
-      }
+    }
+    if (t < T && lse != nullptr && (tid & 3) == 0) {
+      lse[t] = (sum > 0.f) ? row_max[r] * float(p.softmax_scale) + logf(sum) : -INFINITY;
+    }
+    if (p.mix.out != nullptr) {
+      mix_epilogue_row<kHeadDim>(p.mix, o, r, tOcO_rc, b, h, t, t < T);
     }
   }
 }

@@ -31,6 +31,17 @@ def _swa_fwd_fake(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin):
     return q.new_empty(B, T, H, D, dtype=acc), q.new_empty(B, H, T, dtype=acc)
 
 
+@torch.library.register_fake(f"{lib}::swa_mix_fwd")
+def _swa_mix_fwd_fake(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
+                      swa_weight, rla_weight, eps, out_dtype, save_for_backward):
+    B, T, H, D = q.shape
+    acc = _acc(q.dtype)
+    out = q.new_empty(B, T, H, D, dtype=out_dtype)
+    if not save_for_backward:
+        return out, q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc)
+    return out, q.new_empty(B, T, H, D, dtype=acc), q.new_empty(B, H, T, dtype=acc)
+
+
 @torch.library.register_fake(f"{lib}::swa_bwd")
 def _swa_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, window_size, softmax_scale,
                   rotary_cos, rotary_sin, deterministic):
@@ -101,6 +112,38 @@ def _swa_backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd(f"{lib}::swa_fwd", _swa_backward, setup_context=_swa_setup)
+
+
+def _swa_mix_setup(ctx, inputs, output):
+    (q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, o_rla, swa_weight, rla_weight,
+     eps, _out_dtype, save_for_backward) = inputs
+    _, o_swa, lse = output
+    ctx.save_for_backward(q, k, v, rotary_cos, rotary_sin, o_swa, lse, o_rla, swa_weight,
+                          rla_weight)
+    ctx.args = (window_size, softmax_scale, eps, save_for_backward)
+
+
+def _swa_mix_backward(ctx, grad_out, grad_o_swa, grad_lse):
+    q, k, v, cos, sin, o_swa, lse, o_rla, ga, gb = ctx.saved_tensors
+    window_size, softmax_scale, eps, saved = ctx.args
+    if not saved:
+        raise RuntimeError("rattention_ext.swa_mix_fwd: called with save_for_backward=False, so "
+                           "the SWA output and lse needed for the backward were not kept; call "
+                           "it with save_for_backward=True to differentiate")
+    if grad_out is None:
+        grad_out = torch.zeros_like(o_swa)
+    # Mixing backward first: it gives the gradients flowing into both branch outputs.
+    da, db, dga, dgb = ops.mix_bwd(grad_out, o_swa, o_rla, ga, gb, eps)
+    if grad_o_swa is not None:
+        da = da + grad_o_swa
+    dq, dk, dv = ops.swa_bwd(da, grad_lse, q, k, v, o_swa, lse, window_size, softmax_scale, cos,
+                             sin, torch.are_deterministic_algorithms_enabled())
+    return (dq, dk, dv, None, None, None, None, db, dga.to(ga.dtype), dgb.to(gb.dtype), None,
+            None, None)
+
+
+torch.library.register_autograd(f"{lib}::swa_mix_fwd", _swa_mix_backward,
+                                setup_context=_swa_mix_setup)
 
 
 def _rla_setup(ctx, inputs, output):

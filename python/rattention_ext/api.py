@@ -150,8 +150,20 @@ def forward(
         norm weights. Branch outputs and mixing are computed in float32 (float64 for float64).
     """
     with _nvtx("rattention.forward", q):
-        o_swa, _ = ops.swa_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos, rotary_sin)
         o_rla, _, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
                                   checkpoint_every)
-        return ops.mix_fwd(o_swa, o_rla, _norm_weight(swa_norm_weight, q),
-                           _norm_weight(rla_norm_weight, q), norm_eps, q.dtype)
+        return _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
+                            swa_norm_weight, rla_norm_weight, norm_eps)
+
+
+def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
+                 swa_norm_weight, rla_norm_weight, norm_eps) -> Tensor:
+    """SWA branch and the mixing in one op (``swa_mix_fwd``; fused into the SWA kernel's
+    epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for."""
+    g_swa = _norm_weight(swa_norm_weight, q)
+    g_rla = _norm_weight(rla_norm_weight, q)
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, o_rla, g_swa, g_rla))
+    out, _, _ = ops.swa_mix_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos,
+                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save)
+    return out

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._ops import ops
 from .api import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHUNK_SIZE, _acc, _norm_weight, _nvtx,
-                  _scale)
+                  _scale, _swa_and_mix)
 
 __all__ = ["RAttentionCache", "prefill", "decode_step", "cache_bytes"]
 
@@ -222,15 +222,13 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
 
     feature_map = kw.get("feature_map", "softmax")
     with _nvtx("rattention.prefill", q):
-        # forward()'s composition, op by op, to keep the RLA final state of the same pass.
-        o_swa, _ = ops.swa_fwd(q, k, v, w, _scale(q, kw.get("softmax_scale")),
-                               kw.get("rotary_cos"), kw.get("rotary_sin"))
+        # forward()'s composition, keeping the RLA final state of the same pass.
         o_rla, final_state, _ = ops.rla_fwd(q, k, v, w, feature_map, kw.get("initial_state"),
                                             kw.get("chunk_size", DEFAULT_CHUNK_SIZE),
                                             kw.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
-        out = ops.mix_fwd(o_swa, o_rla, _norm_weight(kw.get("swa_norm_weight"), q),
-                          _norm_weight(kw.get("rla_norm_weight"), q), kw.get("norm_eps", 1e-8),
-                          q.dtype)
+        out = _swa_and_mix(q, k, v, o_rla, w, kw.get("softmax_scale"), kw.get("rotary_cos"),
+                           kw.get("rotary_sin"), kw.get("swa_norm_weight"),
+                           kw.get("rla_norm_weight"), kw.get("norm_eps", 1e-8))
         with torch.no_grad():
             _fill_cache(cache, k, v, lens, uniform, final_state, feature_map)
     return out
