@@ -4,13 +4,15 @@
 For every csrc/cuda/*.cu and every arch (sm_80, sm_90a):
   nvcc -cubin -Xptxas -v  ->  per-kernel registers, spill stores/loads, static smem
   cuobjdump -sass         ->  HMMA / HGMMA instruction count per kernel
+and, once, tools/ldsm_check.cu on the host: every ldmatrix copy of the kernels replayed with
+its PTX semantics against the MMA's element-wise partition (no GPU needed).
 Dynamic shared memory is not visible to ptxas; kernels that use it carry a
 `rattention::cuda::DynSmem<N>` template argument (see csrc/cuda/swa_traits.cuh), which the
 demangled name shows, and smem_bytes = static + N.
 
 Writes build/cuda-check/report.json (a list of rows {kernel, arch, registers, spill_bytes,
-smem_bytes, mma, ...}), prints a table, exits non-zero on any spill, any compile error, or a
-main swa/rla fwd/bwd kernel without tensor-core MMA.
+smem_bytes, mma, ...}), prints a table, exits non-zero on any spill, any compile error, a
+main swa/rla fwd/bwd kernel without tensor-core MMA, or a layout-check mismatch.
 
     python tools/cuda_check.py [--jobs 2] [--archs 80,90a] [--files swa_fwd.cu ...]
 """
@@ -184,12 +186,30 @@ def expects_mma(name):
                                     "reduce"))
 
 
+def run_layout_check(cutlass, nvcc):
+    """Build and run tools/ldsm_check.cu on the host: replays every ldmatrix copy of the
+    SWA / RLA kernels with the PTX semantics and checks the fragments against the MMA
+    partitions (and the register re-layouts). Returns (ok, seconds, output)."""
+    t0 = time.time()
+    OUT.mkdir(parents=True, exist_ok=True)
+    exe = OUT / "ldsm_check"
+    cmd = [nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-O1", f"-I{ROOT / 'csrc'}",
+           f"-I{cutlass}", str(ROOT / "tools" / "ldsm_check.cu"), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return False, time.time() - t0, r.stdout + r.stderr
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    return r.returncode == 0, time.time() - t0, r.stdout + r.stderr
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("CUDA_CHECK_JOBS", "2")))
     ap.add_argument("--archs", default="80,90a")
     ap.add_argument("--files", nargs="*", help="only these csrc/cuda/*.cu files")
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "nvcc")
+    ap.add_argument("--skip-layout-check", action="store_true",
+                    help="skip tools/ldsm_check.cu (the host replay of the ldmatrix copies)")
     args = ap.parse_args()
 
     cutlass = find_cutlass()
@@ -207,7 +227,10 @@ def main():
     results = []
     # biggest files first so the two workers finish together
     jobs = sorted([(s, a) for s in srcs for a in archs], key=lambda x: -x[0].stat().st_size)
+    layout = None
     with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        if not args.skip_layout_check:
+            layout = ex.submit(run_layout_check, cutlass, args.nvcc)
         futs = {ex.submit(compile_one, s, a, cutlass, args.nvcc, cuobjdump, []): (s, a)
                 for s, a in jobs}
         for f in cf.as_completed(futs):
@@ -247,6 +270,13 @@ def main():
                 failures.append(f"{row['kernel']} {row['arch']}: {spill} bytes spilled")
             if cuobjdump and expects_mma(row["kernel"]) and not row["mma"]:
                 failures.append(f"{row['kernel']} {row['arch']}: no HMMA/HGMMA instruction")
+    if layout is not None:
+        ok, secs, out = layout.result()
+        print(f"\nldsm_check (host replay of the ldmatrix copies, {secs:.0f}s):")
+        print("\n".join("  " + line for line in out.strip().splitlines()[-40:]))
+        (OUT / "ldsm_check.txt").write_text(out)
+        if not ok:
+            failures.append("ldsm_check: fragments do not match the MMA partition (see above)")
     if not cuobjdump:
         failures.append("cuobjdump not found: cannot count MMA instructions "
                         "(pip install nvidia-cuda-cuobjdump or set CUOBJDUMP)")

@@ -17,6 +17,8 @@
 #include <cutlass/bfloat16.h>
 #include <cutlass/half.h>
 
+#include <type_traits>
+
 #include "core/feature_map.h"
 #include "dyn_smem.cuh"  // DynSmem<N>: dynamic smem in the kernel name for tools/cuda_check.py
 #include "core/params.h"
@@ -66,6 +68,11 @@ struct RlaTraits {
   static constexpr int kSmemFwd = kSmemS + 2 * kSmemPhi + kSmemV + kSmemP;
   static constexpr int kSmemState = kSmemS + kSmemPhi + kSmemV;  // pass 1: S, phi(k), v
   static_assert(kSmemFwd <= 227 * 1024, "forward shared memory");
+  // ldmatrix reads 16-byte rows: every buffer offset and row stride must keep them aligned.
+  static_assert(kPhiStride % 8 == 0 && kVStride % 8 == 0 && kPStride % 8 == 0,
+                "padded strides must be multiples of 8 elements (16 bytes)");
+  static_assert(kSmemS % 16 == 0 && kSmemPhi % 16 == 0 && kSmemV % 16 == 0 && kSmemP % 16 == 0,
+                "shared-memory buffers must start 16-byte aligned");
 };
 
 // ---- layouts (CuTe views on shared memory) ----------------------------------------------
@@ -83,28 +90,72 @@ CUTE_HOST_DEVICE constexpr auto row_major_padded_t() {
 }
 
 // ---- GEMM from shared memory --------------------------------------------------------------
-// acc(M, N) += A(M, K) * B(N, K)^T, with sA, sB any-layout views in the MMA's element type.
-// Fragments are loaded one K-slice at a time (element-wise copy: correct for any layout,
-// including the transposed views; an ldmatrix path is the obvious next step).
+// Shared memory -> registers with ldmatrix. An operand view (rows, K) is either K-major
+// (row_major_padded: 8 consecutive K values per row address -> LDSM_N) or rows-major (the
+// transposed views row_major_padded_t -> LDSM_T, which transposes each 8x8 matrix on the
+// way). Every padded stride is a multiple of 8 elements, so each row address is 16-byte
+// aligned as ldmatrix requires. tools/ldsm_check.cu replays these copies on the host with
+// the PTX semantics of ldmatrix and compares against the MMA's element-wise partition.
+template <class Element, class Layout>
+struct RlaLdsmAtom {
+  static constexpr bool kKUnitStride =
+      cute::is_constant<1, decltype(cute::stride<1>(Layout{}))>::value;
+  static_assert(kKUnitStride || cute::is_constant<1, decltype(cute::stride<0>(Layout{}))>::value,
+                "ldmatrix needs a unit stride along K or along the rows");
+  using type = std::conditional_t<kKUnitStride, cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>,
+                                  cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>>;
+};
+
+template <class TiledMma, class TA>
+CUTE_HOST_DEVICE auto rla_smem_copy_A(TiledMma const& mma, TA const&) {
+  using Layout = typename std::decay_t<TA>::layout_type;
+  return cute::make_tiled_copy_A(typename RlaLdsmAtom<typename TiledMma::ValTypeA, Layout>::type{},
+                                 mma);
+}
+template <class TiledMma, class TB>
+CUTE_HOST_DEVICE auto rla_smem_copy_B(TiledMma const& mma, TB const&) {
+  using Layout = typename std::decay_t<TB>::layout_type;
+  return cute::make_tiled_copy_B(typename RlaLdsmAtom<typename TiledMma::ValTypeB, Layout>::type{},
+                                 mma);
+}
+
+// acc(M, N) += A(M, K) * B(N, K)^T, with sA, sB shared-memory views in the MMA's element
+// type. Register fragments hold two 16-wide K-slices (ping-pong): slice k + 1 is ldmatrix-ed
+// while slice k multiplies. The loop over K is not unrolled (2D = 256 would unroll 16x), so
+// the slot indices inside its body are compile-time constants.
 template <class TiledMma, class Acc, class TA, class TB>
 __device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, TA const& sA, TB const& sB) {
   using namespace cute;
-  auto thr = mma.get_thread_slice(threadIdx.x);
-  Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K)
-  Tensor tCsB = thr.partition_B(sB);  // (MMA, MMA_N, MMA_K)
-  using EA = typename TiledMma::ValTypeA;
-  using EB = typename TiledMma::ValTypeB;
-  // Not unrolled over K: one K-slice of fragments live at a time (no spills at 2D = 256);
-  // each slice still issues MMA_M x MMA_N independent MMAs.
+  const int tid = threadIdx.x;
+  auto thr = mma.get_thread_slice(tid);
+  auto copy_a = rla_smem_copy_A(mma, sA);
+  auto copy_b = rla_smem_copy_B(mma, sB);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tAsA = thr_a.partition_S(sA);  // (CPY, CPY_M, CPY_K)
+  Tensor tBsB = thr_b.partition_S(sB);  // (CPY, CPY_N, CPY_K)
+  constexpr int kM = decltype(size<0>(sA))::value;
+  constexpr int kN = decltype(size<0>(sB))::value;
+  Tensor tCrA = thr.partition_fragment_A(
+      local_tile(sA, Shape<Int<kM>, _32>{}, make_coord(0, 0)));  // (MMA, MMA_M, 2)
+  Tensor tCrB = thr.partition_fragment_B(
+      local_tile(sB, Shape<Int<kN>, _32>{}, make_coord(0, 0)));  // (MMA, MMA_N, 2)
+  Tensor tCrA_v = thr_a.retile_D(tCrA);  // (CPY, CPY_M, 2)
+  Tensor tCrB_v = thr_b.retile_D(tCrB);  // (CPY, CPY_N, 2)
+  constexpr int kK = decltype(size<2>(tAsA))::value;
+  static_assert(kK % 2 == 0, "K must be a multiple of 32");
+  copy(copy_a, tAsA(_, _, 0), tCrA_v(_, _, _0{}));
+  copy(copy_b, tBsB(_, _, 0), tCrB_v(_, _, _0{}));
 #pragma unroll 1
-  for (int k = 0; k < size<2>(tCsA); ++k) {
-    Tensor tCrA = make_tensor<EA>(shape(tCsA(_, _, k)));
-    Tensor tCrB = make_tensor<EB>(shape(tCsB(_, _, k)));
-    CUTE_UNROLL
-    for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(_, _, k)(i);
-    CUTE_UNROLL
-    for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(_, _, k)(i);
-    cute::gemm(mma, acc, tCrA, tCrB, acc);
+  for (int k = 0; k < kK; k += 2) {
+    copy(copy_a, tAsA(_, _, k + 1), tCrA_v(_, _, _1{}));
+    copy(copy_b, tBsB(_, _, k + 1), tCrB_v(_, _, _1{}));
+    cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrB(_, _, _0{}), acc);
+    if (k + 2 < kK) {
+      copy(copy_a, tAsA(_, _, k + 2), tCrA_v(_, _, _0{}));
+      copy(copy_b, tBsB(_, _, k + 2), tCrB_v(_, _, _0{}));
+    }
+    cute::gemm(mma, acc, tCrA(_, _, _1{}), tCrB(_, _, _1{}), acc);
   }
 }
 
@@ -115,21 +166,26 @@ template <class TiledMma, class Acc, class TA, class TS, class TH>
 __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA const& sA,
                                                    TS const& sX, TH const& gH, bool has_h) {
   using namespace cute;
-  auto thr = mma.get_thread_slice(threadIdx.x);
-  Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K)
-  Tensor tCsX = thr.partition_B(sX);  // (MMA, MMA_N, MMA_K) fp32 smem
-  Tensor tCgH = thr.partition_B(gH);  // (MMA, MMA_N, MMA_K) fp32 gmem (H0 slice)
-  using EA = typename TiledMma::ValTypeA;
+  const int tid = threadIdx.x;
+  auto thr = mma.get_thread_slice(tid);
+  auto copy_a = rla_smem_copy_A(mma, sA);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  Tensor tAsA = thr_a.partition_S(sA);  // (CPY, CPY_M, CPY_K)
+  Tensor tCsX = thr.partition_B(sX);    // (MMA, MMA_N, MMA_K) fp32 smem
+  Tensor tCgH = thr.partition_B(gH);    // (MMA, MMA_N, MMA_K) fp32 gmem (H0 slice)
+  constexpr int kM = decltype(size<0>(sA))::value;
+  Tensor tCrA = thr.partition_fragment_A(
+      local_tile(sA, Shape<Int<kM>, _16>{}, make_coord(0, 0)));  // (MMA, MMA_M, 1)
+  Tensor tCrA_v = thr_a.retile_D(tCrA);
   using EB = typename TiledMma::ValTypeB;
   // Not unrolled over K: one K-slice of fragments live at a time (no spills at 2D = 256);
-  // each slice still issues MMA_M x MMA_N independent MMAs.
+  // each slice still issues MMA_M x MMA_N independent MMAs. A comes by ldmatrix; the fp32
+  // state is read element-wise because it is split into hi + lo on the way.
 #pragma unroll 1
-  for (int k = 0; k < size<2>(tCsA); ++k) {
-    Tensor tCrA = make_tensor<EA>(shape(tCsA(_, _, k)));
+  for (int k = 0; k < size<2>(tCsX); ++k) {
+    copy(copy_a, tAsA(_, _, k), tCrA_v(_, _, _0{}));
     Tensor tCrHi = make_tensor<EB>(shape(tCsX(_, _, k)));
     Tensor tCrLo = make_tensor<EB>(shape(tCsX(_, _, k)));
-    CUTE_UNROLL
-    for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(_, _, k)(i);
     CUTE_UNROLL
     for (int i = 0; i < size(tCrHi); ++i) {
       float x = tCsX(_, _, k)(i);
@@ -138,8 +194,8 @@ __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA c
       tCrHi(i) = hi;
       tCrLo(i) = EB(x - float(hi));
     }
-    cute::gemm(mma, acc, tCrA, tCrHi, acc);
-    cute::gemm(mma, acc, tCrA, tCrLo, acc);
+    cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrHi, acc);
+    cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrLo, acc);
   }
 }
 
