@@ -555,52 +555,36 @@ SwaMixFwdPrepared prepare_swa_mix_fwd(const at::Tensor& q, const at::Tensor& k,
                                       at::ScalarType out_dtype, bool save_branch,
                                       bool cuda_backend) {
   SwaMixFwdPrepared r;
-  // Everything is validated before any kernel runs.
+  // Everything is validated (and allocated) before any kernel runs: the SWA half, then the
+  // mixing over the SWA output buffer (o_rla against its shape, weights, eps, out_dtype).
   r.swa = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin,
                           cuda_backend);
-  const at::Tensor& o_swa = r.swa.out;
-  check_branch_output(o_rla_in, "o_rla", o_swa);
-  const auto acc = o_swa.scalar_type();
-  check_mix_scalars(eps, out_dtype, acc);
-  const int64_t H = o_swa.size(2), D = o_swa.size(3);
-  at::Tensor o_rla = o_rla_in.contiguous();
-  at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, o_swa);
-  at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", H, D, acc, o_swa);
-  r.out = at::empty(o_swa.sizes(), o_swa.options().dtype(out_dtype));
-  r.keep = {o_rla, ga, gb};
+  MixPrepared mix = prepare_mix_fwd(r.swa.out, o_rla_in, swa_weight, rla_weight, eps, out_dtype);
+  r.mix = mix.params;
+  r.out = mix.out;
+  r.keep = mix.keep;
 
+  // The epilogue reads the same (contiguous) o_rla and weights and writes the same out.
+  const Strides4 rows = strides_of(r.out);  // o_rla's copy and out: contiguous [B, T, Hq, D]
   auto& e = r.swa.params.mix;
   e = MixEpilogueParams{};
-  e.o_rla = o_rla.data_ptr();
-  e.o_rla_stride = strides_of(o_rla);
-  e.swa_weight = ga.data_ptr();
-  e.rla_weight = gb.data_ptr();
+  e.o_rla = r.mix.o_rla;
+  e.o_rla_stride = rows;
+  e.swa_weight = r.mix.swa_weight;
+  e.rla_weight = r.mix.rla_weight;
   e.out = r.out.data_ptr();
-  e.out_stride = strides_of(r.out);
-  e.out_dtype = to_dtype(out_dtype);
+  e.out_stride = rows;
+  e.out_dtype = r.mix.out_dtype;
   e.eps = eps;
-
-  auto& m = r.mix;
-  m = MixParams{};
-  m.rows = o_swa.numel() / D;
-  m.heads_q = H;
-  m.head_dim = D;
-  m.acc_dtype = to_dtype(acc);
-  m.out_dtype = to_dtype(out_dtype);
-  m.o_swa = o_swa.data_ptr();
-  m.o_rla = o_rla.data_ptr();
-  m.swa_weight = ga.data_ptr();
-  m.rla_weight = gb.data_ptr();
-  m.out = r.out.data_ptr();
-  m.eps = eps;
 
   if (cuda_backend && !save_branch) {
     // Inference: the fused kernel writes only the mixed output.
+    const auto opts = r.swa.out.options();
     r.swa.params.out = nullptr;
     r.swa.params.lse = nullptr;
-    m.o_swa = nullptr;
-    r.swa.out = at::empty({0}, o_swa.options());
-    r.swa.lse = at::empty({0}, o_swa.options());
+    r.mix.o_swa = nullptr;
+    r.swa.out = at::empty({0}, opts);
+    r.swa.lse = at::empty({0}, opts);
   }
   return r;
 }

@@ -89,3 +89,28 @@ def test_cpu_driver_end_to_end(tmp_path):
     assert ours and all(x["status"] == "ok" for x in ours), ours
     assert data["ceilings"]["matmul"]["flops_per_s"] > 0
     assert (tmp_path / "latest_cpu.md").read_text().count("|") > 10
+
+
+def test_gpu_check_goal_benchmark_runs_on_cpu():
+    """tools/gpu_check.py's issue-goal rows run end to end at small sizes on CPU, so a GPU
+    session's few minutes are not lost to a typo. Each timing is one real call."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+
+    calls = []
+
+    def once(fn):
+        fn()
+        calls.append(1)
+        return 1.0
+
+    def fwd_bwd(f, args, grad):
+        leaves = [x.detach().float().requires_grad_() for x in args]
+        return lambda: torch.autograd.grad(f(*leaves), leaves, grad.float())
+
+    rows = gpu_check.bench_issue_goals(once, fwd_bwd, device="cpu", small=True)
+    assert len(calls) >= 3  # rattention, swa, rla (+ fla where it is installed and runs)
+    assert [r["goal"] for r in rows] == ["ratio <= 1.0", "peer_ms / ours_ms >= 2", "ratio >= 3"]
+    assert rows[0]["ratio"] == 1.0
+    # 512 tokens / 64 per chunk = 8 chunks, a checkpoint every 4: 4x less state memory.
+    assert rows[2]["ratio"] == 4.0 and rows[2]["peer_ms"] == 4 * rows[2]["ours_ms"]

@@ -13,26 +13,14 @@ import math
 
 import pytest
 import torch
-from test_rla_cuda import plain_rla
+from test_rla_cuda import FLOOR, plain_rla, rel_err, requires_cuda
 from test_swa_cuda import _plain as plain_swa
 
 import rattention_ext
 from rattention_ext import reference as ref
 
 ops = torch.ops.rattention_ext
-
-_HAS_CUDA = torch.cuda.is_available() and bool(rattention_ext.build_info().get("cuda", False))
-pytestmark = pytest.mark.skipif(
-    not _HAS_CUDA, reason="needs a CUDA device and a build with the CUDA kernels"
-)
-
-FLOOR = 5e-4
-
-
-def rel_err(x, r):
-    x, r = x.double(), r.double()
-    assert not torch.isnan(x).any(), "NaN in kernel output"
-    return ((x - r).norm() / r.norm().clamp_min(1e-30)).item()
+pytestmark = requires_cuda
 
 
 def make_inputs(B, T, Hq, Hkv, D, dtype, seed, rotary):

@@ -123,12 +123,13 @@ def bench():
     return out
 
 
-def bench_issue_goals(timed, fwd_bwd):
+def bench_issue_goals(timed, fwd_bwd, device="cuda", small=False):
     """The CUDA RLA issue's goals, each one row of {case, ours_ms, peer, peer_ms, ratio, goal}:
     RAttention (w=512) fwd+bwd vs our SWA alone at w=2048 (T=4096; the paper measured +9%),
     and RLA fwd+bwd vs flash-linear-attention's chunk_linear_attn at feature width 256
     (normalize off, scale 1, fed phi(q), phi(k) from our feature map; T=8192, Hkv=8, D=128)
-    when fla is importable, plus the saved-state memory against saving every chunk."""
+    when fla is importable, plus the saved-state memory against saving every chunk.
+    ``small`` shrinks every size (the CPU smoke test in tests/test_benchmarks.py)."""
     import inspect
     import math
 
@@ -138,27 +139,28 @@ def bench_issue_goals(timed, fwd_bwd):
     from rattention_ext import reference as ref
 
     dtp = torch.bfloat16
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)
+    f = 16 if small else 1  # sequence and window shrink factor
 
     def qkvg(B, T, Hq, Hkv, D):
-        mk = lambda H: torch.randn(B, T, H, D, device="cuda", dtype=dtp, generator=g)  # noqa: E731
+        mk = lambda H: torch.randn(B, T, H, D, device=device, dtype=dtp, generator=g)  # noqa: E731
         return mk(Hq), mk(Hkv), mk(Hkv), mk(Hq)
 
     out = []
-    q, k, v, go = qkvg(1, 4096, 16, 4, 128)
-    t_ratt = timed(fwd_bwd(lambda a, b, c: rattention_ext.forward(a, b, c, window_size=512),
+    q, k, v, go = qkvg(1, 4096 // f, 16, 4, 128)
+    t_ratt = timed(fwd_bwd(lambda a, b, c: rattention_ext.forward(a, b, c, window_size=512 // f),
                            (q, k, v), go))
     t_swa = timed(fwd_bwd(lambda a, b, c: rattention_ext.sliding_window_attention(
-        a, b, c, window_size=2048), (q, k, v), go))
-    out.append(dict(case="rattention w512 vs swa w2048 fwd+bwd T4096", ours_ms=t_ratt,
-                    peer="ours swa w=2048", peer_ms=t_swa, ratio=t_ratt / t_swa,
-                    goal="ratio <= 1.0"))
+        a, b, c, window_size=2048 // f), (q, k, v), go))
+    out.append(dict(case=f"rattention w{512 // f} vs swa w{2048 // f} fwd+bwd T{4096 // f}",
+                    ours_ms=t_ratt, peer=f"ours swa w={2048 // f}", peer_ms=t_swa,
+                    ratio=t_ratt / t_swa, goal="ratio <= 1.0"))
 
-    B, T, H, D = 1, 8192, 8, 128
+    B, T, H, D = 1, 8192 // f, 8, 128
     q, k, v, go = qkvg(B, T, H, H, D)
     t_rla = timed(fwd_bwd(lambda a, b, c: rattention_ext.residual_linear_attention(
-        a, b, c, window_size=512), (q, k, v), go))
-    row = dict(case="rla fwd+bwd T8192 Hkv8 D128", ours_ms=t_rla, peer="fla chunk_linear_attn",
+        a, b, c, window_size=512 // f), (q, k, v), go))
+    row = dict(case=f"rla fwd+bwd T{T} Hkv8 D128", ours_ms=t_rla, peer="fla chunk_linear_attn",
                peer_ms=None, ratio=None, goal="peer_ms / ours_ms >= 2")
     try:
         from fla.ops.linear_attn import chunk_linear_attn
@@ -175,7 +177,7 @@ def bench_issue_goals(timed, fwd_bwd):
     n_chunks = math.ceil(T / 64)
     every = rattention_ext.api.DEFAULT_CHECKPOINT_EVERY
     per_state = B * H * 2 * D * D * 4
-    out.append(dict(case="rla saved states T8192 (MiB)",
+    out.append(dict(case=f"rla saved states T{T} (MiB)",
                     ours_ms=math.ceil(n_chunks / every) * per_state / 2**20,
                     peer="a state per chunk", peer_ms=n_chunks * per_state / 2**20,
                     ratio=n_chunks / math.ceil(n_chunks / every), goal="ratio >= 3"))
