@@ -207,9 +207,13 @@ def test_bad_inputs_name_the_argument():
         ops.swa_bwd(out.double(), None, q, k, v, out, lse, 2, 0.25, None, None, False)
 
 
-def test_portable_gemm_path_matches_reference():
-    """The portable (non-AVX-512) float path, forced with RATTENTION_CPU_ISA=portable in a
-    fresh process (the ISA choice is made once per process)."""
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_narrower_cpu_paths_match_reference(isa):
+    """The float paths for CPUs without AVX-512 (the AVX2 + FMA micro-kernels, and the
+    portable code), forced with RATTENTION_CPU_ISA in a fresh process (the ISA choice is
+    made once per process): SWA + RLA + mixing, values and gradients, ragged sizes so the
+    GEMM and softmax tails run. (On a CPU without AVX2 the "avx2" run takes the portable
+    path, which is then what it checks.)"""
     import os
     import subprocess
     import sys
@@ -218,15 +222,18 @@ def test_portable_gemm_path_matches_reference():
         "import torch, rattention_ext as R\n"
         "from rattention_ext import reference as ref\n"
         "from conftest import make_qkv, rel_err\n"
-        "q, k, v = make_qkv(1, 77, 4, 2, 32, torch.float32, seed=9)\n"
-        "ls = [x.requires_grad_() for x in (q, k, v)]\n"
-        "o = R.sliding_window_attention(*ls, window_size=20)\n"
-        "g = torch.autograd.grad(o.square().sum(), ls)\n"
-        "rl = [x.detach().double().requires_grad_() for x in (q, k, v)]\n"
-        "ro = ref.sliding_window_attention(*rl, window_size=20)\n"
-        "rg = torch.autograd.grad(ro.square().sum(), rl)\n"
-        "print(max(rel_err(a, b) for a, b in zip((o,) + g, (ro,) + rg)))\n")
-    env = dict(os.environ, RATTENTION_CPU_ISA="portable")
+        "errs = []\n"
+        "for T, D, w in [(77, 32, 20), (45, 8, 3), (130, 64, 17)]:\n"
+        "    q, k, v = make_qkv(1, T, 4, 2, D, torch.float32, seed=T)\n"
+        "    ls = [x.requires_grad_() for x in (q, k, v)]\n"
+        "    o = R.forward(*ls, window_size=w)\n"
+        "    g = torch.autograd.grad(o.square().sum(), ls)\n"
+        "    rl = [x.detach().double().requires_grad_() for x in (q, k, v)]\n"
+        "    ro = ref.forward(*rl, window_size=w)\n"
+        "    rg = torch.autograd.grad(ro.square().sum(), rl)\n"
+        "    errs += [rel_err(a, b) for a, b in zip((o,) + g, (ro,) + rg)]\n"
+        "print(max(errs))\n")
+    env = dict(os.environ, RATTENTION_CPU_ISA=isa)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(rattention_ext.__path__[0]),
                                          os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

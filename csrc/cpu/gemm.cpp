@@ -23,20 +23,38 @@ void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow
                   float* O, int64_t ldo, int64_t D);
 }  // namespace avx512
 
+namespace avx2 {  // gemm_avx2.cpp (built with -mavx2 -mfma; call only when the CPU has both)
+void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+              const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+              int64_t ldc);
+float row_max(const float* x, int64_t n);
+float exp_sub_sum(float* x, int64_t n, float sub);
+void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow<float>* st,
+                  float* O, int64_t ldo, int64_t D);
+}  // namespace avx2
+
 namespace {
-// Checked once per process; RATTENTION_CPU_ISA=portable forces the portable path (tests).
-bool use_avx512() {
-  static const bool ok = [] {
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+// The widest float path this CPU runs, checked once per process. RATTENTION_CPU_ISA =
+// portable | avx2 | avx512 caps it (tests and benchmarks of the narrower paths).
+Isa cpu_isa() {
+  static const Isa isa = [] {
 #if defined(__x86_64__) || defined(__i386__)
-    const char* env = std::getenv("RATTENTION_CPU_ISA");
-    if (env != nullptr && std::string(env) == "portable") return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    Isa best = Isa::kPortable;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
+    const char* env = std::getenv("RATTENTION_CPU_ISA");
+    const std::string cap = env == nullptr ? "" : env;
+    if (cap == "portable") return Isa::kPortable;
+    if (cap == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
+    return best;
 #else
-    return false;
+    return Isa::kPortable;
 #endif
   }();
-  return ok;
+  return isa;
 }
 
 template <typename T>
@@ -71,8 +89,14 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512())
-      return avx512::gemm_f32(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    switch (cpu_isa()) {
+      case Isa::kAvx512:
+        return avx512::gemm_f32(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      case Isa::kAvx2:
+        return avx2::gemm_f32(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      case Isa::kPortable:
+        break;
+    }
   }
   gemm_portable<T>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
@@ -84,14 +108,16 @@ template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const 
 
 // ---- online-softmax row primitives (portable) -------------------------------------------
 float row_max(const float* x, int64_t n) {
-  if (use_avx512()) return avx512::row_max(x, n);
+  if (cpu_isa() == Isa::kAvx512) return avx512::row_max(x, n);
+  if (cpu_isa() == Isa::kAvx2) return avx2::row_max(x, n);
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
 
 float exp_sub_sum(float* x, int64_t n, float sub) {
-  if (use_avx512()) return avx512::exp_sub_sum(x, n, sub);
+  if (cpu_isa() == Isa::kAvx512) return avx512::exp_sub_sum(x, n, sub);
+  if (cpu_isa() == Isa::kAvx2) return avx2::exp_sub_sum(x, n, sub);
   float s = 0.f;
   for (int64_t j = 0; j < n; ++j) {
     x[j] = std::exp(x[j] - sub);
@@ -102,7 +128,8 @@ float exp_sub_sum(float* x, int64_t n, float sub) {
 
 void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow<float>* st,
                   float* O, int64_t ldo, int64_t D) {
-  if (use_avx512()) return avx512::softmax_tile(S, lds, R, bn, st, O, ldo, D);
+  if (cpu_isa() == Isa::kAvx512) return avx512::softmax_tile(S, lds, R, bn, st, O, ldo, D);
+  if (cpu_isa() == Isa::kAvx2) return avx2::softmax_tile(S, lds, R, bn, st, O, ldo, D);
   softmax_tile_generic<float>(S, lds, R, bn, st, O, ldo, D);
 }
 
