@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "core/window.h"
+#include "cuda/launch.cuh"
 #include "decode_launch.h"
 
 namespace rattention::cuda {
@@ -95,7 +96,7 @@ constexpr int decode_smem_floats_fixed() {
 
 template <typename Element, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const DecodeParams p) {
-  extern __shared__ __align__(16) float smem[];
+  RATT_DYNAMIC_SMEM(float, smem);
   const int64_t Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
   const int64_t b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv;
   float* sQ = smem;
@@ -321,9 +322,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(p.batch * p.heads_kv), kDecodeThreads, smem, stream>>>(p);
+  RATT_LAUNCH(static_cast<unsigned>(p.batch * p.heads_kv), kDecodeThreads, smem, stream, kernel)(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  decode_pos_kernel<<<static_cast<unsigned>(ceil_div(p.batch, 128)), 128, 0, stream>>>(p.pos, p.batch);
+  RATT_LAUNCH(static_cast<unsigned>(ceil_div(p.batch, 128)), 128, 0, stream, decode_pos_kernel)(p.pos, p.batch);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "core/window.h"
+#include "cuda/launch.cuh"
 #include "mix_launch.h"
 
 namespace rattention::cuda {
@@ -172,9 +173,9 @@ cudaError_t mix_fwd(const MixParams& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 8;  // 8 warps of 256 threads
   const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kRowsPerBlock)));
   switch (p.out_dtype) {
-    case DType::kFloat32: mix_fwd_kernel<float><<<grid, 256, 0, stream>>>(p); break;
-    case DType::kBFloat16: mix_fwd_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(p); break;
-    case DType::kFloat16: mix_fwd_kernel<__half><<<grid, 256, 0, stream>>>(p); break;
+    case DType::kFloat32: RATT_LAUNCH(grid, 256, 0, stream, mix_fwd_kernel<float>)(p); break;
+    case DType::kBFloat16: RATT_LAUNCH(grid, 256, 0, stream, mix_fwd_kernel<__nv_bfloat16>)(p); break;
+    case DType::kFloat16: RATT_LAUNCH(grid, 256, 0, stream, mix_fwd_kernel<__half>)(p); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -199,15 +200,15 @@ cudaError_t mix_bwd(const MixBwdParams& p, float* workspace, cudaStream_t stream
   const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(p.heads_q));
   const int threads = kMixBwdWarps * 32;
   switch (p.grad_dtype) {
-    case DType::kFloat32: mix_bwd_kernel<float><<<grid, threads, 0, stream>>>(p, workspace, n_splits); break;
-    case DType::kBFloat16: mix_bwd_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(p, workspace, n_splits); break;
-    case DType::kFloat16: mix_bwd_kernel<__half><<<grid, threads, 0, stream>>>(p, workspace, n_splits); break;
+    case DType::kFloat32: RATT_LAUNCH(grid, threads, 0, stream, mix_bwd_kernel<float>)(p, workspace, n_splits); break;
+    case DType::kBFloat16: RATT_LAUNCH(grid, threads, 0, stream, mix_bwd_kernel<__nv_bfloat16>)(p, workspace, n_splits); break;
+    case DType::kFloat16: RATT_LAUNCH(grid, threads, 0, stream, mix_bwd_kernel<__half>)(p, workspace, n_splits); break;
     default: return cudaErrorInvalidValue;
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t n = 2 * p.heads_q * p.head_dim;
-  mix_bwd_reduce_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p, workspace, n_splits);
+  RATT_LAUNCH(static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream, mix_bwd_reduce_kernel)(p, workspace, n_splits);
   return cudaGetLastError();
 }
 

@@ -33,17 +33,17 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t
   auto dq = &rla_bwd_dq_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kDq)) != cudaSuccess)
     return err;
-  dq<<<dim3(Tr::kNVBlocks, bh, n_ckpt), Tr::kNThreads, Sm::kDq, stream>>>(p, wsQ);
+  RATT_LAUNCH(dim3(Tr::kNVBlocks, bh, n_ckpt), Tr::kNThreads, Sm::kDq, stream, dq)(p, wsQ);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   auto dkv = &rla_bwd_dkv_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(dkv, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kDkv)) != cudaSuccess)
     return err;
-  dkv<<<dim3(Tr::kNVBlocks, bh), Tr::kNThreads, Sm::kDkv, stream>>>(p, wsK);
+  RATT_LAUNCH(dim3(Tr::kNVBlocks, bh), Tr::kNThreads, Sm::kDkv, stream, dkv)(p, wsK);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const int64_t rows = B * T * (Hq + Hkv);
-  rla_bwd_phi_postprocess_kernel<Tr><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p, wsQ, wsK);
+  RATT_LAUNCH(static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream, rla_bwd_phi_postprocess_kernel<Tr>)(p, wsQ, wsK);
   return cudaGetLastError();
 }
 

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
   using Sm = RlaBwdSmem<Tr>;
 
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   float* sS_ptr = reinterpret_cast<float*>(smem_raw);
   Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS);
   Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi);
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
   using Sm = RlaBwdSmem<Tr>;
 
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   float* sdS_ptr = reinterpret_cast<float*>(smem_raw);
   Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS);
   Element* sPhiQ_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi);

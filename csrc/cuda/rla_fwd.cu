@@ -21,18 +21,18 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
   if ((err = cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   Tr::kSmemState)) != cudaSuccess)
     return err;
-  state<<<grid, Tr::kNThreads, Tr::kSmemState, stream>>>(p);
+  RATT_LAUNCH(grid, Tr::kNThreads, Tr::kSmemState, stream, state)(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 2. prefix over segments -> checkpoints, final state
   const int64_t n = bh * 2 * p.dims.head_dim * p.dims.head_dim;
-  rla_fwd_prefix_reduce_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
+  RATT_LAUNCH(static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream, rla_fwd_prefix_reduce_kernel)(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 3. outputs, every segment from its checkpoint
   auto kernel = &rla_fwd_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   Tr::kSmemFwd)) != cudaSuccess)
     return err;
-  kernel<<<grid, Tr::kNThreads, Tr::kSmemFwd, stream>>>(p);
+  RATT_LAUNCH(grid, Tr::kNThreads, Tr::kSmemFwd, stream, kernel)(p);
   return cudaGetLastError();
 }
 

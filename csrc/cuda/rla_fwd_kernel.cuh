@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
 
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   float* sS_ptr = reinterpret_cast<float*>(smem_raw);
   Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS);
   Element* sPhiQ_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi);
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   float* sS_ptr = reinterpret_cast<float*>(smem_raw);
   Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS);
   Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi);

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "core/feature_map.h"
+#include "cuda/launch.cuh"
 #include "dyn_smem.cuh"  // DynSmem<N>: dynamic smem in the kernel name for tools/cuda_check.py
 #include "core/params.h"
 

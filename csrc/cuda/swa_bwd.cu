@@ -16,7 +16,7 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   float* dk_ws = dq_ws + B * T * Hq * kHeadDim;
 
   const int64_t rows = B * Hq * T;
-  swa_bwd_preprocess_kernel<<<unsigned(ceil_div(rows, 8)), 256, 0, stream>>>(p, di);
+  RATT_LAUNCH(unsigned(ceil_div(rows, 8)), 256, 0, stream, swa_bwd_preprocess_kernel)(p, di);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
@@ -26,7 +26,7 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const dim3 grid_kv(unsigned(ceil_div(T, Traits::kBlockN) * (kHeadDim / kBwdDSlice)), unsigned(B),
                      unsigned(Hkv));
-  dkdv<<<grid_kv, Traits::kNThreads, smem_dkdv, stream>>>(p, di, dk_ws);
+  RATT_LAUNCH(grid_kv, Traits::kNThreads, smem_dkdv, stream, dkdv)(p, di, dk_ws);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
@@ -35,18 +35,18 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq);
   if (err != cudaSuccess) return err;
   const dim3 grid_q(unsigned(ceil_div(T, Traits::kBlockM)), unsigned(B), unsigned(Hq));
-  dq<<<grid_q, Traits::kNThreads, smem_dq, stream>>>(p, di, dq_ws);
+  RATT_LAUNCH(grid_q, Traits::kNThreads, smem_dq, stream, dq)(p, di, dq_ws);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
   const auto* cos = static_cast<const float*>(p.rotary_cos);
   const auto* sin = static_cast<const float*>(p.rotary_sin);
   const int64_t q_rows = B * T * Hq, k_rows = B * T * Hkv;
-  swa_bwd_convert_kernel<Element><<<unsigned(ceil_div(q_rows * kHeadDim / 2, 256)), 256, 0, stream>>>(
+  RATT_LAUNCH(unsigned(ceil_div(q_rows * kHeadDim / 2, 256)), 256, 0, stream, swa_bwd_convert_kernel<Element>)(
       dq_ws, static_cast<Element*>(p.grad_q), q_rows, Hq, T, kHeadDim, cos, sin);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  swa_bwd_convert_kernel<Element><<<unsigned(ceil_div(k_rows * kHeadDim / 2, 256)), 256, 0, stream>>>(
+  RATT_LAUNCH(unsigned(ceil_div(k_rows * kHeadDim / 2, 256)), 256, 0, stream, swa_bwd_convert_kernel<Element>)(
       dk_ws, static_cast<Element*>(p.grad_k), k_rows, Hkv, T, kHeadDim, cos, sin);
   return cudaGetLastError();
 }

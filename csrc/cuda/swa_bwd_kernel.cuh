@@ -1,5 +1,6 @@
 // SWA backward on tensor cores. Four launches, all deterministic (no atomics):
-//   1. swa_bwd_preprocess_kernel: Di = rowsum(dO * O) - grad_lse   (one warp per row)
+//   1. swa_bwd_preprocess_kernel: Di = rowsum(dO * O) - grad_lse   (one warp per row; dO
+//      rounded to the input dtype like the MMAs' copy of it)
 //   2. swa_bwd_dkdv_kernel, one CTA per (b, kv head, key tile, D slice): loops over the
 //      group's query heads and the query tiles that see the key tile
 //      (swa_query_tiles_for_key_tile), in the transposed orientation so P^T and dS^T come
@@ -25,7 +26,15 @@ namespace rattention::cuda {
 
 constexpr int kBwdDSlice = 64;  // dK/dV output columns per dkdv CTA
 
-// Di[b, h, t] = sum_d dO * O - grad_lse (the -grad_lse term: d lse / d z = P).
+// dO as the MMAs see it: the dkdv / dq kernels stage the fp32 dO in the input dtype.
+__device__ __forceinline__ float round_like_staged(float x, DType dtype) {
+  return dtype == DType::kBFloat16 ? float(cutlass::bfloat16_t(x)) : float(cutlass::half_t(x));
+}
+
+// Di[b, h, t] = sum_d dO * O - grad_lse (the -grad_lse term: d lse / d z = P). dO is rounded
+// as the MMAs round it, so that dP - Di (dP = dO V^T from the rounded dO) cancels where it
+// should: the row sums of dS stay ~0 and, e.g., w = 0 (P = 1, O = V) gives dQ = dK = 0
+// rather than rounding noise (found by the host emulator, tests/test_cuda_emulated.py).
 __global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdParams p, float* di) {
   const int64_t B = p.dims.batch, T = p.dims.seqlen, H = p.dims.heads_q, D = p.dims.head_dim;
   const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;  // over (b, h, t)
@@ -37,7 +46,8 @@ __global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdPar
   const float* o = static_cast<const float*>(p.out) + b * p.out_stride.b + t * p.out_stride.t +
                    h * p.out_stride.h;
   float acc = 0.f;
-  for (int64_t d = lane; d < D; d += 32) acc += go[d * p.grad_out_stride.d] * o[d * p.out_stride.d];
+  for (int64_t d = lane; d < D; d += 32)
+    acc += round_like_staged(go[d * p.grad_out_stride.d], p.dtype) * o[d * p.out_stride.d];
   acc = quad_allreduce(acc, SumOp{});
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
   acc += __shfl_xor_sync(0xffffffffu, acc, 8);
@@ -84,7 +94,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float scale = float(p.softmax_scale);
   const float scale_log2 = float(p.softmax_scale * M_LOG2E);
 
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKV{});     // (N, D)
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});    // (N, D)
@@ -255,7 +265,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float scale = float(p.softmax_scale);
   const float scale_log2 = float(p.softmax_scale * M_LOG2E);
 
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});      // (M, D)
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});    // (M, D)

@@ -17,7 +17,7 @@ cudaError_t launch_fwd(const SwaFwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(ceil_div(T, Traits::kBlockM)), unsigned(p.dims.batch),
                   unsigned(p.dims.heads_q));
-  kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
+  RATT_LAUNCH(grid, Traits::kNThreads, smem, stream, kernel)(p);
   return cudaGetLastError();
 }
 

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int64_t m0 = int64_t(m_block) * kBlockM;
   const int rows_q = int(imin(kBlockM, T - m0));
 
-  extern __shared__ __align__(128) char smem_raw[];
+  RATT_DYNAMIC_SMEM(char, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});  // (M, D)
   Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});  // (N, D)

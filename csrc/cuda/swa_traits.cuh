@@ -8,6 +8,8 @@
 #include <cutlass/half.h>
 #include <cutlass/numeric_conversion.h>
 
+#include "cuda/launch.cuh"
+
 namespace rattention::cuda {
 
 template <typename Element>
