@@ -31,7 +31,9 @@ build: venv
 dev: venv
 	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
 
-test: build
+# The CUDA headers (CUTLASS from nvidia-cutlass) also serve tests/test_cuda_emulated.py, which
+# runs the CUDA kernels on the CPU through tools/emu.
+test: build $(VENV)/.cuda-tools-stamp
 	cd tests && ../$(PY) -m pytest -q -ra $(PYTEST_ARGS) .
 
 demo: build
