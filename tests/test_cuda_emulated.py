@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rotary_tables
+from conftest import make_qkv, rotary_tables
 from test_rla_cuda import plain_rla
 from test_swa_cuda import _plain as plain_swa
 
@@ -58,14 +58,15 @@ def grads(out, leaves, go):
     return torch.autograd.grad(out, leaves, go, allow_unused=True)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,rot,dtype", [
-    (1, 97, 4, 1, 64, 0, True, torch.bfloat16),
-    (1, 130, 2, 2, 128, 63, False, torch.bfloat16),
-    (2, 65, 2, 1, 64, 200, True, torch.float16),
-    (1, 1, 2, 1, 64, 3, False, torch.bfloat16),
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,rot,dtype,layout", [
+    (1, 97, 4, 1, 64, 0, True, torch.bfloat16, "perm"),
+    (1, 130, 2, 2, 128, 63, False, torch.bfloat16, "contiguous"),
+    (2, 65, 2, 1, 64, 200, True, torch.float16, "contiguous"),
+    (1, 1, 2, 1, 64, 3, False, torch.bfloat16, "contiguous"),
 ])
-def test_swa_emulated(emu, B, T, Hq, Hkv, D, w, rot, dtype):
-    q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=T + w)
+def test_swa_emulated(emu, B, T, Hq, Hkv, D, w, rot, dtype, layout):
+    # "perm": memory [B, H, T, D], rows read in place with their strides
+    q, k, v = make_qkv(B, T, Hq, Hkv, D, dtype, seed=T + w, layout=layout)
     scale = 1 / math.sqrt(D)
     cos, sin = rotary_tables(T + 2, D, torch.float32) if rot else (None, None)
     g = torch.Generator().manual_seed(1)

@@ -55,6 +55,8 @@ void mma_m16n8k16_f16(float& d0, float& d1, float& d2, float& d3, uint32_t a0, u
                       float c2, float c3);
 void ldmatrix_x4(const void* row_address, bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                  uint32_t& r3);
+// cp.async of `bytes` (4, 8 or 16): both addresses must be aligned to it; completes at once.
+void cp_async(void* smem_dst, const void* gmem_src, int bytes);
 
 // Runs `body` once per CUDA thread of every CTA of the grid; returns the launch status.
 cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes,

@@ -236,6 +236,16 @@ void ldmatrix_x4(const void* row_address, bool trans, uint32_t& r0, uint32_t& r1
   r3 = out[3];
 }
 
+void cp_async(void* smem_dst, const void* gmem_src, int bytes) {
+  if (reinterpret_cast<uintptr_t>(smem_dst) % bytes != 0 ||
+      reinterpret_cast<uintptr_t>(gmem_src) % bytes != 0) {
+    std::fprintf(stderr, "emu: cp.async of %d bytes from %p to %p is misaligned\n", bytes,
+                 gmem_src, smem_dst);
+    std::abort();
+  }
+  std::memcpy(smem_dst, gmem_src, bytes);
+}
+
 cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes,
                    const std::function<void()>& body) {
   Cta& c = cta();

@@ -24,9 +24,9 @@ PATCHES = [
      "::emu::ldmatrix_x4(&smem_src, true, dst0, dst1, dst2, dst3);"),
     # cp.async completes at once in the emulation (commit / wait are already no-ops there).
     ("cute/arch/copy_sm80.hpp", "SM80_CP_ASYNC_CACHEGLOBAL",
-     "std::memcpy(&smem_dst, &gmem_src, sizeof(TS));"),
+     "::emu::cp_async(&smem_dst, &gmem_src, sizeof(TS));"),
     ("cute/arch/copy_sm80.hpp", "SM80_CP_ASYNC_CACHEALWAYS",
-     "std::memcpy(&smem_dst, &gmem_src, sizeof(TS));"),
+     "::emu::cp_async(&smem_dst, &gmem_src, sizeof(TS));"),
 ]
 
 
