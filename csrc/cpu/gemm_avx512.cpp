@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../core/online_softmax.h"
+#include "gemm_blocked.h"
 
 namespace rattention::cpu::avx512 {
 namespace {
@@ -175,58 +176,26 @@ constexpr std::array<MicroKernel, sizeof...(I) + 1> make_kernels(std::integer_se
 }
 constexpr auto kKernels = make_kernels(std::make_integer_sequence<int, kMR>{});
 
+// The blocking driver (gemm_blocked.h) over this file's packing and micro-kernels.
+struct Isa {
+  static constexpr int kMR = ::rattention::cpu::avx512::kMR;
+  static constexpr int kNR = ::rattention::cpu::avx512::kNR;
+  static constexpr int64_t kKC = ::rattention::cpu::avx512::kKC;
+  static constexpr int64_t kNC = ::rattention::cpu::avx512::kNC;
+  static MicroKernel kernel(int mr) { return kKernels[mr]; }
+  static float* packed_buffer(int64_t n) { return ::rattention::cpu::avx512::packed_buffer(n); }
+  static void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc,
+                     int64_t n0, int64_t nc, float* Bp) {
+    ::rattention::cpu::avx512::pack_b(trans_b, B, ldb, k0, kc, n0, nc, Bp);
+  }
+};
+
 }  // namespace
 
 void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
               int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t rs = trans_a ? 1 : lda;  // A(i, k) = A[i * rs + k * cs]
-  const int64_t cs = trans_a ? lda : 1;
-  if (K <= 0) {
-    // C = beta * C (beta == 0: zeros, even over NaN)
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
-    return;
-  }
-  // Untransposed B whose columns fill whole panels is read in place (its rows are already
-  // contiguous runs of kNR columns); otherwise B is packed into zero-padded panels.
-  if (!trans_b && N % kNR == 0) {
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = std::min<int64_t>(kKC, K - k0);
-      const float b_eff = k0 == 0 ? beta : 1.f;
-      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-        const float* Ai = A + i0 * rs + k0 * cs;
-        for (int64_t j0 = 0; j0 < N; j0 += kNR)
-          kKernels[mr](kc, Ai, rs, cs, B + k0 * ldb + j0, ldb, alpha, b_eff, C + i0 * ldc + j0,
-                       ldc, kNR);
-      }
-    }
-    return;
-  }
-  const int64_t nc_max = std::min<int64_t>(N, kNC);
-  const int64_t kc_max = std::min<int64_t>(K, kKC);
-  float* Bp = packed_buffer(((nc_max + kNR - 1) / kNR) * kNR * kc_max);
-  for (int64_t n0 = 0; n0 < N; n0 += kNC) {
-    const int64_t nc = std::min<int64_t>(kNC, N - n0);
-    const int64_t n_panels = (nc + kNR - 1) / kNR;
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = std::min<int64_t>(kKC, K - k0);
-      const float b_eff = k0 == 0 ? beta : 1.f;
-      pack_b(trans_b, B, ldb, k0, kc, n0, nc, Bp);
-      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-        const float* Ai = A + i0 * rs + k0 * cs;
-        for (int64_t p = 0; p < n_panels; ++p) {
-          const int64_t j0 = p * kNR;
-          const int64_t nj = std::min<int64_t>(kNR, nc - j0);
-          kKernels[mr](kc, Ai, rs, cs, Bp + p * kc * kNR, kNR, alpha, b_eff,
-                       C + i0 * ldc + n0 + j0, ldc, nj);
-        }
-      }
-    }
-  }
+  gemm_blocked<Isa>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // ---- online-softmax row primitives -------------------------------------------------------
