@@ -97,6 +97,7 @@ def test_swa_emulated(emu, B, T, Hq, Hkv, D, w, rot, dtype, layout):
     (1, 130, 2, 2, 128, 0, "relu", None, 2, torch.bfloat16),
     (2, 70, 2, 1, 64, 100, "softmax", "batch", 3, torch.float16),
     (1, 200, 4, 1, 64, 63, "softmax", None, 100, torch.bfloat16),
+    (1, 1, 2, 1, 64, 0, "softmax", "broadcast", 1, torch.bfloat16),
 ])
 def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, dtype):
     q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=T + D)
@@ -169,11 +170,11 @@ def test_fused_mix_and_mix_bwd_emulated(emu, out_dtype):
         assert rel_err(x, rr) < 1e-5, name
 
 
-@pytest.mark.parametrize("fm,rot", [("softmax", True), ("relu", False)])
-def test_decode_emulated_matches_forward(emu, fm, rot):
+@pytest.mark.parametrize("fm,rot,D,w", [("softmax", True, 64, 5), ("relu", False, 128, 0)])
+def test_decode_emulated_matches_forward(emu, fm, rot, D, w):
     from rattention_ext.decode import RAttentionCache
 
-    B, T, Hq, Hkv, D, w = 2, 24, 4, 2, 64, 5
+    B, T, Hq, Hkv = 2, 24, 4, 2
     dtype = torch.bfloat16
     q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=11)
     g = torch.Generator().manual_seed(4)

@@ -4,6 +4,7 @@
 //
 //   gQ (kBlockM, D)  --cp.async-->  sQ  --ldmatrix-->  tSrQ
 //   gK (kBlockN, D)  --cp.async-->  sK  --ldmatrix-->  tSrK      S = Q K^T   (fp32 acc)
+//   (K(n+1) and V(n) are in flight while the tile before them is computed)
 //   online softmax on S (rows owned by quads)  ->  P (registers, input dtype)
 //   gV (kBlockN, D)  --cp.async-->  sV  --ldmatrix.trans--> tOrVt  O += P V  (fp32 acc)
 //
@@ -113,20 +114,24 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
 
   // Q tile: loaded once, rotated once (rows past T are zero and stay zero).
+  const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
   copy_rows_pred(gmem_copy, tQgQ, tQsQ, tQcQ, rows_q);
+  if (tiles.begin < tiles.end) {
+    copy_rows_pred(gmem_copy, tKgK(_, _, _, tiles.begin), tKsK, tKVcKV,
+                   int(imin(kBlockN, T - tiles.begin * kBlockN)));
+  }
   cp_async_fence();
 
-  const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
+  // K/V pipeline (one buffer each, flash-attention-2 order): V(n) loads while S = Q K(n)^T
+  // is computed, K(n+1) loads while the softmax and O += P V(n) run.
   for (int64_t n = tiles.begin; n < tiles.end; ++n) {
     const int64_t n0 = n * kBlockN;
     const int rows_k = int(imin(kBlockN, T - n0));
-    // Single-stage pipeline: the previous iteration's readers of sK/sV are done (barrier at
-    // the loop end), so both tiles are refilled here and waited on together.
-    copy_rows_pred(gmem_copy, tKgK(_, _, _, n), tKsK, tKVcKV, rows_k);
-    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
-    cp_async_fence();
+    // K(n) (and Q) have landed; every thread is past the previous P V(n-1): sV is free.
     cp_async_wait<0>();
     __syncthreads();
+    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
+    cp_async_fence();
     if (rot_cos != nullptr) {
       if (n == tiles.begin) {
         rotate_tile_smem<kBlockM, kHeadDim, Traits::kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q,
@@ -143,6 +148,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_q,
             smem_thr_k);
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
+
+    // V(n) has landed; every thread is done reading sK: start K(n+1).
+    cp_async_wait<0>();
+    __syncthreads();
+    if (n + 1 < tiles.end) {
+      copy_rows_pred(gmem_copy, tKgK(_, _, _, n + 1), tKsK, tKVcKV,
+                     int(imin(kBlockN, T - (n + 1) * kBlockN)));
+      cp_async_fence();
+    }
 
     // Element mask only on the window's edge tiles (and ragged tails).
     if (swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window)) {
@@ -181,7 +195,6 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     Tensor rP = convert_frag<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
     gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, smem_thr_v);
-    __syncthreads();  // sK / sV are refilled next iteration
   }
 
   // Epilogue: O / sum to fp32 out (strided), lse = scale * max + log(sum) natural-log units;
