@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class EmulatorUnavailable(RuntimeError):
+    """A prerequisite (CUDA toolkit headers, CUTLASS, a C++ compiler) is missing here."""
 OUT = ROOT / "build" / "emu"
 KERNEL_SOURCES = ["swa_fwd.cu", "swa_bwd.cu", "rla_fwd.cu", "rla_bwd.cu", "mix.cu", "decode.cu"]
 
@@ -44,13 +48,16 @@ def cuda_include() -> Path:
             return c
         if (c / "cuda_runtime.h").exists() and (c / "cuda" / "std").is_dir():
             return c
-    raise RuntimeError("tools/emu: CUDA toolkit headers not found (set CUDA_HOME)")
+    raise EmulatorUnavailable("tools/emu: CUDA toolkit headers not found (set CUDA_HOME)")
 
 
 def cutlass_include() -> Path:
     sys.path.insert(0, str(ROOT / "tools"))
     from cuda_check import find_cutlass
-    return Path(find_cutlass())
+    try:
+        return Path(find_cutlass())
+    except SystemExit as e:  # find_cutlass exits with a message when there is none
+        raise EmulatorUnavailable(f"tools/emu: CUTLASS headers not found ({e})") from None
 
 
 def sources() -> list[str]:
@@ -71,7 +78,12 @@ def sources() -> list[str]:
 
 
 def load(verbose: bool = False):
+    """Build (if needed) and import the module. Raises EmulatorUnavailable when a
+    prerequisite is missing; a compile error in the kernels is a plain failure."""
     from torch.utils.cpp_extension import load as torch_load
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise EmulatorUnavailable("tools/emu: no C++ compiler (c++ / $CXX) on PATH")
 
     cutlass = cutlass_include()
     subprocess.run([sys.executable, str(ROOT / "tools" / "emu" / "patch_cute.py"), str(cutlass),
