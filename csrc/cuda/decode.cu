@@ -314,10 +314,17 @@ __global__ void decode_pos_kernel(int64_t* pos, int64_t batch) {
   if (b < batch && pos[b] >= 0) pos[b] += 1;
 }
 
+// Dynamic smem of decode_step_kernel: per query head of the group q, 2D phi(q), out, o_rla
+// (5 D floats), plus the fixed part.
+template <int D>
+size_t decode_smem_bytes_for(int64_t G) {
+  return sizeof(float) * (G * (D + 2 * D + D + D) + decode_smem_floats_fixed<D>());
+}
+
 template <typename Element, int D>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const int64_t G = p.heads_q / p.heads_kv;
-  const size_t smem = sizeof(float) * (G * (D + 2 * D + D + D) + decode_smem_floats_fixed<D>());
+  const size_t smem = decode_smem_bytes_for<D>(G);
   auto kernel = &decode_step_kernel<Element, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -339,6 +346,15 @@ cudaError_t dispatch_head_dim(const DecodeParams& p, cudaStream_t stream) {
 
 }  // namespace decode_impl
 using namespace decode_impl;
+
+int64_t decode_smem_bytes(const DecodeParams& p) {
+  const int64_t G = p.heads_q / p.heads_kv;
+  switch (p.head_dim) {
+    case 64: return int64_t(decode_smem_bytes_for<64>(G));
+    case 128: return int64_t(decode_smem_bytes_for<128>(G));
+    default: return 0;
+  }
+}
 
 cudaError_t decode_step(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads_kv == 0) return cudaSuccess;

@@ -11,5 +11,7 @@ namespace rattention::cuda {
 // kernel, so no CTA of a sequence can see the new position early). A position past the
 // rotary table writes NaN outputs (never an out-of-bounds read).
 cudaError_t decode_step(const DecodeParams& p, cudaStream_t stream);
+// Dynamic shared memory per block the kernel needs (grows with the GQA group).
+int64_t decode_smem_bytes(const DecodeParams& p);
 
 }  // namespace rattention::cuda

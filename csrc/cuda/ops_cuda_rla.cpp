@@ -6,6 +6,7 @@
 
 #include "cuda/decode_launch.h"
 #include "cuda/mix_launch.h"
+#include "cuda/ops_cuda_common.h"
 #include "cuda/rla_launch.h"
 #include "op_common.h"
 
@@ -33,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
                            chunk_size, checkpoint_every, /*cuda_backend=*/true);
+  check_smem_fits(cuda::rla_fwd_smem_bytes(r.params), "rla_fwd", r.params.dims.head_dim);
   check_launch(cuda::rla_fwd(r.params, at::cuda::getCurrentCUDAStream()), "rla_fwd");
   return {r.out, r.final_state, r.checkpoints};
 }
@@ -48,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cuda(
   auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
                            window_size, std::string(feature_map), chunk_size, checkpoint_every,
                            /*cuda_backend=*/true);
+  check_smem_fits(cuda::rla_bwd_smem_bytes(r.params), "rla_bwd", r.params.dims.head_dim);
   at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params)}, q.options().dtype(at::kFloat));
   check_launch(cuda::rla_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
                "rla_bwd");
@@ -104,6 +107,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                                rla_weight, eps, /*cuda_backend=*/true);
   // No position check on the host (it would synchronise): the kernel writes NaN outputs for
   // a sequence whose position is past the rotary table.
+  check_smem_fits(cuda::decode_smem_bytes(r.params), "decode_step", r.params.head_dim);
   check_launch(cuda::decode_step(r.params, at::cuda::getCurrentCUDAStream()), "decode_step");
   return r.out;
 }

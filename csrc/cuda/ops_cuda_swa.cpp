@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/ops_cuda_common.h"
 #include "cuda/swa_launch.h"
 #include "op_common.h"
 
@@ -37,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::T
   const c10::cuda::CUDAGuard guard(q.device());
   auto r = prepare_swa_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v), window_size,
                            softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true);
+  check_smem_fits(cuda::swa_fwd_smem_bytes(r.params), "swa_fwd", r.params.dims.head_dim);
   check_swa_launch(cuda::swa_fwd(r.params, at::cuda::getCurrentCUDAStream()), "swa_fwd_kernel");
   return {r.out, r.lse};
 }
@@ -55,6 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cuda(
                                window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
                                swa_weight, rla_weight, eps, out_dtype, save_for_backward,
                                /*cuda_backend=*/true);
+  check_smem_fits(cuda::swa_fwd_smem_bytes(r.swa.params), "swa_mix_fwd",
+                  r.swa.params.dims.head_dim);
   check_swa_launch(cuda::swa_fwd(r.swa.params, at::cuda::getCurrentCUDAStream()),
                    "swa_fwd_kernel (fused mixing)");
   return {r.out, r.swa.out, r.swa.lse};
@@ -71,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
   auto r = prepare_swa_bwd(grad_out, grad_lse, cp_async_ready(q), cp_async_ready(k),
                            cp_async_ready(v), out, lse, window_size, softmax_scale, rotary_cos,
                            rotary_sin, deterministic, /*cuda_backend=*/true);
+  check_smem_fits(cuda::swa_bwd_smem_bytes(r.params), "swa_bwd", r.params.dims.head_dim);
   at::Tensor ws = at::empty({cuda::swa_bwd_workspace_floats(r.params)},
                             q.options().dtype(at::kFloat));
   check_swa_launch(cuda::swa_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),

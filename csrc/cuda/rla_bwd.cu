@@ -65,6 +65,18 @@ int64_t rla_bwd_workspace_floats(const RlaBwdParams& p) {
   return row * d.heads_q + rla_dk_slots(d.group(), d.head_dim) * row * d.heads_kv;
 }
 
+int64_t rla_bwd_smem_bytes(const RlaBwdParams& p) {
+  auto need = [](auto traits) {
+    using Sm = RlaBwdSmem<decltype(traits)>;
+    return int64_t(Sm::kDq > Sm::kDkv ? Sm::kDq : Sm::kDkv);
+  };
+  switch (p.dims.head_dim) {  // bf16 and fp16 need the same
+    case 64: return need(RlaTraits<cutlass::bfloat16_t, 64, 64>{});
+    case 128: return need(RlaTraits<cutlass::bfloat16_t, 128, 64>{});
+    default: return 0;
+  }
+}
+
 cudaError_t rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {
   if (p.chunk_size != kRlaChunk) return cudaErrorInvalidValue;
   switch (p.dtype) {

@@ -47,6 +47,18 @@ cudaError_t dispatch_head_dim(const RlaFwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+int64_t rla_fwd_smem_bytes(const RlaFwdParams& p) {
+  auto need = [](auto traits) {
+    using Tr = decltype(traits);
+    return int64_t(Tr::kSmemState > Tr::kSmemFwd ? Tr::kSmemState : Tr::kSmemFwd);
+  };
+  switch (p.dims.head_dim) {  // bf16 and fp16 need the same
+    case 64: return need(RlaTraits<cutlass::bfloat16_t, 64, 64>{});
+    case 128: return need(RlaTraits<cutlass::bfloat16_t, 128, 64>{});
+    default: return 0;
+  }
+}
+
 cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
   if (p.chunk_size != kRlaChunk) return cudaErrorInvalidValue;
   switch (p.dtype) {

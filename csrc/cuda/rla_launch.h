@@ -23,6 +23,10 @@ constexpr int64_t rla_dk_slots(int64_t group, int64_t head_dim) {
 }
 
 cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream);
+// Dynamic shared memory per block the kernels of an op need (the op layer checks it against
+// the device's opt-in limit for a clear error on GPUs with less, e.g. sm_86 / sm_89).
+int64_t rla_fwd_smem_bytes(const RlaFwdParams& p);
+int64_t rla_bwd_smem_bytes(const RlaBwdParams& p);
 // The backward needs an fp32 workspace of rla_bwd_workspace_floats(p) entries (it zeroes it).
 int64_t rla_bwd_workspace_floats(const RlaBwdParams& p);
 cudaError_t rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream);

@@ -20,7 +20,7 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  constexpr int smem_dkdv = 2 * Traits::kSmemKV + 2 * Traits::kSmemQ + 2 * Traits::kBlockM * 4;
+  constexpr int smem_dkdv = Traits::kSmemBwdDkdv;
   auto dkdv = swa_bwd_dkdv_kernel<Traits>;
   err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv);
   if (err != cudaSuccess) return err;
@@ -30,7 +30,7 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  constexpr int smem_dq = 2 * Traits::kSmemKV + 2 * Traits::kSmemQ;
+  constexpr int smem_dq = Traits::kSmemBwdDq;
   auto dq = swa_bwd_dq_kernel<Traits>;
   err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq);
   if (err != cudaSuccess) return err;
@@ -56,6 +56,14 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
 int64_t swa_bwd_workspace_floats(const SwaBwdParams& p) {
   const int64_t B = p.dims.batch, T = p.dims.seqlen, D = p.dims.head_dim;
   return B * p.dims.heads_q * T + B * T * (p.dims.heads_q + p.dims.heads_kv) * D;
+}
+
+int64_t swa_bwd_smem_bytes(const SwaBwdParams& p) {
+  switch (p.dims.head_dim) {  // bf16 and fp16 need the same
+    case 64: return SwaTraits<cutlass::bfloat16_t, 64>::kSmemBwdDkdv;
+    case 128: return SwaTraits<cutlass::bfloat16_t, 128>::kSmemBwdDkdv;
+    default: return 0;
+  }
 }
 
 cudaError_t swa_bwd(const SwaBwdParams& p, float* workspace, cudaStream_t stream) {

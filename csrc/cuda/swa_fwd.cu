@@ -23,6 +23,14 @@ cudaError_t launch_fwd(const SwaFwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+int64_t swa_fwd_smem_bytes(const SwaFwdParams& p) {
+  switch (p.dims.head_dim) {  // bf16 and fp16 need the same
+    case 64: return SwaTraits<cutlass::bfloat16_t, 64>::kSmemFwd;
+    case 128: return SwaTraits<cutlass::bfloat16_t, 128>::kSmemFwd;
+    default: return 0;
+  }
+}
+
 cudaError_t swa_fwd(const SwaFwdParams& p, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (!bf16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;

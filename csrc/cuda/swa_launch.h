@@ -14,6 +14,9 @@
 namespace rattention::cuda {
 
 cudaError_t swa_fwd(const SwaFwdParams& p, cudaStream_t stream);
+// Dynamic shared memory per block the kernels of an op need (checked by the op layer).
+int64_t swa_fwd_smem_bytes(const SwaFwdParams& p);
+int64_t swa_bwd_smem_bytes(const SwaBwdParams& p);
 // The backward needs an fp32 workspace of swa_bwd_workspace_floats(p) entries (Di per row).
 int64_t swa_bwd_workspace_floats(const SwaBwdParams& p);
 cudaError_t swa_bwd(const SwaBwdParams& p, float* workspace, cudaStream_t stream);

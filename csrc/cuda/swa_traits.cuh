@@ -89,6 +89,9 @@ struct SwaTraits {
   static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemFwd = kSmemQ + 2 * kSmemKV;  // sQ, sK, sV
+  // Backward: sK, sV, sQ, sdO (+ lse and Di rows for dK/dV).
+  static constexpr int kSmemBwdDq = 2 * kSmemKV + 2 * kSmemQ;
+  static constexpr int kSmemBwdDkdv = kSmemBwdDq + 2 * kBlockM * 4;
 };
 
 // ---- register-level helpers (after flash-attention-2's utils.h) ----------------------------
