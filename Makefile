@@ -12,7 +12,7 @@ ARCHS ?= 80;90a
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: venv build dev test demo bench wheel cuda-check cutlass gpu-check clean
+.PHONY: venv build dev test demo bench wheel cuda-check emu-mutants cutlass gpu-check clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,16 @@ $(VENV)/.cuda-tools-stamp: $(VENV)/.deps-stamp
 
 cuda-check: $(VENV)/.cuda-tools-stamp
 	$(PY) tools/cuda_check.py --archs "$(subst ;,$(comma),$(ARCHS))" --jobs $(JOBS)
+
+# Mutation check of the kernels' synchronisation in the emulator: every __syncthreads()
+# deleted and every cp_async_wait<N> shortened, one at a time, in a scratch copy of the
+# sources (build/emu-mutants); each must fail the matching emulated tests (they import the
+# package: the in-place `make dev` build when there is one, else the installed one).
+# EMU_MUTANTS_ARGS: e.g. --only swa_fwd_kernel.cuh.
+EMU_MUTANTS_JOBS ?= 2
+EMU_MUTANTS_ARGS ?=
+emu-mutants: build $(VENV)/.cuda-tools-stamp
+	$(PY) tools/emu/mutants.py --jobs $(EMU_MUTANTS_JOBS) $(EMU_MUTANTS_ARGS)
 
 # GPU gate (a GPU machine with torch CUDA and nvcc; no network): build for the local arch,
 # run tests/test_*_cuda.py, short SWA benchmark vs FlexAttention -> benchmarks/results/.

@@ -13,6 +13,7 @@ import torch
 
 import rattention_ext
 from rattention_ext import reference as ref
+from conftest import plain_rla  # noqa: F401  (also used by test_forward_cuda)
 
 ops = torch.ops.rattention_ext
 
@@ -51,30 +52,6 @@ def make_inputs(B, T, Hq, Hkv, D, dtype, h0_batch, seed=0):
     if h0_batch is not None:
         h0 = 0.1 * torch.randn(h0_batch, Hq, 2 * D, D, device="cuda", generator=g)
     return q, k, v, h0
-
-
-def plain_rla(q, k, v, w, fm, h0):
-    """The RLA in plain PyTorch, every tensor in q's dtype (the accuracy baseline)."""
-    dt = q.dtype
-    B, T, Hq, D = q.shape
-    G = Hq // k.shape[2]
-    if fm == "softmax":
-        phi = lambda x: torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)  # noqa: E731
-    else:
-        phi = lambda x: torch.cat([torch.relu(x), torch.relu(-x)], -1)  # noqa: E731
-    pq = phi(q).transpose(1, 2)  # [B, Hq, T, 2D]
-    pk = phi(k).repeat_interleave(G, 2).transpose(1, 2)
-    vv = v.repeat_interleave(G, 2).transpose(1, 2)
-    t = torch.arange(T, device=q.device)
-    mask = (t[:, None] - t[None, :]) >= w + 1
-    a = (pq @ pk.transpose(-1, -2)) * mask.to(dt)
-    o = a @ vv
-    if h0 is not None:
-        o = o + pq @ h0.to(dt)
-    n = max(0, T - w - 1)
-    pk1 = phi(k).transpose(1, 2)[:, :, :n]  # [B, Hkv, n, 2D]
-    st = pk1.transpose(-1, -2) @ v.transpose(1, 2)[:, :, :n]
-    return o.transpose(1, 2), st
 
 
 GRID = [

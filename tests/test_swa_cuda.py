@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_qkv, rel_err, rotary_tables
+from conftest import make_qkv, plain_swa, rel_err, rotary_tables
 
 import rattention_ext
 from rattention_ext import reference as ref
@@ -37,22 +37,7 @@ def _poison():
     del x
 
 
-def _plain(q, k, v, w, scale, cos, sin):
-    """The same computation in plain PyTorch in q's dtype (the SPEC's error yardstick)."""
-    dt = q.dtype
-    if cos is not None:
-        q = ref.apply_rotary(q, cos.to(dt), sin.to(dt))
-        k = ref.apply_rotary(k, cos.to(dt), sin.to(dt))
-    G = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
-    T = q.shape[1]
-    s = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    t = torch.arange(T, device=q.device)
-    vis = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] <= w)
-    s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.einsum("bhts,bshd->bthd", torch.softmax(s, dim=-1), v)
-    return o, lse
+_plain = plain_swa  # also used by test_forward_cuda
 
 
 def _fwd_bwd(fn, q, k, v, go, gl):

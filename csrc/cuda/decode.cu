@@ -116,9 +116,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const Decod
   const bool bad = pos < 0 || (gCos != nullptr && pos >= p.rotary_positions);
   Element* gO = static_cast<Element*>(p.out) + (b * Hq + hk * G) * D;  // [G, D] of this CTA
   if (pos < 0) {
+    RATT_COVER_ANY("negative_position");
     for (int i = tid; i < G * D; i += kDecodeThreads) gO[i] = Element(NAN);
     return;
   }
+  if (bad) RATT_COVER_ANY("position_past_rotary_table");
   const int64_t slot = pos % W1;
   Element* kc = static_cast<Element*>(p.k_cache);
   Element* vc = static_cast<Element*>(p.v_cache);
@@ -128,6 +130,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const Decod
 
   // ---- 1. the leaving token (read before step 2 overwrites its slot)
   if (evict) {
+    RATT_COVER("evict");
     for (int i = tid; i < D; i += kDecodeThreads) {
       sKold[i] = float(kc_slot[i]);
       sVold[i] = float(vc_slot[i]);
@@ -152,7 +155,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const Decod
   if (evict && warp == 0) warp_phi<D>(p.feature_map, sKold, sPhiK);
   for (int64_t g = warp; g < G; g += kDecodeWarps) warp_phi<D>(p.feature_map, sQ + g * D, sPhiQ + g * 2 * D);
   __syncthreads();  // phi done (reads raw sQ) before the rotation below; cache writes visible
+  if (gCos == nullptr) RATT_COVER("no_rotary");
   if (gCos != nullptr && !bad) {
+    RATT_COVER("rotary");
     const int d2 = D / 2;
     const float* c = gCos + pos * d2;
     const float* s = gSin + pos * d2;
@@ -247,8 +252,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const Decod
   float* S = static_cast<float*>(p.state) + (b * Hkv + hk) * 2 * D * D;
   const float* gH0 = static_cast<const float*>(p.initial_state);
   const int d = tid % D, rg = tid / D;
+  if (gH0 != nullptr) {
+    RATT_COVER("h0");
+  } else {
+    RATT_COVER("no_h0");
+  }
   for (int64_t g0 = 0; g0 < G; g0 += kHeadBlock) {
     const int ng = static_cast<int>(imin(kHeadBlock, G - g0));
+    if (ng == kHeadBlock) RATT_COVER_ANY("full_head_block");
+    if (G == 1) RATT_COVER_ANY("single_head_group");
     float acc[kHeadBlock];
 #pragma unroll
     for (int j = 0; j < kHeadBlock; ++j) acc[j] = 0.f;
@@ -310,6 +322,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const Decod
 }
 
 __global__ void decode_pos_kernel(int64_t* pos, int64_t batch) {
+  RATT_COVER("run");
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b < batch && pos[b] >= 0) pos[b] += 1;
 }

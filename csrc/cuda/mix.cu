@@ -35,6 +35,7 @@ __device__ __forceinline__ float mix_warp_sum(float x) {
 // Lane l owns entries d = l + 32 * e (e < kMaxPerLane, d < D): coalesced row reads.
 template <typename OutT>
 __global__ void __launch_bounds__(256) mix_fwd_kernel(const MixParams p) {
+  RATT_COVER("run");
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= p.rows) return;
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kMixBwdWarps * 32) mix_bwd_kernel(const MixBwd
                                                                      float* partial,
                                                                      int64_t n_splits) {
   __shared__ float sDg[kMixBwdWarps][2][kMixMaxHeadDim];
+  RATT_COVER("run");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int D = static_cast<int>(p.head_dim);
   const int64_t Hq = p.heads_q, h = blockIdx.y, split = blockIdx.x;
@@ -157,6 +159,8 @@ __global__ void __launch_bounds__(256) mix_bwd_reduce_kernel(const MixBwdParams 
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= 2 * n) return;
   const int64_t which = i / n, hd = i % n;
+  RATT_COVER("run");
+  if (n_splits > 1) RATT_COVER_ANY("several_splits");
   float s = 0.f;
   for (int64_t sp = 0; sp < n_splits; ++sp) s += partial[(sp * 2 + which) * n + hd];
   float* dst = static_cast<float*>(which == 0 ? p.grad_swa_weight : p.grad_rla_weight);

@@ -115,10 +115,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
       load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
     }
-    if (!has_keys && !has_state && !has_h0) continue;  // dphi(q) = 0 for the whole chunk
+    if (!has_keys && !has_state && !has_h0) {
+      RATT_COVER("chunk_skipped");
+      continue;  // dphi(q) = 0 for the whole chunk
+    }
+    if (has_keys) RATT_COVER("chunk_with_keys");
+    if (has_state) RATT_COVER("inter_chunk_state");
+    if (has_h0) RATT_COVER("h0");
 
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
+      if (g > 0) RATT_COVER("group_head");
       load_do_tile<Tr>(gdO + b * p.grad_out_stride.b + t0 * p.grad_out_stride.t +
                            h * p.grad_out_stride.h + col0,
                        p.grad_out_stride.t, rows, sdO_ptr);
@@ -219,6 +226,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Element* gdV = static_cast<Element*>(p.grad_v);           // [B, T, Hkv, D] contiguous
   const int64_t D2 = F;
 
+  if (gdFinal != nullptr) {
+    RATT_COVER("grad_final_state");
+  } else {
+    RATT_COVER_ANY("no_grad_final_state");
+  }
   for (int i = tid; i < F * BV; i += Tr::kNThreads) {
     const int f = i / BV, j = i % BV;
     sdS(f, j) = gdFinal ? gdFinal[((b * Hkv + hk) * F + f) * D + col0 + j] : 0.f;
@@ -244,7 +256,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
       load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
     }
-    if (!need_q) continue;
+    if (!need_q) {
+      RATT_COVER("chunk_skipped");
+      continue;
+    }
     __syncthreads();
 
     Tensor acc_dv = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (C keys, BV)
@@ -252,6 +267,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     if (has_keys) {
       // dv += phi(k) dS (dS = everything after this chunk)
       gemm_s_state_split(mma, acc_dv, sPhiK, sdS_B, sdS_B, false);
+    }
+    if (has_keys) {
+      RATT_COVER("chunk_with_keys");
+    } else {
+      RATT_COVER("queries_without_keys");
+    }
+    if (G == 1) {
+      RATT_COVER("dk_shared_slot");
+    } else {
+      RATT_COVER("dk_own_slot");
+      if constexpr (Tr::kNVBlocks > 1) {
+        if (blockIdx.x > 0) RATT_COVER("dk_second_slot");
+      }
     }
 
     for (int64_t g = 0; g < G; ++g) {
@@ -308,6 +336,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       __syncthreads();  // every read of dS for this chunk is done (g == 0) before dS changes
       // dS += phi(q)^T dO, dH0_h += phi(q)^T dO (this CTA owns these columns of dH0_h).
       float* dh0 = gdH0 ? gdH0 + (b * Hq + h) * F * D + col0 : nullptr;
+      if (dh0 != nullptr) RATT_COVER("grad_h0");
+      if (g > 0) RATT_COVER("group_head");
 #pragma unroll 1
       for (int m = 0; m < F / C; ++m) {
         Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
@@ -365,6 +395,7 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
     dy1[e] = dy2[e] = 0.f;
   }
   if (is_q) {
+    RATT_COVER("q_row");
     const float* ws = wsQ + r * 2 * D;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -372,7 +403,11 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
       dy2[e] = ws[D + lane * E + e];
     }
   } else {
+    RATT_COVER("k_row");
     const int64_t n_slots = rla_dk_slots(G, D);
+    if constexpr (Tr::kNVBlocks > 1) {
+      if (n_slots > 1) RATT_COVER("several_dk_slots");
+    }
     for (int64_t s = 0; s < n_slots; ++s) {
       const float* ws = wsK + (((s * B + bb) * T + t) * Hkv + hh) * 2 * D;
 #pragma unroll
@@ -384,9 +419,11 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
   }
   float dx[E];
   if (p.feature_map == FeatureMap::kRelu) {
+    RATT_COVER("relu");
 #pragma unroll
     for (int e = 0; e < E; ++e) dx[e] = (x[e] > 0.f ? dy1[e] : 0.f) - (x[e] < 0.f ? dy2[e] : 0.f);
   } else {
+    RATT_COVER("softmax");
     phi_lane<E>(p.feature_map, x, y1, y2);
     float dp = 0.f, dn = 0.f;
 #pragma unroll

@@ -106,15 +106,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     const bool has_h0 = gH0 != nullptr;
     __syncthreads();  // S is final for this chunk start; sPhiK/sV free
     if (has_keys) {
+      RATT_COVER("chunk_with_keys");
       auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
       // Pointers of invalid rows are never dereferenced (predicated by key_valid).
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid,
                            sPhiK_ptr);
       load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    } else {
+      RATT_COVER("chunk_without_keys");
     }
 
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
+      if (g > 0) RATT_COVER("group_head");
       auto row_valid = [&](int i) { return i < rows; };
       phi_tile_to_smem<Tr>(p.feature_map, gQ + b * p.q_stride.b + t0 * p.q_stride.t + h * p.q_stride.h,
                            p.q_stride.t, row_valid, sPhiQ_ptr);
@@ -135,6 +139,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
         __syncthreads();  // sP complete
         gemm_ss(mma, acc_o, sP, sVt);
       }
+      if (has_state) RATT_COVER("inter_chunk_state");
+      if (has_h0) {
+        RATT_COVER("h0");
+      } else {
+        RATT_COVER("no_h0");
+      }
       if (has_state || has_h0) {
         // Inter-chunk: o += phi(q) (S + H0_h), the fp32 sum split into hi + lo.
         const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
@@ -153,6 +163,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     }
 
     if (has_keys && c + 1 < c_end) {  // the segment's last update is pass 1's business
+      RATT_COVER("state_update");
       rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
     }
   }
@@ -197,7 +208,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
   typename Tr::TiledMma mma;
   for (int64_t c = z * every; c < c_end; ++c) {
     const TileRange keys = rla_chunk_keys(c, C, T, w);
-    if (keys.end <= keys.begin) continue;  // uniform: no key of this chunk enters the state
+    if (keys.end <= keys.begin) {
+      RATT_COVER("chunk_without_keys");
+      continue;  // uniform: no key of this chunk enters the state
+    }
+    RATT_COVER("chunk_with_keys");
     const int64_t s_base = c * C - w - 1;
     auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
     __syncthreads();  // previous update done with sPhiK / sV
@@ -205,6 +220,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
     load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
     __syncthreads();
     rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+  }
+  if (z + 1 < n_ckpt) {
+    RATT_COVER_ANY("to_checkpoint");
+  } else {
+    RATT_COVER("to_final_state");
   }
   __syncthreads();
   for (int i = tid; i < F * BV; i += Tr::kNThreads) gDst[(i / BV) * D + i % BV] = sS(i / BV, i % BV);
@@ -220,6 +240,11 @@ static __global__ void __launch_bounds__(256) rla_fwd_prefix_reduce_kernel(const
   const int64_t bh = i / per_head, e = i % per_head;
   const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, p.chunk_size), p.checkpoint_every);
   float* ck = static_cast<float*>(p.checkpoints) + bh * n_ckpt * per_head + e;
+  if (n_ckpt > 1) {
+    RATT_COVER_ANY("several_segments");
+  } else {
+    RATT_COVER("one_segment");
+  }
   float run = 0.f;
   for (int64_t z = 1; z < n_ckpt; ++z) {
     run += ck[z * per_head];

@@ -225,6 +225,7 @@ template <int E>
 __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], float (&pos)[E],
                                          float (&neg)[E]) {
   if (fm == FeatureMap::kRelu) {
+    RATT_COVER("relu");
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       pos[e] = fmaxf(x[e], 0.f);
@@ -232,6 +233,7 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
     }
     return;
   }
+  RATT_COVER("softmax");
   float mx = x[0], mn = x[0];
 #pragma unroll
   for (int e = 1; e < E; ++e) {

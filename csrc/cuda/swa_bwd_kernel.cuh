@@ -52,6 +52,11 @@ __global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdPar
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
   acc += __shfl_xor_sync(0xffffffffu, acc, 8);
   acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+  if (p.grad_lse != nullptr) {
+    RATT_COVER("grad_lse");
+  } else {
+    RATT_COVER("no_grad_lse");
+  }
   if (lane == 0) {
     const float g = p.grad_lse ? static_cast<const float*>(p.grad_lse)[row] : 0.f;
     di[row] = acc - g;  // row == (b * H + h) * T + t: the lse layout
@@ -161,8 +166,12 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
   bool k_rotated = false;
+  if constexpr (kNSlices > 1) {
+    if (slice > 0) RATT_COVER("second_d_slice");
+  }
   const TileRange mt = swa_query_tiles_for_key_tile(n_block, kBlockM, kBlockN, T, window);
   for (int64_t hq = hk * G; hq < hk * G + G; ++hq) {
+    if (hq > hk * G) RATT_COVER("group_head");
     const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
     Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
                             make_stride(p.q_stride.t, _1{}));
@@ -186,12 +195,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       cp_async_wait<0>();
       __syncthreads();
       if (rot_cos != nullptr) {
+        RATT_COVER("rotary");
         if (!k_rotated) {
           rotate_tile_smem<kBlockN, kHeadDim, kNThreads>(sK, rot_cos, rot_sin, n0, rows_k, false);
           k_rotated = true;
         }
         rotate_tile_smem<kBlockM, kHeadDim, kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q, false);
         __syncthreads();
+      } else {
+        RATT_COVER("no_rotary");
       }
 
       // S^T (N, M) and P^T = exp2(S^T scale log2e - lse log2e), masked at the window edges.
@@ -199,6 +211,11 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       clear(acc_s);
       gemm_ss(acc_s, tSrK, tSrQ, tSsK, tSsQ, tiled_mma, copy_a, copy_b, thr_a, thr_b);
       const bool need_mask = swa_tile_needs_mask(m, n_block, kBlockM, kBlockN, T, window);
+      if (need_mask) {
+        RATT_COVER("masked_tile");
+      } else {
+        RATT_COVER("unmasked_tile");
+      }
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) {
         const int j = get<0>(tScS(i)), qi = get<1>(tScS(i));
@@ -351,11 +368,14 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     cp_async_wait<0>();
     __syncthreads();
     if (rot_cos != nullptr) {
+      RATT_COVER("rotary");
       if (n == tiles.begin) {
         rotate_tile_smem<kBlockM, kHeadDim, kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q, false);
       }
       rotate_tile_smem<kBlockN, kHeadDim, kNThreads>(sK, rot_cos, rot_sin, n0, rows_k, false);
       __syncthreads();
+    } else {
+      RATT_COVER("no_rotary");
     }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -367,6 +387,11 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     const bool need_mask = swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window);
+    if (need_mask) {
+      RATT_COVER("masked_tile");
+    } else {
+      RATT_COVER("unmasked_tile");
+    }
     CUTE_UNROLL
     for (int r = 0; r < size<0>(s); ++r) {
       CUTE_UNROLL
@@ -405,11 +430,14 @@ __global__ void __launch_bounds__(256)
   const int i = int(idx % half);
   float x1 = src[row * D + i], x2 = src[row * D + half + i];
   if (cos != nullptr) {
+    RATT_COVER("inverse_rotary");
     const int64_t t = (row / H) % T;
     const float c = cos[t * half + i], s = -sin[t * half + i];
     const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
     x1 = y1;
     x2 = y2;
+  } else {
+    RATT_COVER("no_rotary");
   }
   dst[row * D + i] = static_cast<Element>(x1);
   dst[row * D + half + i] = static_cast<Element>(x2);

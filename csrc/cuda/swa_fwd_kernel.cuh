@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
     cp_async_fence();
     if (rot_cos != nullptr) {
+      RATT_COVER("rotary");
       if (n == tiles.begin) {
         rotate_tile_smem<kBlockM, kHeadDim, Traits::kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q,
                                                                false);
@@ -140,6 +141,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       rotate_tile_smem<kBlockN, kHeadDim, Traits::kNThreads>(sK, rot_cos, rot_sin, n0, rows_k,
                                                              false);
       __syncthreads();
+    } else {
+      RATT_COVER("no_rotary");
     }
 
     // S = Q K^T for this (query tile, key tile) pair.
@@ -153,6 +156,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     cp_async_wait<0>();
     __syncthreads();
     if (n + 1 < tiles.end) {
+      RATT_COVER("prefetch_next_k");
       copy_rows_pred(gmem_copy, tKgK(_, _, _, n + 1), tKsK, tKVcKV,
                      int(imin(kBlockN, T - (n + 1) * kBlockN)));
       cp_async_fence();
@@ -160,12 +164,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
     // Element mask only on the window's edge tiles (and ragged tails).
     if (swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window)) {
+      RATT_COVER("masked_tile");
       CUTE_UNROLL
       for (int i = 0; i < size(s); ++i) {
         const int64_t t = m0 + get<0>(tScS_rc(i));
         const int64_t sk = n0 + get<1>(tScS_rc(i));
         if (!(sk < T && swa_visible(t, sk, window))) s(i) = -INFINITY;
       }
+    } else {
+      RATT_COVER("unmasked_tile");
     }
 
     // Online softmax: new running max, rescale the old sum and O, exponentiate in place.
@@ -207,6 +214,12 @@ __global__ void __launch_bounds__(Traits::kNThreads)
                                 : static_cast<float*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
   float* lse = p.lse == nullptr ? nullptr
                                 : static_cast<float*>(p.lse) + (b * p.dims.heads_q + h) * T;
+  if (p.mix.out != nullptr) {
+    RATT_COVER("mix_epilogue");
+  } else {
+    RATT_COVER("no_mix");
+  }
+  if (out == nullptr) RATT_COVER_ANY("out_not_saved");
   CUTE_UNROLL
   for (int r = 0; r < size<0>(o); ++r) {
     const float sum = quad_allreduce(row_sum[r], SumOp{});

@@ -59,10 +59,13 @@ CUTE_DEVICE void mix_epilogue_row(const MixEpilogueParams& e, RowColO const& o, 
     }
   };
   if (e.out_dtype == DType::kBFloat16) {
+    RATT_COVER("out_bf16");
     store_row(static_cast<cutlass::bfloat16_t*>(e.out));
   } else if (e.out_dtype == DType::kFloat16) {
+    RATT_COVER("out_fp16");
     store_row(static_cast<cutlass::half_t*>(e.out));
   } else {
+    RATT_COVER("out_f32");
     store_row(static_cast<float*>(e.out));
   }
 }

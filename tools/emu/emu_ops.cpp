@@ -9,6 +9,7 @@
 #include "cuda/rla_launch.h"
 #include "cuda/swa_launch.h"
 #include "op_common.h"
+#include "coverage.h"
 
 namespace rattention {
 namespace {
@@ -70,6 +71,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd(
   return {r.grad_q, r.grad_k, r.grad_v, gh0};
 }
 
+at::Tensor mix_fwd(const at::Tensor& o_swa, const at::Tensor& o_rla, const at::Tensor& ga,
+                   const at::Tensor& gb, double eps, at::ScalarType out_dtype) {
+  auto r = prepare_mix_fwd(o_swa, o_rla, ga, gb, eps, out_dtype);
+  check(cuda::mix_fwd(r.params, nullptr), "mix_fwd");
+  return r.out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_bwd(
     const at::Tensor& go, const at::Tensor& a, const at::Tensor& b, const at::Tensor& ga,
     const at::Tensor& gb, double eps) {
@@ -100,6 +108,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swa_bwd", &rattention::swa_bwd);
   m.def("rla_fwd", &rattention::rla_fwd);
   m.def("rla_bwd", &rattention::rla_bwd);
+  m.def("mix_fwd", &rattention::mix_fwd);
   m.def("mix_bwd", &rattention::mix_bwd);
   m.def("decode_step", &rattention::decode_step);
+  // Coverage recorder (coverage.h): (function signature, path, any instantiation, hits) of
+  // every RATT_COVER marker of every compiled instantiation; reset zeroes the hits.
+  m.def("coverage", &emu::cover_snapshot);
+  m.def("coverage_reset", &emu::cover_reset);
 }
