@@ -311,15 +311,21 @@ class _ContextParallelAttention(torch.autograd.Function):
         r, world = lay.rank, lay.world_size
         h, n_state = g["halo"], g["n_state"]
 
+        # Each graph is dropped as soon as it has been walked (its saved tensors with it).
         # Mixing backward: the gradients flowing into both branches and the norm weights.
-        d_os, d_or, d_gs, d_gr = _grad(g["out"], [g["os"], g["orl"], g["gs"], g["gr"]],
-                                       d_out.contiguous())
+        d_os, d_or, d_gs, d_gr = _grad(g.pop("out"), [g.pop("os"), g.pop("orl"), g.pop("gs"),
+                                                      g.pop("gr")], d_out.contiguous())
         # RLA backward first, so that its carried-state gradient travels during the SWA one.
         dq, dk_ext, dv_ext, d_carried, d_h0 = _grad(
-            g["o_rla"], [g["q"], g["k_ext"], g["v_ext"], g["carried"], g["h0"]], d_or)
+            g.pop("o_rla"), [g["q"], g["k_ext"], g["v_ext"], g.pop("carried"), g.pop("h0")],
+            d_or)
+        del d_or
         gathered, state_work = _all_gather_async(d_carried, group, world, "state_grad")
-        dq2, dk2, dv2 = _grad(g["o_swa"], [g["q"], g["k_ext"], g["v_ext"]], d_os)
-        dq, dk_ext, dv_ext = dq + dq2, dk_ext + dk2, dv_ext + dv2
+        dq2, dk2, dv2 = _grad(g.pop("o_swa"), [g.pop("q"), g["k_ext"], g["v_ext"]], d_os)
+        del d_os
+        dq += dq2
+        dk_ext += dk2
+        dv_ext += dv2
         del dq2, dk2, dv2
         state_work.wait()
         # d E_r = sum of the carried-state gradients of the later ranks (reverse scan).
