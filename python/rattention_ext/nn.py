@@ -183,11 +183,48 @@ class RAttention(nn.Module):
         B, T = o.shape[:2]
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
+    def _project_packed(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """q ``[total, Hq, D]``, k, v ``[total, Hkv, D]`` of a packed batch ``x`` given as
+        ``[total, hidden_size]`` or ``[1, total, hidden_size]``."""
+        rows = x[0] if x.dim() == 3 and x.shape[0] == 1 else x
+        if rows.dim() != 2 or rows.shape[-1] != self.hidden_size:
+            raise ValueError(f"with cu_seqlens, x must be [total, hidden_size={self.hidden_size}] "
+                             f"or [1, total, hidden_size], got {tuple(x.shape)}")
+        total = rows.shape[0]
+        q = self.q_proj(rows).view(total, self.num_heads, self.head_dim)
+        k = self.k_proj(rows).view(total, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(rows).view(total, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
     # ---- training / full-sequence path -----------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tensor:
         """``x [B, T, hidden_size] -> [B, T, hidden_size]`` through ``rattention_ext.forward``
         (or, with a ``context_parallel_group``, this rank's shard of the sequence through
-        ``rattention_ext.distributed.context_parallel_forward``)."""
+        ``rattention_ext.distributed.context_parallel_forward``).
+
+        Packed batch (no padding): ``x`` ``[total, hidden_size]`` or ``[1, total,
+        hidden_size]`` holding documents back to back, ``cu_seqlens`` their int32 offsets
+        ``[N+1]`` on x's device (``0``, non-decreasing, ``total``). Each document is computed
+        as if it were alone: rotary positions restart at 0 in each, the window and the RLA
+        state stay inside it, and it starts from the layer's ``initial_state``. The output has
+        x's shape. From Hugging Face-style ``position_ids`` that restart at 0 at every
+        document, ``cu_seqlens = rattention_ext.cu_seqlens_from_position_ids(position_ids)``
+        (compute it in the data loader: it reads the values). ``max_seqlen`` (optional, the
+        longest document) bounds the rotary table; without it the table covers ``total``.
+        """
+        if cu_seqlens is not None:
+            if self.context_parallel_group is not None:
+                raise ValueError("RAttention: cu_seqlens (packed documents) and "
+                                 "context_parallel_group (one sequence across ranks) do not "
+                                 "go together")
+            q, k, v = self._project_packed(x)
+            total = q.shape[0]
+            n = total if max_seqlen is None else max_seqlen
+            o = _functional().forward(q, k, v, window_size=self.window_size,
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                      **self._kwargs(max(n, 1), q))
+            return self.o_proj(o.reshape(total, self.num_heads * self.head_dim)).view(x.shape)
         q, k, v = self._project(x)
         if self.context_parallel_group is not None:
             return self._out(self._context_parallel(q, k, v))
@@ -227,11 +264,22 @@ class RAttention(nn.Module):
             raise RuntimeError(f"RAttention.{what}: decoding is per process; use a layer without "
                                f"context_parallel_group (the same weights) for prefill / step")
 
-    def prefill(self, x: Tensor, cache, *, seq_lens: Optional[Tensor] = None) -> Tensor:
-        """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill the empty
-        ``cache`` (from ``new_cache``; in place) so that ``step`` continues after it. Returns ``[B, T, hidden_size]``, equal to
-        ``forward(x)``. ``seq_lens [B]`` (optional): true prompt lengths of a right-padded batch."""
+    def prefill(self, x: Tensor, cache, *, seq_lens: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill the ``cache``
+        (from ``new_cache``; in place) so that ``step`` continues after it. Returns ``[B, T,
+        hidden_size]``, equal to ``forward(x)``. On a cache that already holds tokens the
+        prompt continues it (chunked prefill: equal to one prefill of all the chunks).
+        ``seq_lens [B]`` (optional): true prompt lengths of a right-padded batch.
+        ``cu_seqlens [B+1]`` (optional): ``x`` is a packed batch ``[total, hidden_size]`` (or
+        ``[1, total, hidden_size]``) of ``B`` prompts, as in ``forward``."""
         self._no_context_parallel("prefill")
+        if cu_seqlens is not None:
+            q, k, v = self._project_packed(x)
+            total = q.shape[0]
+            o = _functional().prefill(q, k, v, cache, cu_seqlens=cu_seqlens,
+                                      **self._kwargs(max(total, 1), q))
+            return self.o_proj(o.reshape(total, self.num_heads * self.head_dim)).view(x.shape)
         q, k, v = self._project(x)
         n = self._next_positions(cache) + x.shape[1]
         o = _functional().prefill(q, k, v, cache, seq_lens=seq_lens, **self._kwargs(n, q))
