@@ -110,8 +110,7 @@ def _check_case(rank, world, group, case, seed):
 def _traffic(rank, world, group, shard, w):
     """Bytes this rank sends in one forward + backward, counted by wrapping the calls."""
     sent = {"p2p": 0, "all_gather": 0}
-    ag_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-    orig_p2p, orig_ag = dist.batch_isend_irecv, getattr(dist, ag_name)
+    orig_p2p, orig_ag = dist.batch_isend_irecv, dist.all_gather
 
     def p2p(ops):
         sent["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops
@@ -122,8 +121,7 @@ def _traffic(rank, world, group, shard, w):
         sent["all_gather"] += inp.numel() * inp.element_size()
         return orig_ag(out, inp, *a, **k)
 
-    dist.batch_isend_irecv = p2p
-    setattr(dist, ag_name, ag)
+    dist.batch_isend_irecv, dist.all_gather = p2p, ag
     try:
         t = _inputs(shard * world, 4, 2, True, True, seed=7)
         sl = slice(rank * shard, (rank + 1) * shard)
@@ -133,8 +131,7 @@ def _traffic(rank, world, group, shard, w):
                                               **_kwargs(t, "softmax", t))
             out.backward(t["grad"][:, sl])
     finally:
-        dist.batch_isend_irecv = orig_p2p
-        setattr(dist, ag_name, orig_ag)
+        dist.batch_isend_irecv, dist.all_gather = orig_p2p, orig_ag
     return dict(sent, counted=counted["total"])
 
 

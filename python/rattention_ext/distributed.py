@@ -179,13 +179,10 @@ def _exchange(sends: List[Tuple[Tensor, int]], recvs: List[Tuple[Tensor, int]], 
 def _all_gather(x: Tensor, group, world: int, kind: str, async_op: bool):
     """All-gather ``x`` (same shape on every rank) into ``[world, *x.shape]``."""
     x = x.contiguous()
-    # The concatenated output form (``[world * n, ...]``) is the one every backend takes.
-    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    out = x.new_empty((world,) + tuple(x.shape))
     _count(kind, x.numel() * x.element_size() * (world - 1))
-    # all_gather_single is all_gather_into_tensor's newer name.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = gather(out, x, group=group, async_op=async_op)
-    return out.view((world,) + tuple(x.shape)), work
+    work = dist.all_gather(list(out.unbind(0)), x, group=group, async_op=async_op)
+    return out, work
 
 
 def _all_gather_async(x: Tensor, group, world: int, kind: str):
