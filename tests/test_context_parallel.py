@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rattention_ext
+from rattention_ext import continuation
 from rattention_ext import distributed as cp
 from rattention_ext.nn import RAttention, rotary_tables
 
@@ -192,6 +193,12 @@ def _worker(rank, init_file, result_dir):
                 res = results[str(world)] = {}
                 for i, case in enumerate(CASES[world]):
                     res[case[0]] = _check_case(r, world, group, case, seed=100 * world + i)
+                # The copying path (ops without halo kernels, CUDA today) on one case.
+                continuation._NO_HALO_KERNELS.add("cpu")
+                try:
+                    res["copying_path"] = _check_case(r, world, group, CASES[world][0], seed=5)
+                finally:
+                    continuation._NO_HALO_KERNELS.discard("cpu")
                 res["module"] = _check_module(r, world, group)
                 res["mismatch_raises"] = _check_mismatch(r, world, group)
                 res["traffic"] = [_traffic(r, world, group, shard, w=6) for shard in (16, 48)]
@@ -224,7 +231,7 @@ def spawned(request, spawned_all):
 
 def test_matches_one_process(spawned):
     world, res = spawned
-    names = [c[0] for c in CASES[world]] + ["module"]
+    names = [c[0] for c in CASES[world]] + ["module", "copying_path"]
     for r, per_rank in enumerate(res):
         for name in names:
             for what, err in per_rank[name].items():
@@ -269,9 +276,18 @@ def _same_cache(a, b):
         assert (ta - tb).abs().max().item() <= TOL * max(1.0, tb.abs().max().item()), x
 
 
+@pytest.fixture(params=["halo_kernels", "copying"])
+def continuation_path(request, monkeypatch):
+    """Both ways the ops can be given a halo: the kernels' own (when the ops take it) and the
+    copying one (halo rows padded into q; what devices without those kernels use)."""
+    if request.param == "copying":
+        monkeypatch.setattr(continuation, "_NO_HALO_KERNELS", {"cpu"})
+    return request.param
+
+
 @pytest.mark.parametrize("w", [0, 5, 19])
 @pytest.mark.parametrize("fm", ["softmax", "relu"])
-def test_chunked_prefill_equals_one_prefill(w, fm):
+def test_chunked_prefill_equals_one_prefill(w, fm, continuation_path):
     B, Hq, Hkv, D = 2, 4, 2, 8
     chunks = [7, 1, 12, 30, 3]
     total = sum(chunks)
@@ -295,7 +311,7 @@ def test_chunked_prefill_equals_one_prefill(w, fm):
     assert _rel(d_chunked, d_one) < TOL
 
 
-def test_chunked_prefill_sequences_at_different_positions_and_ragged():
+def test_chunked_prefill_sequences_at_different_positions_and_ragged(continuation_path):
     """Each sequence continues from its own position; ragged chunks (seq_lens) too."""
     B, Hq, Hkv, D, w = 3, 4, 2, 8, 6
     stages = [(12, [5, 12, 0]), (9, None), (10, [3, 10, 1]), (4, None)]
