@@ -6,8 +6,10 @@
 // distinct site, and the site registers itself when the module loads: the registry lists
 // every instantiation the emulated build compiled (the same launchers and dispatch as the
 // nvcc build), including those that never ran, which is what lets a test fail on a
-// compiled instantiation or path that no test reached. A hit is a plain counter increment
-// (one OS thread runs a whole grid).
+// compiled instantiation or path that no test reached. A hit goes through emu::cover_hit
+// (emu.h): kernel code's own loads and stores of module statics would count as static
+// __shared__ accesses for the emulator's memory checks; taking the address of `registered`
+// (not loading it) is what instantiates the registration.
 //
 // Read from Python through the module's coverage() (tools/emu/emu_ops.cpp): a list of
 // (function signature, path, any_instantiation, hits); tools/emu/coverage.py turns the signatures into the
@@ -74,6 +76,6 @@ inline void cover_reset() {
       static const char* path() { return path_literal; }                            \
       static bool any() { return any_literal; }                                     \
     };                                                                              \
-    (void)::emu::CoverSiteOf<RattCoverTag>::registered;                             \
-    ++::emu::CoverSiteOf<RattCoverTag>::site.hits;                                  \
+    (void)&::emu::CoverSiteOf<RattCoverTag>::registered;                            \
+    ::emu::cover_hit(&::emu::CoverSiteOf<RattCoverTag>::site.hits);                  \
   } while (0)

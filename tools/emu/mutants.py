@@ -72,6 +72,22 @@ def code_part(line: str) -> str:
     return line if i < 0 else line[:i]
 
 
+def redundancy_reason(lines: list[str], i: int) -> str:
+    """The reason of an `emu-mutants: redundant ...` mark on line i or in the comment block
+    right above it ("" when the site is not marked)."""
+    block = [lines[i]]
+    j = i - 1
+    while j >= 0 and lines[j].strip().startswith("//"):
+        block.insert(0, lines[j])
+        j -= 1
+    text = " ".join(ln.strip().lstrip("/").strip() if ln.strip().startswith("//") else
+                    (ln[ln.find("//") + 2:].strip() if "//" in ln else "") for ln in block)
+    k = text.find(MARK)
+    if k < 0:
+        return ""
+    return text[k + len(MARK):].strip(" :") or "(no reason given)"
+
+
 def find_sites(cuda_dir: Path = CUDA_DIR) -> list[Mutation]:
     """Every mutation of every site. Ids are stable per file (a hash of its name, then the
     order in the file), so an edit of one file rebuilds only that file's objects."""
@@ -82,12 +98,7 @@ def find_sites(cuda_dir: Path = CUDA_DIR) -> list[Mutation]:
         n_file = 0
         for i, line in enumerate(lines):
             for m in SITE_RE.finditer(code_part(line)):
-                reason = ""
-                for ln in (line, lines[i - 1] if i > 0 else ""):
-                    j = ln.find(MARK)
-                    if j >= 0:
-                        reason = ln[j + len(MARK):].strip(" :") or "(no reason given)"
-                        break
+                reason = redundancy_reason(lines, i)
                 kinds = ["delete"] if m.group(1) is None else [f"wait<{int(m.group(1)) + 1}>", "delete"]
                 for kind in kinds:
                     muts.append(Mutation(base + n_file, f.name, i + 1, m.group(0), kind, reason))
