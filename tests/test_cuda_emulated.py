@@ -265,3 +265,48 @@ def test_decode_emulated_matches_forward(emu, fm, rot, D, w):
     _, state = ref.residual_linear_attention(q.double(), k.double(), v.double(), window_size=w,
                                              feature_map=fm, return_final_state=True)
     assert rel_err(cache.state, state) < 1e-2
+
+
+# The emulator's own checks, on tools/emu/emu_selftest.cpp: small kernels with one deliberate
+# bug each (same order as its Bug enum) and the check that must report it.
+SELFTEST = [
+    ("clean", None), ("no_sync", "racecheck"), ("write_after_read", "racecheck"),
+    ("uninit", "initcheck"), ("smem_oob", "memcheck"), ("global_oob", "memcheck"),
+    ("write_input", "memcheck"), ("no_wait", "initcheck"), ("short_wait", "initcheck"),
+    ("own_read", "initcheck"), ("wait_no_sync", "racecheck"), ("partial_barrier", "synccheck"),
+    ("split_barrier", "synccheck"), ("shuffle_exited", "synccheck"),
+    ("static_persist", "initcheck"), ("launch_bounds", "launch"), ("no_optin", "launch"),
+    ("arch_limit", "launch"),
+]
+# bugs whose wrong values (poison) also show in the output under at least one schedule
+VISIBLE = {"no_sync", "uninit", "no_wait", "short_wait", "wait_no_sync", "static_persist"}
+
+
+@pytest.mark.parametrize("index,bug,check", [(i, b, c) for i, (b, c) in enumerate(SELFTEST)])
+def test_emulator_checks_report_their_bug(emu, index, bug, check):
+    wrong_values = False
+    for order, seed in SCHEDULES:
+        emu.set_schedule(order, seed)
+        try:
+            reports, out, want = emu._selftest(index)
+        finally:
+            emu.set_schedule("asc", 0)
+        if check is None:
+            assert reports == [] and out == want, (order, reports)
+        else:
+            assert any(r.startswith(f"emu {check}:") for r in reports), (order, seed, reports)
+            wrong_values |= out != want
+    if bug in VISIBLE:
+        assert wrong_values, f"{bug}: no schedule showed wrong values"
+
+
+def test_emulated_arch_limit_fails_like_the_gpu(emu):
+    # RLA at D = 128 needs more opt-in shared memory than sm_86 / sm_89 have (99 KiB)
+    q, k, v = inputs(1, 16, 2, 1, 128, torch.bfloat16, seed=1)
+    emu.set_arch(86)
+    try:
+        with pytest.raises(RuntimeError, match="opt-in limit"):
+            emu.rla_fwd(q, k, v, 0, "softmax", None, 1)
+    finally:
+        emu.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # fits on sm_80

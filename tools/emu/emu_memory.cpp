@@ -244,6 +244,8 @@ void smem_begin_cta(int n_threads) {
   cur.smem = g_arena;
   cur.cta_epoch0 = ++cur.epoch;
   std::memset(g_arena, kPoison, kSmemArena);
+  // static __shared__ bytes an earlier CTA touched start poisoned, like fresh shared memory
+  for (const auto& kv : g_static_shadow) *reinterpret_cast<unsigned char*>(kv.first) = kPoison;
   g_static_shadow.clear();
   g_async.assign(n_threads, AsyncQueue{});
 }
