@@ -170,8 +170,11 @@ def shard_layout(local_length: int, group=None, *, device=None,
 # ---- communication ----------------------------------------------------------------------
 def _exchange(sends: List[Tuple[Tensor, int]], recvs: List[Tuple[Tensor, int]], group, kind: str):
     """Post point-to-point sends/receives (group ranks) in one batch; returns the works."""
-    p2p = [dist.P2POp(dist.isend, t, _peer(group, peer), group) for t, peer in sends]
-    p2p += [dist.P2POp(dist.irecv, t, _peer(group, peer), group) for t, peer in recvs]
+    # P2POp accepts only distributed_c10d's own isend / irecv (looked up now, so that a
+    # wrapper installed there, e.g. to count traffic, is the one called).
+    isend, irecv = dist.distributed_c10d.isend, dist.distributed_c10d.irecv
+    p2p = [dist.P2POp(isend, t, _peer(group, peer), group) for t, peer in sends]
+    p2p += [dist.P2POp(irecv, t, _peer(group, peer), group) for t, peer in recvs]
     _count(kind, sum(t.numel() * t.element_size() for t, _ in sends))
     return dist.batch_isend_irecv(p2p) if p2p else []
 
