@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._ops import ops
-from .varlen import bounds, check_cu_seqlens, check_packed_qkv, check_packed_state
+from .varlen import check_cu_seqlens, check_packed_qkv, check_packed_state
 
 # RLA chunk length and how often the forward saves a state for the backward to restart
 # from ("flexible state saving"): memory for states is T / (chunk * every) states.
@@ -205,18 +205,15 @@ def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_
     g_rla = _norm_weight(rla_norm_weight, q)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, o_rla, g_swa, g_rla))
-    packed = () if cu_seqlens is None else (cu_seqlens,)
     out, _, _ = ops.swa_mix_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos,
-                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save, *packed)
+                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save,
+                                cu_seqlens)
     return out
 
 
 # ---- packed batches ---------------------------------------------------------------------
-# Whether the compiled ops take cu_seqlens (the packed kernels); without them each document
-# runs on the dense ops.
-_PACKED_OPS = "cu_seqlens" in str(ops.swa_fwd.default._schema)
-
-
+# One call to the packed ops (cu_seqlens): the kernels schedule over (document, tile), so
+# neither padding nor a loop over documents is needed.
 def _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, what) -> None:
     """Shapes of a packed batch and its ``cu_seqlens`` (values too, unless compiling)."""
     check_packed_qkv(q, k, v, what)
@@ -226,8 +223,6 @@ def _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, what) -> None:
 
 def _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size, scale, cos, sin):
     _check_packed(q, k, v, cu_seqlens, max_seqlen, None, "sliding_window_attention")
-    if not _PACKED_OPS:
-        return _swa_doc_loop(q, k, v, cu_seqlens, window_size, scale, cos, sin)
     out, lse = ops.swa_fwd(q, k, v, window_size, scale, cos, sin, cu_seqlens)
     return out.to(q.dtype), lse
 
@@ -236,9 +231,6 @@ def _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, initi
                 chunk_size, checkpoint_every):
     """Packed RLA output (accumulation dtype) and final states ``[N, Hkv, 2D, D]``."""
     _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, "residual_linear_attention")
-    if not _PACKED_OPS:
-        return _rla_doc_loop(q, k, v, cu_seqlens, window_size, feature_map, initial_state,
-                             chunk_size, checkpoint_every)
     out, state, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
                                 checkpoint_every, cu_seqlens)
     return out, state
@@ -250,61 +242,6 @@ def _forward_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, s
     """Packed ``forward``: the output ``[total, Hq, D]`` and the RLA final states."""
     o_rla, states = _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
                                 initial_state, chunk_size, checkpoint_every)
-    if not _PACKED_OPS:
-        return _mix_doc_loop(q, k, v, o_rla, cu_seqlens, window_size, softmax_scale, rotary_cos,
-                             rotary_sin, swa_norm_weight, rla_norm_weight, norm_eps), states
     out = _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
                        swa_norm_weight, rla_norm_weight, norm_eps, cu_seqlens)
     return out, states
-
-
-# ---- without the packed kernels: one document at a time on the dense ops -------------------
-def _doc_h0(initial_state: Optional[Tensor], b: int) -> Optional[Tensor]:
-    if initial_state is None or initial_state.shape[0] == 1:
-        return initial_state
-    return initial_state[b:b + 1]
-
-
-def _swa_doc_loop(q, k, v, cu_seqlens, window_size, scale, cos, sin):
-    outs, lses = [], []
-    for s, e in bounds(cu_seqlens):
-        if e == s:
-            continue
-        o, lse = ops.swa_fwd(q[None, s:e], k[None, s:e], v[None, s:e], window_size, scale, cos,
-                             sin)
-        outs.append(o[0].to(q.dtype))
-        lses.append(lse[0])
-    if not outs:
-        return q.new_empty(q.shape), q.new_empty(q.shape[1], 0, dtype=_acc(q.dtype))
-    return torch.cat(outs, dim=0), torch.cat(lses, dim=-1)
-
-
-def _rla_doc_loop(q, k, v, cu_seqlens, window_size, feature_map, initial_state, chunk_size,
-                  checkpoint_every):
-    Hkv, D = k.shape[1], q.shape[-1]
-    acc = _acc(q.dtype)
-    outs, states = [], []
-    for b, (s, e) in enumerate(bounds(cu_seqlens)):
-        if e == s:  # no token: nothing out, the state of nothing is zero
-            states.append(q.new_zeros(1, Hkv, 2 * D, D, dtype=acc))
-            continue
-        o, state, _ = ops.rla_fwd(q[None, s:e], k[None, s:e], v[None, s:e], window_size,
-                                  feature_map, _doc_h0(initial_state, b), chunk_size,
-                                  checkpoint_every)
-        outs.append(o[0])
-        states.append(state)
-    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape, dtype=acc)
-    return out, torch.cat(states, dim=0)
-
-
-def _mix_doc_loop(q, k, v, o_rla, cu_seqlens, window_size, softmax_scale, rotary_cos, rotary_sin,
-                  swa_norm_weight, rla_norm_weight, norm_eps):
-    outs = []
-    for s, e in bounds(cu_seqlens):
-        if e == s:
-            continue
-        o = _swa_and_mix(q[None, s:e], k[None, s:e], v[None, s:e], o_rla[None, s:e],
-                         window_size, softmax_scale, rotary_cos, rotary_sin, swa_norm_weight,
-                         rla_norm_weight, norm_eps)
-        outs.append(o[0])
-    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
