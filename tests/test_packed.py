@@ -164,6 +164,20 @@ def test_forward_packed_h0_and_rotary_f64(h0, rotary):
         _assert_close(a, b, F64_TOL, f"grad {name}")
 
 
+def test_forward_packed_default_keywords():
+    """No optional keyword at all (default norm weights, no H0, no rotary), values and grads."""
+    lengths, Hq, Hkv, D = [3, 0, W + 1, 70], 4, 2, 16
+    q, k, v, cu = _packed(lengths, Hq, Hkv, D, seed=13)
+    leaves = _grad_leaves(q, k, v, {})
+    out = rattention_ext.forward(*leaves, window_size=W, cu_seqlens=cu)
+    loop_leaves = _grad_leaves(q, k, v, {})
+    ref = _forward_loop(*loop_leaves, cu, {})
+    _assert_close(out, ref, F64_TOL, "output")
+    _assert_close(out, R.forward(q, k, v, window_size=W, cu_seqlens=cu), F64_TOL, "reference")
+    for a, b in zip(_grads(out, leaves), _grads(ref, loop_leaves)):
+        _assert_close(a, b, F64_TOL, "grad")
+
+
 def test_rotary_restarts_in_every_document():
     """Two identical documents packed together give identical outputs (positions restart)."""
     Hq, Hkv, D, L = 4, 2, 8, 40

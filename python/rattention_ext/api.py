@@ -137,7 +137,7 @@ def residual_linear_attention(
 def _norm_weight(w: Optional[Tensor], q: Tensor) -> Tensor:
     if w is not None:
         return w
-    return torch.ones(q.shape[2], q.shape[3], dtype=_acc(q.dtype), device=q.device)
+    return torch.ones(q.shape[-2], q.shape[-1], dtype=_acc(q.dtype), device=q.device)
 
 
 def forward(
