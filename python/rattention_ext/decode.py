@@ -30,8 +30,10 @@ import torch
 from torch import Tensor
 
 from ._ops import ops
-from .api import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHUNK_SIZE, _acc, _norm_weight, _nvtx,
-                  _scale, _swa_and_mix)
+from .api import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHUNK_SIZE, _acc, _forward_packed,
+                  _norm_weight, _nvtx, _scale, _swa_and_mix)
+from .continuation import forward_continued
+from .varlen import check_cu_seqlens, check_packed_qkv, seqlens
 
 __all__ = ["RAttentionCache", "prefill", "decode_step", "cache_bytes"]
 
@@ -134,7 +136,8 @@ class RAttentionCache:
             t.zero_()
 
 
-def _check_cache(cache: RAttentionCache, q: Tensor, k: Tensor, what: str) -> None:
+def _check_cache(cache: RAttentionCache, q: Tensor, k: Tensor, what: str,
+                 batch_size: Optional[int] = None) -> None:
     """Cheap shape/dtype/device agreement checks with messages naming the mismatch (the op
     layer checks the rest: contiguity, the state's shape and dtype, positions)."""
     if not isinstance(cache, RAttentionCache):
@@ -142,7 +145,11 @@ def _check_cache(cache: RAttentionCache, q: Tensor, k: Tensor, what: str) -> Non
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"{what}: q must be [B, T, Hq, D] and k, v [B, T, Hkv, D], got q "
                          f"{list(q.shape)}, k {list(k.shape)}")
-    if cache.batch_size != q.shape[0]:
+    if batch_size is not None:  # packed batch: one cache row per document of cu_seqlens
+        if cache.batch_size != batch_size:
+            raise ValueError(f"{what}: cache batch size {cache.batch_size} does not match the "
+                             f"{batch_size} sequences of cu_seqlens")
+    elif cache.batch_size != q.shape[0]:
         raise ValueError(f"{what}: cache batch size {cache.batch_size} does not match q's "
                          f"batch size {q.shape[0]}")
     if cache.num_kv_heads != k.shape[2]:
@@ -170,19 +177,29 @@ def _split_kwargs(kwargs: dict, cache: RAttentionCache, what: str) -> dict:
 
 
 def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
-            seq_lens: Optional[Tensor] = None, **forward_kwargs) -> Tensor:
+            seq_lens: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+            max_seqlen: Optional[int] = None, **forward_kwargs) -> Tensor:
     """Run RAttention over a prompt and fill an empty cache as if it had been decoded.
 
     Args:
         q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``, matching the cache's batch size, kv
             heads, head dim, dtype and device.
-        cache: an empty cache (all positions 0), from ``RAttentionCache.empty``; filled in
-            place. Prefilling a cache that already holds tokens is not supported
-            (``ValueError``).
+        cache: the layer's cache, updated in place. Empty (from ``RAttentionCache.empty``):
+            the prompt starts at position 0. Already holding tokens (chunked prefill): the
+            chunk continues each sequence from its position, its ring as the halo and its
+            state as the carried state (SPEC.md, "Continuing a sequence"), exactly as one
+            prefill of the whole prompt would; sequences may be at different positions.
         seq_lens: optional ``[B]`` integer lengths for a right-padded batch: sequence ``b``
             is ``q[b, :seq_lens[b]]``. Outputs at padded positions ``t >= seq_lens[b]`` are
             returned but meaningless (they attend to padding); outputs at real positions
             are exact, since attention is causal. Default: every sequence has length ``T``.
+        cu_seqlens: instead of a padded batch, a packed one (``forward``'s varlen
+            convention): q ``[total, Hq, D]``, k, v ``[total, Hkv, D]``, int32 offsets
+            ``[N+1]`` with ``N`` = the cache's batch size; sequence ``b`` is tokens
+            ``cu_seqlens[b] .. cu_seqlens[b+1] - 1`` (empty allowed) and its cache ends up as
+            its own decode steps leave it. Not together with ``seq_lens``; needs an empty
+            cache (continue a packed batch with a padded one, or decode).
+        max_seqlen: optional longest sequence of the packed batch (checked).
         **forward_kwargs: keywords of ``rattention_ext.forward`` (``feature_map``,
             ``softmax_scale``, ``swa_norm_weight``, ``rla_norm_weight``, ``norm_eps``,
             ``initial_state``, ``rotary_cos``, ``rotary_sin``, ``chunk_size``,
@@ -190,13 +207,20 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
             keyword must equal it). Pass the same ones to every later ``decode_step``.
 
     Returns:
-        ``forward(q, k, v, window_size=cache.window_size, **forward_kwargs)``, ``[B, T, Hq, D]``.
+        ``forward(q, k, v, window_size=cache.window_size, **forward_kwargs)``, ``[B, T, Hq, D]``
+        (for a continuing chunk: its rows of ``forward`` on the whole sequence so far;
+        packed: ``forward(..., cu_seqlens=cu_seqlens)``, ``[total, Hq, D]``).
 
     Afterwards, for each sequence of length ``L``: ring slot ``s % (w+1)`` holds token ``s``
     for the last ``min(L, w+1)`` tokens (other slots keep their zeros), the state is
     ``sum_{s <= L-w-2} phi(k_s) v_s^T``, and ``cache.positions == L``; exactly what ``L``
     calls of ``decode_step`` leave.
     """
+    if cu_seqlens is not None:
+        if seq_lens is not None:
+            raise ValueError("prefill: pass seq_lens (padded batch) or cu_seqlens (packed "
+                             "batch), not both")
+        return _prefill_packed(q, k, v, cache, cu_seqlens, max_seqlen, forward_kwargs)
     _check_cache(cache, q, k, "prefill")
     kw = _split_kwargs(dict(forward_kwargs), cache, "prefill")
     B, T = q.shape[0], q.shape[1]
@@ -216,9 +240,7 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
         lens = None
         uniform = True
     if bool((cache.positions != 0).any()):
-        raise ValueError("prefill needs an empty cache (all positions 0): prefilling a cache "
-                         "that already holds tokens is not supported; decode the new tokens "
-                         "with decode_step, or call cache.reset() first")
+        return _prefill_continue(q, k, v, cache, lens, kw)
 
     feature_map = kw.get("feature_map", "softmax")
     with _nvtx("rattention.prefill", q):
@@ -232,6 +254,49 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
         with torch.no_grad():
             _fill_cache(cache, k, v, lens, uniform, final_state, feature_map)
     return out
+
+
+def _prefill_packed(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, cu_seqlens: Tensor,
+                    max_seqlen: Optional[int], forward_kwargs: dict) -> Tensor:
+    """``prefill`` of a packed batch: one packed forward (keeping its per-sequence RLA final
+    states), then each sequence's ring filled from its own last ``w + 1`` tokens."""
+    check_packed_qkv(q, k, v, "prefill")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen=max_seqlen, what="prefill")
+    _check_cache(cache, q[None], k[None], "prefill", batch_size=cu_seqlens.shape[0] - 1)
+    kw = _split_kwargs(dict(forward_kwargs), cache, "prefill")
+    if bool((cache.positions != 0).any()):
+        raise ValueError("prefill needs an empty cache (all positions 0): prefilling a cache "
+                         "that already holds tokens is not supported; decode the new tokens "
+                         "with decode_step, or call cache.reset() first")
+    feature_map = kw.get("feature_map", "softmax")
+    with _nvtx("rattention.prefill", q):
+        out, final_state = _forward_packed(
+            q, k, v, cu_seqlens, max_seqlen, cache.window_size, feature_map,
+            kw.get("softmax_scale"), kw.get("swa_norm_weight"), kw.get("rla_norm_weight"),
+            kw.get("norm_eps", 1e-8), kw.get("initial_state"), kw.get("rotary_cos"),
+            kw.get("rotary_sin"), kw.get("chunk_size", DEFAULT_CHUNK_SIZE),
+            kw.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
+        with torch.no_grad():
+            _fill_ring_packed(cache, k, v, cu_seqlens)
+            cache.state.copy_(final_state)
+            cache.positions.copy_(seqlens(cu_seqlens))
+    return out
+
+
+def _fill_ring_packed(cache: RAttentionCache, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
+    """Ring slot ``j`` of sequence ``b`` gets its newest token ``s = j (mod w+1)``, if any."""
+    total = k.shape[0]
+    if total == 0:
+        return
+    W1 = cache.window_size + 1
+    start = cu_seqlens[:-1].to(torch.int64)
+    L = seqlens(cu_seqlens)
+    j = torch.arange(W1, device=k.device)
+    s = (L[:, None] - 1) - torch.remainder(L[:, None] - 1 - j[None, :], W1)  # [N, W1]
+    valid = (s >= 0)[:, :, None, None]
+    idx = (start[:, None] + s.clamp(min=0)).clamp(max=total - 1)
+    cache.keys.copy_(torch.where(valid, k[idx], cache.keys))
+    cache.values.copy_(torch.where(valid, v[idx], cache.values))
 
 
 def _fill_cache(cache: RAttentionCache, k: Tensor, v: Tensor, lens: Optional[Tensor],
@@ -264,6 +329,91 @@ def _fill_cache(cache: RAttentionCache, k: Tensor, v: Tensor, lens: Optional[Ten
             state += torch.einsum("bshi,bshd->bhid", phi, vf)
         cache.state.copy_(state)
     cache.positions.copy_(L)
+
+
+def _prefill_continue(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache,
+                      lens: Optional[Tensor], kw: dict) -> Tensor:
+    """Chunked prefill: the chunk continues every sequence from the cache (ring = halo,
+    state = carried state). Sequences at the same position are computed together."""
+    B, T = q.shape[0], q.shape[1]
+    W1 = cache.window_size + 1
+    feature_map = kw.get("feature_map", "softmax")
+    h0 = kw.get("initial_state")
+    positions = cache.positions.tolist()
+    out = None
+    with _nvtx("rattention.prefill", q):
+        for p in sorted(set(positions)):
+            rows = torch.tensor([b for b in range(B) if positions[b] == p], device=q.device)
+            every = rows.numel() == B
+            pick = (lambda t: t) if every else (lambda t: t.index_select(0, rows))
+            h = min(W1, p)
+            slots = torch.arange(p - h, p, device=q.device) % W1  # ring slots, oldest first
+            k_ext = torch.cat([pick(cache.keys).index_select(1, slots), pick(k)], dim=1)
+            v_ext = torch.cat([pick(cache.values).index_select(1, slots), pick(v)], dim=1)
+            h0_rows = h0 if h0 is None or h0.shape[0] == 1 or every else pick(h0)
+            o, final = forward_continued(
+                pick(q), k_ext, v_ext, halo=h, position=p - h, window_size=cache.window_size,
+                carried_state=pick(cache.state), feature_map=feature_map,
+                softmax_scale=kw.get("softmax_scale"), swa_norm_weight=kw.get("swa_norm_weight"),
+                rla_norm_weight=kw.get("rla_norm_weight"), norm_eps=kw.get("norm_eps", 1e-8),
+                initial_state=h0_rows, rotary_cos=kw.get("rotary_cos"),
+                rotary_sin=kw.get("rotary_sin"),
+                chunk_size=kw.get("chunk_size", DEFAULT_CHUNK_SIZE),
+                checkpoint_every=kw.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
+            if every:
+                out = o
+            else:
+                if out is None:
+                    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], q.shape[3])
+                out = out.index_copy(0, rows, o)
+            with torch.no_grad():
+                new_lens = None if lens is None else pick(lens)
+                _continue_cache(cache, rows, every, k_ext.detach(), v_ext.detach(), p, h,
+                                new_lens, final.detach(), feature_map)
+    return out
+
+
+def _continue_cache(cache: RAttentionCache, rows: Tensor, every: bool, k_ext: Tensor,
+                    v_ext: Tensor, p: int, h: int, lens: Optional[Tensor], final_state: Tensor,
+                    feature_map: str) -> None:
+    """Cache after continuing sequences at position ``p`` by ``lens`` tokens (default all
+    ``T``): ``k_ext``/``v_ext`` hold positions ``p - h ..``."""
+    n, T_ext = k_ext.shape[0], k_ext.shape[1]
+    W1 = cache.window_size + 1
+    dev = k_ext.device
+    L = torch.full((n,), T_ext - h, dtype=torch.int64, device=dev) if lens is None else lens
+    end = p + L  # new positions
+    j = torch.arange(W1, device=dev)
+    s = (end[:, None] - 1) - torch.remainder(end[:, None] - 1 - j[None, :], W1)  # [n, W1]
+    i = s - (p - h)  # row of k_ext holding position s
+    valid = (i >= 0)[:, :, None, None]
+    bidx = torch.arange(n, device=dev)[:, None]
+    ic = i.clamp(min=0)
+    old_k = cache.keys if every else cache.keys.index_select(0, rows)
+    old_v = cache.values if every else cache.values.index_select(0, rows)
+    new_k = torch.where(valid, k_ext[bidx, ic], old_k)
+    new_v = torch.where(valid, v_ext[bidx, ic], old_v)
+    if lens is None:
+        state = final_state  # carried state + the rows that entered in this chunk
+    else:
+        # Rows of k_ext entering the state: i < h + L - W1 (positions s <= end - w - 2).
+        state = cache.state.index_select(0, rows).clone()
+        n_rows = max(0, T_ext - W1)
+        for c0 in range(0, n_rows, 4096):
+            c1 = min(n_rows, c0 + 4096)
+            keep = torch.arange(c0, c1, device=dev)[None, :] < (h + L[:, None] - W1)
+            phi = _phi(k_ext[:, c0:c1], feature_map) * keep[:, :, None, None]
+            state += torch.einsum("bshi,bshd->bhid", phi, v_ext[:, c0:c1].to(phi.dtype))
+    if every:
+        cache.keys.copy_(new_k)
+        cache.values.copy_(new_v)
+        cache.state.copy_(state)
+        cache.positions.copy_(end)
+    else:
+        cache.keys.index_copy_(0, rows, new_k)
+        cache.values.index_copy_(0, rows, new_v)
+        cache.state.index_copy_(0, rows, state.to(cache.state.dtype))
+        cache.positions.index_copy_(0, rows, end)
 
 
 def _phi(x: Tensor, kind: str) -> Tensor:
