@@ -23,13 +23,13 @@ endif()
 if(RATTENTION_JAX_INCLUDE_DIR)
   message(STATUS "rattention: JAX FFI module for jax ${RATTENTION_JAX_VERSION} (${RATTENTION_JAX_INCLUDE_DIR})")
   file(GLOB _ratt_jax_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/jax/*.cpp)
-  # CUDA handlers (ffi_cuda_*.cpp) are not linked here (they need the CUDA kernels).
-  list(FILTER _ratt_jax_sources EXCLUDE REGEX "/ffi_cuda_[^/]*\\.cpp$")
+  # The CUDA handlers (ffi_cuda.cpp) only in a CUDA build, below.
+  list(FILTER _ratt_jax_sources EXCLUDE REGEX "/ffi_cuda[^/]*\\.cpp$")
   add_library(_jax_ffi MODULE ${_ratt_jax_sources})
   target_link_libraries(_jax_ffi PRIVATE rattention_cpu_kernels)
   target_include_directories(_jax_ffi SYSTEM PRIVATE ${RATTENTION_JAX_INCLUDE_DIR})
   target_include_directories(_jax_ffi PRIVATE ${PROJECT_SOURCE_DIR}/csrc)
-  target_compile_options(_jax_ffi PRIVATE -O3 -Wall)
+  target_compile_options(_jax_ffi PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-O3 -Wall>)
   # Only the handler symbols (extern "C", marked RATT_FFI_EXPORT) are exported.
   set_target_properties(_jax_ffi PROPERTIES PREFIX "" SUFFIX ".so" CXX_VISIBILITY_PRESET hidden
                         VISIBILITY_INLINES_HIDDEN ON)
@@ -41,7 +41,17 @@ if(RATTENTION_JAX_INCLUDE_DIR)
     message(WARNING "rattention: no OpenMP: the JAX FFI module runs the CPU kernels on one thread")
   endif()
   if(RATTENTION_WITH_CUDA)
-    message(STATUS "rattention: the JAX FFI module registers CPU handlers only")
+    # CUDA handlers (csrc/jax/ffi_cuda.cpp) over the CUDA kernels (csrc/cuda/*.cu; compiled
+    # for this module as well: _C's copies sit behind its torch op layer).
+    file(GLOB _ratt_jax_cu CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cu)
+    target_sources(_jax_ffi PRIVATE ${PROJECT_SOURCE_DIR}/csrc/jax/ffi_cuda.cpp ${_ratt_jax_cu})
+    target_include_directories(_jax_ffi PRIVATE ${CUTLASS_INCLUDE_DIRS})
+    set_target_properties(_jax_ffi PROPERTIES CUDA_ARCHITECTURES "${RATTENTION_CUDA_ARCHS}"
+                          CUDA_VISIBILITY_PRESET hidden)
+    target_compile_options(_jax_ffi PRIVATE
+      $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr --use_fast_math -lineinfo>)
+    find_package(CUDAToolkit REQUIRED)
+    target_link_libraries(_jax_ffi PRIVATE CUDA::cudart)
   endif()
   if(RATTENTION_OUTPUT_DIR)
     set_target_properties(_jax_ffi PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${RATTENTION_OUTPUT_DIR})

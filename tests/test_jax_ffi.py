@@ -199,11 +199,12 @@ def test_export_with_symbolic_batch_and_length():
     exp_grad = export.export(jax.jit(jax.grad(lambda *a: fn(*a).sum())),
                              disabled_checks=rjax.export_disabled_checks())(
         spec(Hq), spec(Hkv), spec(Hkv))
+    ref_fwd = jax.jit(lambda q, k, v: jref.forward(q, k, v, window_size=w))
+    ref_grad = jax.jit(jax.grad(lambda q, k, v: jref.forward(q, k, v, window_size=w).sum()))
     for B, T in ((1, 7), (2, 70)):
         q, k, v, _ = make_inputs(B, T, Hq, Hkv, D, np.float64, seed=B * T)
-        assert rel(exp_fwd.call(q, k, v), jref.forward(q, k, v, window_size=w)) < 1e-10
-        want = jax.grad(lambda q: jref.forward(q, k, v, window_size=w).sum())(q)
-        assert rel(exp_grad.call(q, k, v), want) < 1e-10
+        assert rel(exp_fwd.call(q, k, v), ref_fwd(q, k, v)) < 1e-10
+        assert rel(exp_grad.call(q, k, v), ref_grad(q, k, v)) < 1e-10
 
 
 BAD = [
@@ -259,3 +260,26 @@ def test_handler_rejects_inconsistent_buffers_at_run_time():
     with pytest.raises(Exception, match="k must have sequence length 8"):
         jax.block_until_ready(call(q, k, k, empty, empty, window_size=np.int64(2),
                                    softmax_scale=np.float64(0.25)))
+
+
+def test_benchmark_driver_runs(tmp_path, capsys):
+    """benchmarks/jax_cpu.py end to end at a tiny size: every row timed, the binding's output
+    within float32 round-off of each implementation's (its own correctness check)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import jax_cpu
+
+    assert jax_cpu.main(["--T", "40", "--w", "7", "--Hq", "4", "--Hkv", "2", "--D", "16",
+                         "--budget", "0.05", "--max-reps", "3", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("jax_cpu_*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["op"], r["impl"]) for r in rows} >= {
+        ("fwd_bwd", "ours"), ("fwd_bwd", "jax_reference"), ("swa_fwd_bwd", "jax_nn_dpa_band"),
+        ("swa_fwd", "jax_nn_dpa_band")}
+    for r in rows:
+        assert r["ms"] > 0
+        if r["rel_err_ours_vs_this"] is not None:
+            assert r["rel_err_ours_vs_this"] < 1e-5, r

@@ -27,14 +27,21 @@ std::string dims_str(ffi::AnyBuffer::Dimensions d) {
   return s.str();
 }
 
-DType input_dtype(const ffi::AnyBuffer& b, const char* name) {
-  switch (b.element_type()) {
+DType input_dtype(const ffi::AnyBuffer& b, const char* name, Backend backend) {
+  const auto t = b.element_type();
+  if (backend == Backend::kCuda) {
+    if (t == ffi::DataType::BF16) return DType::kBFloat16;
+    if (t == ffi::DataType::F16) return DType::kFloat16;
+    fail(std::string(name) + ": the CUDA kernels support bfloat16 and float16, got " +
+         dtype_name(t) + " (use the CPU platform or the reference for float32/float64)");
+  }
+  switch (t) {
     case ffi::DataType::F32: return DType::kFloat32;
     case ffi::DataType::F64: return DType::kFloat64;
     case ffi::DataType::BF16: return DType::kBFloat16;
     default:
       fail(std::string(name) + ": the CPU kernels support float32, float64 and bfloat16, got " +
-           dtype_name(b.element_type()));
+           dtype_name(t));
   }
 }
 
@@ -69,12 +76,13 @@ bool check_optional(const ffi::AnyBuffer& b, const char* name, ffi::DataType dty
   return true;
 }
 
-QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v) {
+QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                  Backend backend) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4) fail("q must be 4-D [B, T, Hq, D], got shape " + dims_str(qd));
   if (kd.size() != 4) fail("k must be 4-D [B, T, Hkv, D], got shape " + dims_str(kd));
   if (vd.size() != 4) fail("v must be 4-D [B, T, Hkv, D], got shape " + dims_str(vd));
-  const DType dt = input_dtype(q, "q");
+  const DType dt = input_dtype(q, "q", backend);
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type()) {
     fail(std::string(k.element_type() != q.element_type() ? "k" : "v") +
          " must have the dtype of q (" + dtype_name(q.element_type()) + ")");
@@ -92,6 +100,9 @@ QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
   }
   if (D < 2 || D % 2 != 0 || D > 256) {
     fail("head dim must be even and in [2, 256], got " + std::to_string(D));
+  }
+  if (backend == Backend::kCuda && D != 64 && D != 128) {
+    fail("q: the CUDA kernels support head dim 64 and 128, got " + std::to_string(D));
   }
   return QkvInfo{AttnDims{B, T, Hq, Hkv, D}, dt, q.element_type(), acc_of(dt)};
 }

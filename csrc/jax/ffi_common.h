@@ -23,9 +23,13 @@ struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// Which kernels a handler runs: the dtype / head-dim rules differ (as in op_common).
+enum class Backend { kCpu, kCuda };
+
 std::string dims_str(ffi::AnyBuffer::Dimensions d);
-// Kernel dtype of an input buffer (float32, float64, bfloat16); throws for anything else.
-DType input_dtype(const ffi::AnyBuffer& b, const char* name);
+// Kernel dtype of an input buffer: float32, float64, bfloat16 on CPU; bfloat16, float16 on
+// CUDA. Throws for anything else.
+DType input_dtype(const ffi::AnyBuffer& b, const char* name, Backend backend = Backend::kCpu);
 // The accumulation dtype the kernels use for `dt` (float64 for float64, otherwise float32).
 ffi::DataType acc_of(DType dt);
 
@@ -43,7 +47,8 @@ struct QkvInfo {
   ffi::DataType ffi_dtype;
   ffi::DataType acc;
 };
-QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v);
+QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                  Backend backend = Backend::kCpu);
 void check_window(int64_t window_size);
 
 // Row-major strides of a [B, T, H, D] buffer (elements).

@@ -20,7 +20,8 @@ struct MixDims {
 
 // o_swa sets the shape and acc dtype; o_rla and both weights must agree.
 MixDims check_mix(const ffi::AnyBuffer& o_swa, const ffi::AnyBuffer& o_rla,
-                  const ffi::AnyBuffer& swa_weight, const ffi::AnyBuffer& rla_weight, double eps) {
+                  const ffi::AnyBuffer& swa_weight, const ffi::AnyBuffer& rla_weight, double eps,
+                  Backend backend) {
   const auto od = o_swa.dimensions();
   if (od.size() != 4) throw InvalidArgument("o_swa must be [B, T, Hq, D], got " + dims_str(od));
   const auto et = o_swa.element_type();
@@ -29,6 +30,10 @@ MixDims check_mix(const ffi::AnyBuffer& o_swa, const ffi::AnyBuffer& o_rla,
   }
   MixDims m{od[0], od[1], od[2], od[3],
             et == ffi::DataType::F64 ? DType::kFloat64 : DType::kFloat32, et};
+  if (backend == Backend::kCuda && (et != ffi::DataType::F32 || m.D > 256)) {
+    throw InvalidArgument("o_swa: the CUDA mixing kernels take float32 branch outputs and head "
+                          "dim <= 256");
+  }
   check_buffer(o_rla, "o_rla", et, {m.B, m.T, m.H, m.D});
   check_buffer(swa_weight, "swa_norm_weight", et, {m.H, m.D});
   check_buffer(rla_weight, "rla_norm_weight", et, {m.H, m.D});
@@ -37,8 +42,10 @@ MixDims check_mix(const ffi::AnyBuffer& o_swa, const ffi::AnyBuffer& o_rla,
 }
 
 // out / grad_out dtype: float64 with float64 acc; float32 or bfloat16 with float32 acc.
-DType io_dtype(const ffi::AnyBuffer& b, const char* name, const MixDims& m) {
-  const DType dt = input_dtype(b, name);
+DType io_dtype(const ffi::AnyBuffer& b, const char* name, const MixDims& m, Backend backend) {
+  // float32 grad_out / out is fine on CUDA too (the CPU rule adds it to bf16 / fp16).
+  const DType dt = b.element_type() == ffi::DataType::F32 ? DType::kFloat32
+                                                          : input_dtype(b, name, backend);
   if ((m.acc == DType::kFloat64) != (dt == DType::kFloat64)) {
     throw InvalidArgument(std::string(name) + " dtype does not match the accumulation dtype");
   }
@@ -49,9 +56,9 @@ DType io_dtype(const ffi::AnyBuffer& b, const char* name, const MixDims& m) {
 
 MixParams mix_fwd_params(const ffi::AnyBuffer& o_swa, const ffi::AnyBuffer& o_rla,
                          const ffi::AnyBuffer& swa_weight, const ffi::AnyBuffer& rla_weight,
-                         ffi::AnyBuffer& out, double eps) {
-  const MixDims m = check_mix(o_swa, o_rla, swa_weight, rla_weight, eps);
-  const DType out_dt = io_dtype(out, "out", m);
+                         ffi::AnyBuffer& out, double eps, Backend backend) {
+  const MixDims m = check_mix(o_swa, o_rla, swa_weight, rla_weight, eps, backend);
+  const DType out_dt = io_dtype(out, "out", m, backend);
   check_buffer(out, "out", out.element_type(), {m.B, m.T, m.H, m.D});
   MixParams p{};
   p.rows = m.B * m.T * m.H;
@@ -72,9 +79,9 @@ MixBwdParams mix_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer
                             const ffi::AnyBuffer& o_rla, const ffi::AnyBuffer& swa_weight,
                             const ffi::AnyBuffer& rla_weight, ffi::AnyBuffer& grad_o_swa,
                             ffi::AnyBuffer& grad_o_rla, ffi::AnyBuffer& grad_swa_weight,
-                            ffi::AnyBuffer& grad_rla_weight, double eps) {
-  const MixDims m = check_mix(o_swa, o_rla, swa_weight, rla_weight, eps);
-  const DType grad_dt = io_dtype(grad_out, "grad_out", m);
+                            ffi::AnyBuffer& grad_rla_weight, double eps, Backend backend) {
+  const MixDims m = check_mix(o_swa, o_rla, swa_weight, rla_weight, eps, backend);
+  const DType grad_dt = io_dtype(grad_out, "grad_out", m, backend);
   check_buffer(grad_out, "grad_out", grad_out.element_type(), {m.B, m.T, m.H, m.D});
   check_buffer(grad_o_swa, "grad_o_swa", m.ffi_acc, {m.B, m.T, m.H, m.D});
   check_buffer(grad_o_rla, "grad_o_rla", m.ffi_acc, {m.B, m.T, m.H, m.D});

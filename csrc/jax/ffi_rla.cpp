@@ -23,8 +23,8 @@ struct RlaChecked {
 };
 
 RlaChecked check_rla(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                     const ffi::AnyBuffer& h0, const RlaConfig& cfg) {
-  RlaChecked c{check_qkv(q, k, v), FeatureMap::kSoftmax, 0, nullptr, 0};
+                     const ffi::AnyBuffer& h0, const RlaConfig& cfg, Backend backend) {
+  RlaChecked c{check_qkv(q, k, v, backend), FeatureMap::kSoftmax, 0, nullptr, 0};
   check_window(cfg.window_size);
   if (cfg.feature_map == "relu") {
     c.fm = FeatureMap::kRelu;
@@ -63,8 +63,8 @@ RlaChecked check_rla(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi
 RlaFwdParams rla_fwd_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& initial_state,
                             ffi::AnyBuffer& out, ffi::AnyBuffer& final_state,
-                            ffi::AnyBuffer& checkpoints, const RlaConfig& cfg) {
-  const RlaChecked c = check_rla(q, k, v, initial_state, cfg);
+                            ffi::AnyBuffer& checkpoints, const RlaConfig& cfg, Backend backend) {
+  const RlaChecked c = check_rla(q, k, v, initial_state, cfg, backend);
   const AttnDims& d = c.info.dims;
   const int64_t D2 = 2 * d.head_dim;
   check_buffer(out, "out", c.info.acc, {d.batch, d.seqlen, d.heads_q, d.head_dim});
@@ -99,8 +99,9 @@ RlaBwdParams rla_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer
                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& initial_state,
                             const ffi::AnyBuffer& checkpoints, ffi::AnyBuffer& grad_q,
                             ffi::AnyBuffer& grad_k, ffi::AnyBuffer& grad_v,
-                            ffi::AnyBuffer& grad_initial_state, const RlaConfig& cfg) {
-  const RlaChecked c = check_rla(q, k, v, initial_state, cfg);
+                            ffi::AnyBuffer& grad_initial_state, const RlaConfig& cfg,
+                            Backend backend) {
+  const RlaChecked c = check_rla(q, k, v, initial_state, cfg, backend);
   const AttnDims& d = c.info.dims;
   const int64_t D2 = 2 * d.head_dim;
   check_buffer(grad_out, "grad_out", c.info.acc, {d.batch, d.seqlen, d.heads_q, d.head_dim});

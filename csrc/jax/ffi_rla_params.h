@@ -18,13 +18,15 @@ struct RlaConfig {
 RlaFwdParams rla_fwd_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& initial_state,
                             ffi::AnyBuffer& out, ffi::AnyBuffer& final_state,
-                            ffi::AnyBuffer& checkpoints, const RlaConfig& cfg);
+                            ffi::AnyBuffer& checkpoints, const RlaConfig& cfg,
+                            Backend backend = Backend::kCpu);
 
 RlaBwdParams rla_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer& grad_final_state,
                             const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& initial_state,
                             const ffi::AnyBuffer& checkpoints, ffi::AnyBuffer& grad_q,
                             ffi::AnyBuffer& grad_k, ffi::AnyBuffer& grad_v,
-                            ffi::AnyBuffer& grad_initial_state, const RlaConfig& cfg);
+                            ffi::AnyBuffer& grad_initial_state, const RlaConfig& cfg,
+                            Backend backend = Backend::kCpu);
 
 }  // namespace rattention::jax_ffi

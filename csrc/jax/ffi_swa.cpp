@@ -11,8 +11,8 @@ namespace rattention::jax_ffi {
 SwaFwdParams swa_fwd_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& cos,
                             const ffi::AnyBuffer& sin, ffi::AnyBuffer& out, ffi::AnyBuffer& lse,
-                            int64_t window_size, double softmax_scale) {
-  const QkvInfo info = check_qkv(q, k, v);
+                            int64_t window_size, double softmax_scale, Backend backend) {
+  const QkvInfo info = check_qkv(q, k, v, backend);
   check_window(window_size);
   const AttnDims& d = info.dims;
   const Rotary rot = check_rotary(cos, sin, info);
@@ -44,8 +44,8 @@ SwaBwdParams swa_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer
                             const ffi::AnyBuffer& lse, const ffi::AnyBuffer& cos,
                             const ffi::AnyBuffer& sin, ffi::AnyBuffer& grad_q,
                             ffi::AnyBuffer& grad_k, ffi::AnyBuffer& grad_v, int64_t window_size,
-                            double softmax_scale) {
-  const QkvInfo info = check_qkv(q, k, v);
+                            double softmax_scale, Backend backend) {
+  const QkvInfo info = check_qkv(q, k, v, backend);
   check_window(window_size);
   const AttnDims& d = info.dims;
   const Rotary rot = check_rotary(cos, sin, info);

@@ -8,7 +8,8 @@ namespace rattention::jax_ffi {
 SwaFwdParams swa_fwd_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& cos,
                             const ffi::AnyBuffer& sin, ffi::AnyBuffer& out, ffi::AnyBuffer& lse,
-                            int64_t window_size, double softmax_scale);
+                            int64_t window_size, double softmax_scale,
+                            Backend backend = Backend::kCpu);
 
 SwaBwdParams swa_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer& grad_lse,
                             const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
@@ -16,6 +17,6 @@ SwaBwdParams swa_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer
                             const ffi::AnyBuffer& lse, const ffi::AnyBuffer& cos,
                             const ffi::AnyBuffer& sin, ffi::AnyBuffer& grad_q,
                             ffi::AnyBuffer& grad_k, ffi::AnyBuffer& grad_v, int64_t window_size,
-                            double softmax_scale);
+                            double softmax_scale, Backend backend = Backend::kCpu);
 
 }  // namespace rattention::jax_ffi

@@ -20,7 +20,9 @@ Differences from the torch API that JAX imposes: ``window_size``, ``softmax_scal
 ``feature_map``, ``norm_eps``, ``chunk_size`` and ``checkpoint_every`` are static Python
 values (``static_argnames`` under ``jax.jit``); the rotary tables are constants (their
 gradient is zero, as torch gives none); float64 needs ``jax_enable_x64``. Supported dtypes
-are those of the CPU kernels: float32, float64, bfloat16.
+are those of the CPU kernels: float32, float64, bfloat16. A CUDA build of the package also
+registers CUDA handlers (same kernels as the torch CUDA ops: bfloat16/float16, head dim 64
+or 128, XLA's stream); those are compiled by ``make cuda-check`` but have not been run.
 
 Inside this package ``jax`` is this module; ``import jax`` below is absolute and gets JAX.
 """
@@ -64,6 +66,13 @@ def _register_targets() -> ctypes.CDLL:
 
 
 _lib = _register_targets()
+_HAS_CUDA_HANDLERS = hasattr(_lib, "rattention_swa_fwd_cuda")
+
+
+def _on_cuda() -> bool:
+    """Whether the calls being traced run on the CUDA handlers (JAX's default backend is a
+    GPU and this build has them): their dtype / head-dim / chunk rules apply."""
+    return _HAS_CUDA_HANDLERS and jax.default_backend() == "gpu"
 
 
 def export_disabled_checks():
@@ -120,7 +129,13 @@ def _check_qkv(q, k, v):
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
-    if q.dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
+    if _on_cuda():
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise TypeError(f"q: the CUDA kernels support bfloat16 and float16, got {q.dtype} "
+                            "(use the CPU platform or the reference for float32/float64)")
+        if _violated(lambda: q.shape[3] not in (64, 128)):
+            raise ValueError(f"q: the CUDA kernels support head dim 64 and 128, got {q.shape[3]}")
+    elif q.dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
         raise TypeError(f"q: the CPU kernels support float32, float64 and bfloat16, got {q.dtype}")
     if _violated(lambda: tuple(k.shape) != tuple(v.shape)):
         raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
@@ -199,6 +214,8 @@ def _check_tiling(chunk_size, checkpoint_every):
         raise ValueError(f"chunk_size must be in [1, 1024], got {c}")
     if e < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {e}")
+    if _on_cuda() and c != 64:
+        raise ValueError(f"chunk_size: the CUDA RLA kernels use chunk_size=64, got {c}")
     return c, e
 
 
