@@ -71,8 +71,8 @@ def _cases(args, T):
     ours_swa = lambda q, k, v: rjax.sliding_window_attention(q, k, v, window_size=w)  # noqa: E731
     ref_swa = lambda q, k, v: jref.sliding_window_attention(q, k, v, window_size=w)  # noqa: E731
 
-    tq, tk, tv = (torch.from_numpy(np.asarray(x)).requires_grad_(True) for x in (q, k, v))
-    tcot = torch.from_numpy(np.asarray(cot))
+    tq, tk, tv = (torch.from_numpy(np.array(x)).requires_grad_(True) for x in (q, k, v))
+    tcot = torch.from_numpy(np.array(cot))
 
     def torch_fwd_bwd():
         o = rattention_ext.forward(tq, tk, tv, window_size=w)
