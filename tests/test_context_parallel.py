@@ -1,7 +1,8 @@
 """Context parallelism (rattention_ext.distributed) and chunked prefill against one process.
 
-The distributed tests spawn one group of gloo processes per world size (a file store) that
-runs every case; each rank compares its rows of the output and of the q/k/v gradients, and
+The distributed tests spawn four gloo processes once (a file store) and run every case in
+sub-groups: two groups of 2 ranks side by side ([0, 1] and [2, 3], so group ranks differ
+from global ones), one of 3 ([1, 2, 3]) and all 4. Each rank compares its rows of the output and of the q/k/v gradients, and
 the all-reduced gradients of the shared tensors, with ``rattention_ext.forward`` on the
 whole sequence in one process (float64, 1e-10). Traffic is counted by wrapping the
 torch.distributed calls, at two shard lengths.
@@ -75,7 +76,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _check_case(rank, world, case, seed):
+def _check_case(rank, world, group, case, seed):
     name, lengths, w, Hq, Hkv, fm, with_h0, with_rotary = case
     total = sum(lengths)
     t = _inputs(total, Hq, Hkv, with_h0, with_rotary, seed)
@@ -93,7 +94,7 @@ def _check_case(rank, world, case, seed):
     mine = {x: t[x][:, a:a + n].clone().requires_grad_() for x in ["q", "k", "v"]}
     mine.update({x: t[x].clone().requires_grad_() for x in shared})
     out = cp.context_parallel_forward(mine["q"], mine["k"], mine["v"], window_size=w,
-                                      **_kwargs(t, fm, mine))
+                                      group=group, **_kwargs(t, fm, mine))
     out.backward(t["grad"][:, a:a + n])
 
     errs = {"out": _rel(out, out_full[:, a:a + n]) if n else 0.0}
@@ -101,12 +102,12 @@ def _check_case(rank, world, case, seed):
         errs["d" + x] = _rel(mine[x].grad, full[x].grad[:, a:a + n]) if n else 0.0
     for x in shared:
         gsum = mine[x].grad.clone()
-        dist.all_reduce(gsum)  # each rank holds its contribution; the sum is the gradient
+        dist.all_reduce(gsum, group=group)  # each rank holds its contribution; sum = gradient
         errs["d" + x] = _rel(gsum, full[x].grad)
     return errs
 
 
-def _traffic(rank, world, shard, w):
+def _traffic(rank, world, group, shard, w):
     """Bytes this rank sends in one forward + backward, counted by wrapping the calls."""
     sent = {"p2p": 0, "all_gather": 0}
     ag_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
@@ -128,7 +129,8 @@ def _traffic(rank, world, shard, w):
         sl = slice(rank * shard, (rank + 1) * shard)
         q, k, v = (t[x][:, sl].clone().requires_grad_() for x in "qkv")
         with cp.count_traffic() as counted:
-            out = cp.context_parallel_forward(q, k, v, window_size=w, **_kwargs(t, "softmax", t))
+            out = cp.context_parallel_forward(q, k, v, window_size=w, group=group,
+                                              **_kwargs(t, "softmax", t))
             out.backward(t["grad"][:, sl])
     finally:
         dist.batch_isend_irecv = orig_p2p
@@ -136,7 +138,7 @@ def _traffic(rank, world, shard, w):
     return dict(sent, counted=counted["total"])
 
 
-def _check_module(rank, world):
+def _check_module(rank, world, group):
     """nn.RAttention with a context-parallel group equals the unsharded layer."""
     torch.manual_seed(3)
     lengths = [11, 7, 14, 9][:world]
@@ -146,7 +148,7 @@ def _check_module(rank, world):
     ref = RAttention(32, **kw)
     with torch.no_grad():
         ref.initial_state.normal_()
-    sharded = RAttention(32, context_parallel_group=True, **kw)
+    sharded = RAttention(32, context_parallel_group=group, **kw)
     sharded.load_state_dict(ref.state_dict())
     x = torch.randn(B, total, 32, dtype=torch.float64)
     gy = torch.randn(B, total, 32, dtype=torch.float64)
@@ -158,37 +160,69 @@ def _check_module(rank, world):
     errs = {"out": _rel(y, ref(x)[:, a:a + n].detach())}
     for (name, p), (_, pr) in zip(sharded.named_parameters(), ref.named_parameters()):
         g = p.grad.clone()
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=group)
         errs["d" + name] = _rel(g, pr.grad)
     return errs
 
 
-def _worker(rank, world, init_file, result_dir):
+def _check_mismatch(rank, world, group):
+    """A rank with a different batch size: every rank raises the same clear error."""
+    q = torch.randn(3 if rank == 1 else 2, 5, 2, 8, dtype=torch.float64)
+    try:
+        cp.context_parallel_forward(q, q, q, window_size=3, group=group)
+    except ValueError as e:
+        return "same batch size" in str(e)
+    return False
+
+
+# world size -> the groups (global ranks) that run its cases, side by side
+GROUPS = {2: [[0, 1], [2, 3]], 3: [[1, 2, 3]], 4: [[0, 1, 2, 3]]}
+NPROCS = 4
+
+
+def _worker(rank, init_file, result_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=NPROCS)
     results = {}
     try:
-        for i, case in enumerate(CASES[world]):
-            results[case[0]] = _check_case(rank, world, case, seed=100 * world + i)
-        results["module"] = _check_module(rank, world)
-        results["traffic"] = [_traffic(rank, world, shard, w=6) for shard in (16, 48)]
+        for world, members in GROUPS.items():
+            groups = [dist.new_group(m) for m in members]  # collective: every rank makes all
+            for m, group in zip(members, groups):
+                if rank not in m:
+                    continue
+                r = m.index(rank)
+                res = results[str(world)] = {}
+                for i, case in enumerate(CASES[world]):
+                    res[case[0]] = _check_case(r, world, group, case, seed=100 * world + i)
+                res["module"] = _check_module(r, world, group)
+                res["mismatch_raises"] = _check_mismatch(r, world, group)
+                res["traffic"] = [_traffic(r, world, group, shard, w=6) for shard in (16, 48)]
+            dist.barrier()
     finally:
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def spawned(request):
-    world = request.param
+@pytest.fixture(scope="module")
+def spawned_all():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "store"), d), nprocs=world, join=True)
+        mp.spawn(_worker, args=(os.path.join(d, "store"), d), nprocs=NPROCS, join=True)
         res = []
-        for r in range(world):
+        for r in range(NPROCS):
             with open(os.path.join(d, f"rank{r}.json")) as f:
                 res.append(json.load(f))
-    return world, res
+    return res
+
+
+@pytest.fixture(params=sorted(CASES))
+def spawned(request, spawned_all):
+    """(world size, the per-rank results of every group of that size)."""
+    world = request.param
+    per_rank = [spawned_all[g][str(world)] for m in GROUPS[world] for g in m]
+    assert len(per_rank) == world * len(GROUPS[world])
+    return world, per_rank
 
 
 def test_matches_one_process(spawned):
@@ -198,6 +232,11 @@ def test_matches_one_process(spawned):
         for name in names:
             for what, err in per_rank[name].items():
                 assert err < TOL, f"world {world} rank {r} case {name}: {what} rel err {err:.3g}"
+
+
+def test_mismatched_ranks_raise_everywhere(spawned):
+    world, res = spawned
+    assert all(per_rank["mismatch_raises"] for per_rank in res)
 
 
 def test_traffic_independent_of_shard_length(spawned):

@@ -15,6 +15,7 @@ Every function is differentiable (through the registered ops' backward).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -41,13 +42,25 @@ def feature_map(x: Tensor, kind: str) -> Tensor:
     raise ValueError(f"feature_map must be 'softmax' or 'relu', got {kind!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _ops_take_halo() -> bool:
+    """Whether the compiled ops take the halo as extra k/v rows and a per-kv-head carried
+    state (rla_fwd's ``carried_state``); without, the halo rows are padded into q and the
+    carried state goes in through ``initial_state`` (exact, but it copies)."""
+    return "carried_state" in str(ops.rla_fwd.default._schema)
+
+
 def _pad_front(q: Tensor, rows: int) -> Tensor:
-    # Query rows for the halo positions: their outputs are computed and dropped. Zeros keep
-    # them finite for both feature maps (an all-zero RLA row mixes in as zero).
-    if rows == 0:
+    # Query rows for the halo positions (ops without a halo input): their outputs are
+    # computed and dropped. Zeros keep them finite for both feature maps.
+    if rows == 0 or _ops_take_halo():
         return q
     pad = q.new_zeros(q.shape[0], rows, q.shape[2], q.shape[3])
     return torch.cat([pad, q], dim=1)
+
+
+def _drop_front(out: Tensor, rows: int) -> Tensor:
+    return out if rows == 0 or _ops_take_halo() else out[:, rows:]
 
 
 def _rotary_from(table: Optional[Tensor], offset: int, rows: int, name: str):
@@ -79,7 +92,7 @@ def swa_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_
     sin = _rotary_from(rotary_sin, position, T_ext, "rotary_sin")
     out, _ = ops.swa_fwd(_pad_front(q, halo), k_ext, v_ext, window_size, _scale(q, softmax_scale),
                          cos, sin)
-    return out[:, halo:]
+    return _drop_front(out, halo)
 
 
 def rla_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_size: int,
@@ -99,18 +112,20 @@ def rla_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_
         ``(o_rla [B, T, Hq, D], final_state [B, Hkv, 2D, D])`` in the accumulation dtype; the
         final state includes the carried state (tokens ``s <= start + T - w - 2``).
     """
-    B, _, Hq, D = q.shape
-    Hkv = k_ext.shape[2]
+    if _ops_take_halo():
+        out, final, _ = ops.rla_fwd(q, k_ext, v_ext, window_size, feature_map, initial_state,
+                                    chunk_size, checkpoint_every, None, carried_state)
+        return out, final
     init = initial_state
     if carried_state is not None:
-        # The compiled ops take one state per query head; the group shares the carried one.
-        carried = carried_state.repeat_interleave(Hq // Hkv, dim=1)
+        # These ops take one state per query head; the group shares the carried one.
+        carried = carried_state.repeat_interleave(q.shape[2] // k_ext.shape[2], dim=1)
         init = carried if init is None else init.to(carried.dtype) + carried
     out, final, _ = ops.rla_fwd(_pad_front(q, halo), k_ext, v_ext, window_size, feature_map, init,
                                 chunk_size, checkpoint_every)
     if carried_state is not None:
         final = final + carried_state
-    return out[:, halo:], final
+    return _drop_front(out, halo), final
 
 
 def state_sum_forward(k: Tensor, v: Tensor, kind: str) -> Tensor:
