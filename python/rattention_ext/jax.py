@@ -421,7 +421,8 @@ def _rla_vjp_bwd(cfg, res, g):
                                grad_state.astype(checkpoints.dtype), q, k, v, h0, checkpoints, cfg)
     if h0 is None:
         dh0 = None
-    elif h0.shape[0] != dh0.shape[0]:  # H0 broadcast over the batch: its gradient sums over it
+    elif isinstance(h0.shape[0], int) and h0.shape[0] == 1:
+        # H0 broadcast over the batch: its gradient sums over it (also when B is symbolic)
         dh0 = dh0.sum(axis=0, keepdims=True)
     return dq, dk, dv, dh0
 
