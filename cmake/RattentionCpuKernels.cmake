@@ -13,9 +13,14 @@ list(REMOVE_ITEM RATTENTION_CPU_KERNEL_SOURCES ${PROJECT_SOURCE_DIR}/csrc/cpu/pa
 add_library(rattention_cpu_kernels OBJECT ${RATTENTION_CPU_KERNEL_SOURCES})
 target_include_directories(rattention_cpu_kernels PUBLIC ${PROJECT_SOURCE_DIR}/csrc)
 target_compile_options(rattention_cpu_kernels PRIVATE -O3 -Wall -Wno-unknown-pragmas)
-# Same visibility as the sources had inside the pybind11 module _C.
+# The same flags the sources had inside the pybind11 module _C: hidden visibility and
+# pybind11's link-time optimisation (-flto, PUBLIC: the modules linking the objects link
+# with it too).
 set_target_properties(rattention_cpu_kernels PROPERTIES CXX_VISIBILITY_PRESET hidden
                       POSITION_INDEPENDENT_CODE ON)
+if(NOT DEFINED CMAKE_INTERPROCEDURAL_OPTIMIZATION AND TARGET pybind11::lto)
+  target_link_libraries(rattention_cpu_kernels PUBLIC pybind11::lto)
+endif()
 
 # CPU micro-kernels: files named *_avx2.cpp / *_avx512.cpp get those ISA flags; the code
 # picks one at run time (__builtin_cpu_supports), so one wheel runs on any x86-64. Their own
