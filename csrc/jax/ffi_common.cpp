@@ -104,7 +104,7 @@ QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
   if (backend == Backend::kCuda && D != 64 && D != 128) {
     fail("q: the CUDA kernels support head dim 64 and 128, got " + std::to_string(D));
   }
-  return QkvInfo{AttnDims{B, T, Hq, Hkv, D}, dt, q.element_type(), acc_of(dt)};
+  return QkvInfo{AttnDims{B, T, Hq, Hkv, D, /*seqlen_k=*/T}, dt, q.element_type(), acc_of(dt)};
 }
 
 void check_window(int64_t window_size) {
