@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 #include "core/window.h"
 
 namespace rattention {
@@ -67,6 +69,22 @@ void check_window(int64_t window_size) {
   TORCH_CHECK_VALUE(window_size >= 0, "window_size must be >= 0, got ", window_size);
 }
 
+int64_t clamp_window(int64_t window_size, int64_t seqlen) {
+  check_window(window_size);
+  return window_size < seqlen ? window_size : seqlen;
+}
+
+void check_softmax_scale(double softmax_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+                    "softmax_scale must be a finite number > 0, got ", softmax_scale);
+}
+
+void check_norm_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0,
+                    "norm_eps must be a finite number > 0 (an all-zero branch output then mixes "
+                    "in as zero), got ", eps);
+}
+
 QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   bool cuda_backend) {
   check_float_tensor(q, "q");
@@ -97,7 +115,7 @@ QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(k.size(1) == T, "k must have sequence length ", T, " (from q), got ",
                     k.size(1));
   TORCH_CHECK_VALUE(k.size(3) == D, "k must have head dim ", D, " (from q), got ", k.size(3));
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq,
+  TORCH_CHECK_VALUE((Hkv >= 1 && Hq % Hkv == 0) || (Hkv == 0 && Hq == 0), "q heads (", Hq,
                     ") must be a multiple of k/v heads (", Hkv, ")");
   TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
                     D);
@@ -148,10 +166,12 @@ SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                const c10::optional<at::Tensor>& rotary_cos,
                                const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend) {
   const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
   const auto& d = info.dims;
+  window_size = clamp_window(window_size, d.seqlen);
+  check_softmax_scale(softmax_scale);
   const auto acc = acc_scalar_type(info.dtype);
   SwaFwdPrepared r;
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_q > 0;
   at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   std::tie(r.cos, r.sin) = prepare_rotary(rotary_cos, rotary_sin, d.seqlen, d.head_dim, q);
   r.out = at::empty({d.batch, d.seqlen, d.heads_q, d.head_dim}, q.options().dtype(acc));
@@ -185,8 +205,14 @@ void check_checkpoint_args(int64_t chunk_size, int64_t checkpoint_every) {
                     chunk_size);
   TORCH_CHECK_VALUE(checkpoint_every >= 1, "checkpoint_every must be >= 1, got ", checkpoint_every);
 }
+// checkpoint_every beyond the number of chunks saves just the first state; clamped so the
+// checkpoint count cannot overflow.
+int64_t clamp_checkpoint_every(int64_t T, int64_t chunk_size, int64_t every) {
+  const int64_t n_chunks = ceil_div(T, chunk_size);
+  return every < n_chunks ? every : (n_chunks > 1 ? n_chunks : 1);
+}
 int64_t num_checkpoints(int64_t T, int64_t chunk_size, int64_t every) {
-  return rla_num_checkpoints(ceil_div(T, chunk_size), every);
+  return rla_num_checkpoints(ceil_div(T, chunk_size), clamp_checkpoint_every(T, chunk_size, every));
 }
 }  // namespace
 
@@ -199,8 +225,9 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
                                const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
                                bool cuda_backend) {
   const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
   const auto& d = info.dims;
+  window_size = clamp_window(window_size, d.seqlen);
+  check_softmax_scale(softmax_scale);
   const auto acc = acc_scalar_type(info.dtype);
   const std::vector<int64_t> qshape{d.batch, d.seqlen, d.heads_q, d.head_dim};
   const std::vector<int64_t> lshape{d.batch, d.heads_q, d.seqlen};
@@ -220,6 +247,11 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
   r.grad_q = at::empty(q_in.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   r.grad_k = at::empty(k_in.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   r.grad_v = at::empty(v_in.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_q > 0;
+  if (!r.run_kernel) {  // no query sees any key: zero key/value gradients
+    r.grad_k.zero_();
+    r.grad_v.zero_();
+  }
   auto& p = r.params;
   p = SwaBwdParams{};
   p.dims = d;
@@ -255,10 +287,11 @@ RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                const c10::optional<at::Tensor>& initial_state, int64_t chunk_size,
                                int64_t checkpoint_every, bool cuda_backend) {
   const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
-  check_checkpoint_args(chunk_size, checkpoint_every);
-  const auto fm = parse_feature_map(feature_map);
   const auto& d = info.dims;
+  window_size = clamp_window(window_size, d.seqlen);
+  check_checkpoint_args(chunk_size, checkpoint_every);
+  checkpoint_every = clamp_checkpoint_every(d.seqlen, chunk_size, checkpoint_every);
+  const auto fm = parse_feature_map(feature_map);
   const auto acc = acc_scalar_type(info.dtype);
   RlaFwdPrepared r;
   at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
@@ -269,6 +302,9 @@ RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
   r.checkpoints = at::empty(
       {d.batch, d.heads_kv, num_checkpoints(d.seqlen, chunk_size, checkpoint_every), D2, d.head_dim},
       q.options().dtype(acc));
+  // No token (or no batch / head): the outputs are empty and the final state is zero.
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_kv > 0;
+  if (!r.run_kernel) r.final_state.zero_();
   auto& p = r.params;
   p = RlaFwdParams{};
   p.dims = d;
@@ -303,10 +339,11 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
                                const std::string& feature_map, int64_t chunk_size,
                                int64_t checkpoint_every, bool cuda_backend) {
   const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
-  check_checkpoint_args(chunk_size, checkpoint_every);
-  const auto fm = parse_feature_map(feature_map);
   const auto& d = info.dims;
+  window_size = clamp_window(window_size, d.seqlen);
+  check_checkpoint_args(chunk_size, checkpoint_every);
+  checkpoint_every = clamp_checkpoint_every(d.seqlen, chunk_size, checkpoint_every);
+  const auto fm = parse_feature_map(feature_map);
   const auto acc = acc_scalar_type(info.dtype);
   const int64_t D2 = 2 * d.head_dim;
   check_acc_tensor(grad_out_in, "grad_out", acc, {d.batch, d.seqlen, d.heads_q, d.head_dim}, q_in);
@@ -330,6 +367,8 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
   // The kernel writes one H0 gradient per batch element; a broadcast H0 is reduced after.
   r.grad_h0 = h0.defined() ? at::empty({d.batch, d.heads_q, D2, d.head_dim}, h0.options())
                            : at::empty({0}, q.options().dtype(acc));
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_kv > 0;
+  if (!r.run_kernel && r.grad_h0.numel() > 0) r.grad_h0.zero_();  // no token reads H0
   auto& p = r.params;
   p = RlaBwdParams{};
   p.dims = d;
@@ -382,7 +421,7 @@ void check_branch_output(const at::Tensor& t, const char* name, const at::Tensor
 }  // namespace
 
 void check_mix_scalars(double eps, at::ScalarType out_dtype, at::ScalarType acc) {
-  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  check_norm_eps(eps);
   TORCH_CHECK(acc == at::kDouble ? out_dtype == at::kDouble
                                  : (out_dtype == at::kFloat || out_dtype == at::kBFloat16 ||
                                     out_dtype == at::kHalf),
@@ -402,6 +441,7 @@ MixPrepared prepare_mix_fwd(const at::Tensor& o_swa_in, const at::Tensor& o_rla_
   at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, a);
   at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", H, D, acc, a);
   r.out = at::empty(a.sizes(), a.options().dtype(out_dtype));
+  r.run_kernel = a.numel() > 0;
   auto& p = r.params;
   p = MixParams{};
   p.rows = a.numel() / D;
@@ -442,6 +482,12 @@ MixBwdPrepared prepare_mix_bwd(const at::Tensor& grad_out_in, const at::Tensor& 
   r.grad_o_rla = at::empty(a.sizes(), a.options());
   r.grad_swa_weight = at::empty({H, D}, a.options());
   r.grad_rla_weight = at::empty({H, D}, a.options());
+  check_norm_eps(eps);
+  r.run_kernel = a.numel() > 0;
+  if (!r.run_kernel) {  // no row: zero weight gradients
+    r.grad_swa_weight.zero_();
+    r.grad_rla_weight.zero_();
+  }
   auto& p = r.params;
   p = MixBwdParams{};
   p.rows = a.numel() / D;
@@ -495,7 +541,8 @@ DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, con
                   pos.size(0) == d.batch && pos.is_contiguous(),
               "cache positions must be a contiguous int64 tensor [B=", d.batch, "]");
   check_same_device(pos, q, "cache positions");
-  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  check_norm_eps(eps);
+  check_softmax_scale(softmax_scale);
   DecodePrepared r;
   at::Tensor h0 = prepare_initial_state(initial_state, d, q);
   // Positions are checked against the rotary tables in the kernel (CPU: error, CUDA: the
@@ -504,6 +551,7 @@ DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, con
   at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", d.heads_q, d.head_dim, acc, q);
   at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", d.heads_q, d.head_dim, acc, q);
   r.out = at::empty({d.batch, 1, d.heads_q, d.head_dim}, q.options());
+  r.run_kernel = d.batch > 0 && d.heads_kv > 0;
   auto& p = r.params;
   p = DecodeParams{};
   p.batch = d.batch;

@@ -8,13 +8,13 @@ Semantics: SPEC.md (window = left context ``w``; RLA sees exactly keys ``t - s >
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Optional
+from typing import Literal, Optional, Tuple, overload
 
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from . import _validate as check
+from ._ops import call
 
 # RLA chunk length and how often the forward saves a state for the backward to restart
 # from ("flexible state saving"): memory for states is T / (chunk * every) states.
@@ -39,8 +39,22 @@ def _nvtx(name: str, t: Tensor):
         yield
 
 
-def _scale(q: Tensor, softmax_scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+def _scale(q: Tensor, softmax_scale: Optional[float], what: str = "forward") -> float:
+    return check.softmax_scale(what, softmax_scale, q.shape[-1])
+
+
+@overload
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                             softmax_scale: Optional[float] = ..., return_lse: Literal[False] = ...,
+                             rotary_cos: Optional[Tensor] = ...,
+                             rotary_sin: Optional[Tensor] = ...) -> Tensor: ...
+
+
+@overload
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                             softmax_scale: Optional[float] = ..., return_lse: Literal[True],
+                             rotary_cos: Optional[Tensor] = ...,
+                             rotary_sin: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
 
 
 def sliding_window_attention(
@@ -67,10 +81,30 @@ def sliding_window_attention(
     Returns:
         ``o [B, T, Hq, D]`` in q's dtype, or ``(o, lse)``.
     """
+    what = "sliding_window_attention"
+    check.qkv(what, q, k, v)
+    window_size = check.window(what, window_size)
+    scale = _scale(q, softmax_scale, what)
+    check.no_grad_tensor(what, "rotary_cos", rotary_cos)
+    check.no_grad_tensor(what, "rotary_sin", rotary_sin)
     with _nvtx("rattention.sliding_window_attention", q):
-        out, lse = ops.swa_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos, rotary_sin)
+        out, lse = call("swa_fwd", q, k, v, window_size, scale, rotary_cos, rotary_sin)
         out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+@overload
+def residual_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                              feature_map: str = ..., initial_state: Optional[Tensor] = ...,
+                              return_final_state: Literal[False] = ..., chunk_size: int = ...,
+                              checkpoint_every: int = ...) -> Tensor: ...
+
+
+@overload
+def residual_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                              feature_map: str = ..., initial_state: Optional[Tensor] = ...,
+                              return_final_state: Literal[True], chunk_size: int = ...,
+                              checkpoint_every: int = ...) -> Tuple[Tensor, Tensor]: ...
 
 
 def residual_linear_attention(
@@ -102,8 +136,14 @@ def residual_linear_attention(
     Returns:
         ``o [B, T, Hq, D]`` in q's dtype, or ``(o, final_state)``.
     """
+    what = "residual_linear_attention"
+    check.qkv(what, q, k, v)
+    window_size = check.window(what, window_size)
+    check.feature_map(what, feature_map)
+    check.optional_tensor(what, "initial_state", initial_state)
+    chunk_size, checkpoint_every = check.tiling(what, chunk_size, checkpoint_every)
     with _nvtx("rattention.residual_linear_attention", q):
-        out, state, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
+        out, state, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state, chunk_size,
                                     checkpoint_every)
         out = out.to(q.dtype)
     return (out, state) if return_final_state else out
@@ -149,8 +189,20 @@ def forward(
         ``[B, T, Hq, D]`` in q's dtype. Differentiable in q, k, v, initial_state and both
         norm weights. Branch outputs and mixing are computed in float32 (float64 for float64).
     """
+    what = "forward"
+    check.qkv(what, q, k, v)
+    window_size = check.window(what, window_size)
+    check.feature_map(what, feature_map)
+    softmax_scale = _scale(q, softmax_scale, what)
+    norm_eps = check.norm_eps(what, norm_eps)
+    for name, t in (("swa_norm_weight", swa_norm_weight), ("rla_norm_weight", rla_norm_weight),
+                    ("initial_state", initial_state)):
+        check.optional_tensor(what, name, t)
+    check.no_grad_tensor(what, "rotary_cos", rotary_cos)
+    check.no_grad_tensor(what, "rotary_sin", rotary_sin)
+    chunk_size, checkpoint_every = check.tiling(what, chunk_size, checkpoint_every)
     with _nvtx("rattention.forward", q):
-        o_rla, _, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
+        o_rla, _, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state, chunk_size,
                                   checkpoint_every)
         return _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
                             swa_norm_weight, rla_norm_weight, norm_eps)
@@ -159,11 +211,12 @@ def forward(
 def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
                  swa_norm_weight, rla_norm_weight, norm_eps) -> Tensor:
     """SWA branch and the mixing in one op (``swa_mix_fwd``; fused into the SWA kernel's
-    epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for."""
+    epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for.
+    ``softmax_scale`` is already resolved (a float) and the arguments validated."""
     g_swa = _norm_weight(swa_norm_weight, q)
     g_rla = _norm_weight(rla_norm_weight, q)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, o_rla, g_swa, g_rla))
-    out, _, _ = ops.swa_mix_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos,
+    out, _, _ = call("swa_mix_fwd", q, k, v, window_size, softmax_scale, rotary_cos,
                                 rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save)
     return out

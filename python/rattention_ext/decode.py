@@ -20,27 +20,31 @@ Keyword arguments (``feature_map``, ``softmax_scale``, ``swa_norm_weight``,
 those of ``rattention_ext.forward`` and must be the same for the prefill and every decode
 step of a sequence; the window comes from the cache. ``initial_state`` (H0) is not stored
 in the cache: it is read at every step, like the norm weights.
+
+Gradients: ``prefill`` is differentiable like ``forward`` (the cache is filled without
+gradients); ``decode_step`` is inference only and raises if an input requires grad while
+grad mode is on (run decoding under ``torch.no_grad()`` / ``torch.inference_mode()``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from . import _validate as check
+from ._ops import call, ops
 from .api import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHUNK_SIZE, _acc, _norm_weight, _nvtx,
                   _scale, _swa_and_mix)
 
 __all__ = ["RAttentionCache", "prefill", "decode_step", "cache_bytes"]
 
-# forward()'s keywords that decode_step uses; chunk_size / checkpoint_every only tile the
-# prefill's RLA kernel and are accepted (and ignored) by decode_step so that one dict of
-# keywords can be passed to both.
-_STEP_KWARGS = ("feature_map", "softmax_scale", "swa_norm_weight", "rla_norm_weight",
-                "norm_eps", "initial_state", "rotary_cos", "rotary_sin")
-_TILING_KWARGS = ("chunk_size", "checkpoint_every")
+# dtypes and head dims the cache can hold per backend (those of the kernels).
+_CACHE_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
+                 "cuda": (torch.bfloat16, torch.float16)}
+_CUDA_HEAD_DIMS = (64, 128)
+_MAX_HEAD_DIM = 256
 
 
 @dataclass
@@ -65,6 +69,9 @@ class RAttentionCache:
     values: Tensor
     state: Tensor
     positions: Tensor
+    # Host-side upper bound of max(positions), kept by prefill / decode_step so callers that
+    # size tables by position (nn.RAttention.step's rotary tables) need no device sync.
+    max_position: int = field(default=0, compare=False)
 
     @classmethod
     def empty(cls, batch_size: int, window_size: int, num_kv_heads: int, head_dim: int, *,
@@ -80,10 +87,24 @@ class RAttentionCache:
                 float32, or float64 for float64).
             device: where the cache lives (that of q/k/v).
         """
-        for name, val, lo in (("batch_size", batch_size, 1), ("window_size", window_size, 0),
-                              ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 2)):
-            if not isinstance(val, int) or val < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        what = "RAttentionCache.empty"
+        check.check_int(what, "batch_size", batch_size, 0)
+        check.check_int(what, "window_size", window_size, 0, 2**40)
+        check.check_int(what, "num_kv_heads", num_kv_heads, 1)
+        check.check_int(what, "head_dim", head_dim, 2, _MAX_HEAD_DIM)
+        if head_dim % 2:
+            raise ValueError(f"rattention_ext.{what}: head_dim must be even, got {head_dim}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"rattention_ext.{what}: dtype must be a torch.dtype, got {dtype!r}")
+        allowed = _CACHE_DTYPES.get(dev.type)
+        if allowed is not None and dtype not in allowed:
+            raise ValueError(f"rattention_ext.{what}: dtype {dtype} is not supported on "
+                             f"{dev.type}; the {dev.type} kernels take "
+                             f"{', '.join(str(d) for d in allowed)}")
+        if dev.type == "cuda" and head_dim not in _CUDA_HEAD_DIMS:
+            raise ValueError(f"rattention_ext.{what}: head_dim {head_dim} is not supported on "
+                             f"cuda; the CUDA kernels take head dims {_CUDA_HEAD_DIMS}")
         ring = (batch_size, window_size + 1, num_kv_heads, head_dim)
         return cls(
             keys=torch.zeros(ring, dtype=dtype, device=device),
@@ -132,113 +153,132 @@ class RAttentionCache:
         """Forget every sequence (zero everything, positions 0), keeping the memory."""
         for t in (self.keys, self.values, self.state, self.positions):
             t.zero_()
+        self.max_position = 0
 
 
 def _check_cache(cache: RAttentionCache, q: Tensor, k: Tensor, what: str) -> None:
     """Cheap shape/dtype/device agreement checks with messages naming the mismatch (the op
     layer checks the rest: contiguity, the state's shape and dtype, positions)."""
     if not isinstance(cache, RAttentionCache):
-        raise TypeError(f"{what}: cache must be a RAttentionCache, got {type(cache).__name__}")
+        raise TypeError(f"rattention_ext.{what}: cache must be a RAttentionCache, got {type(cache).__name__}")
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{what}: q must be [B, T, Hq, D] and k, v [B, T, Hkv, D], got q "
+        raise ValueError(f"rattention_ext.{what}: q must be [B, T, Hq, D] and k, v [B, T, Hkv, D], got q "
                          f"{list(q.shape)}, k {list(k.shape)}")
     if cache.batch_size != q.shape[0]:
-        raise ValueError(f"{what}: cache batch size {cache.batch_size} does not match q's "
+        raise ValueError(f"rattention_ext.{what}: cache batch size {cache.batch_size} does not match q's "
                          f"batch size {q.shape[0]}")
     if cache.num_kv_heads != k.shape[2]:
-        raise ValueError(f"{what}: cache has {cache.num_kv_heads} kv heads but k has "
+        raise ValueError(f"rattention_ext.{what}: cache has {cache.num_kv_heads} kv heads but k has "
                          f"{k.shape[2]}")
     if cache.head_dim != q.shape[3] or cache.head_dim != k.shape[3]:
-        raise ValueError(f"{what}: cache head dim {cache.head_dim} does not match q/k head dim "
+        raise ValueError(f"rattention_ext.{what}: cache head dim {cache.head_dim} does not match q/k head dim "
                          f"{q.shape[3]}/{k.shape[3]}")
     if cache.dtype != q.dtype:
-        raise ValueError(f"{what}: cache dtype {cache.dtype} does not match q's dtype {q.dtype}")
+        raise ValueError(f"rattention_ext.{what}: cache dtype {cache.dtype} does not match q's dtype {q.dtype}")
     if cache.device != q.device:
-        raise ValueError(f"{what}: cache is on {cache.device} but q is on {q.device}")
+        raise ValueError(f"rattention_ext.{what}: cache is on {cache.device} but q is on {q.device}")
 
 
-def _split_kwargs(kwargs: dict, cache: RAttentionCache, what: str) -> dict:
-    w = kwargs.pop("window_size", None)
-    if w is not None and w != cache.window_size:
-        raise ValueError(f"{what}: window_size={w} but the cache was made for window_size="
-                         f"{cache.window_size}")
-    unknown = set(kwargs) - set(_STEP_KWARGS) - set(_TILING_KWARGS)
-    if unknown:
-        raise TypeError(f"{what}: unexpected keyword argument(s) {sorted(unknown)}; accepted: "
-                        f"{', '.join(_STEP_KWARGS + _TILING_KWARGS)}")
-    return kwargs
+def _check_window_kwarg(window_size, cache: RAttentionCache, what: str) -> None:
+    if window_size is not None and check.window(what, window_size) != cache.window_size:
+        raise ValueError(f"rattention_ext.{what}: window_size={window_size} but the cache was "
+                         f"made for window_size={cache.window_size}")
 
 
 def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
-            seq_lens: Optional[Tensor] = None, **forward_kwargs) -> Tensor:
+            seq_lens: Optional[Tensor] = None,
+            window_size: Optional[int] = None,
+            feature_map: str = "softmax",
+            softmax_scale: Optional[float] = None,
+            swa_norm_weight: Optional[Tensor] = None,
+            rla_norm_weight: Optional[Tensor] = None,
+            norm_eps: float = 1e-8,
+            initial_state: Optional[Tensor] = None,
+            rotary_cos: Optional[Tensor] = None,
+            rotary_sin: Optional[Tensor] = None,
+            chunk_size: int = DEFAULT_CHUNK_SIZE,
+            checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> Tensor:
     """Run RAttention over a prompt and fill an empty cache as if it had been decoded.
 
     Args:
         q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``, matching the cache's batch size, kv
-            heads, head dim, dtype and device.
+            heads, head dim, dtype and device. ``T = 0`` is allowed (nothing changes).
         cache: an empty cache (all positions 0), from ``RAttentionCache.empty``; filled in
             place. Prefilling a cache that already holds tokens is not supported
-            (``ValueError``).
+            (``ValueError``, checked in eager mode).
         seq_lens: optional ``[B]`` integer lengths for a right-padded batch: sequence ``b``
             is ``q[b, :seq_lens[b]]``. Outputs at padded positions ``t >= seq_lens[b]`` are
             returned but meaningless (they attend to padding); outputs at real positions
-            are exact, since attention is causal. Default: every sequence has length ``T``.
-        **forward_kwargs: keywords of ``rattention_ext.forward`` (``feature_map``,
-            ``softmax_scale``, ``swa_norm_weight``, ``rla_norm_weight``, ``norm_eps``,
-            ``initial_state``, ``rotary_cos``, ``rotary_sin``, ``chunk_size``,
-            ``checkpoint_every``); the window comes from the cache (a ``window_size``
-            keyword must equal it). Pass the same ones to every later ``decode_step``.
+            are exact, since attention is causal, whatever the padding holds (NaN included).
+            Default: every sequence has length ``T``.
+        window_size: optional; must equal the cache's window (which is what is used).
+        feature_map, softmax_scale, swa_norm_weight, rla_norm_weight, norm_eps,
+        initial_state, rotary_cos, rotary_sin, chunk_size, checkpoint_every: as for
+            ``rattention_ext.forward``. Pass the same ones to every later ``decode_step``.
 
     Returns:
-        ``forward(q, k, v, window_size=cache.window_size, **forward_kwargs)``, ``[B, T, Hq, D]``.
+        ``forward(q, k, v, window_size=cache.window_size, ...)``, ``[B, T, Hq, D]``;
+        differentiable like ``forward``.
 
     Afterwards, for each sequence of length ``L``: ring slot ``s % (w+1)`` holds token ``s``
     for the last ``min(L, w+1)`` tokens (other slots keep their zeros), the state is
     ``sum_{s <= L-w-2} phi(k_s) v_s^T``, and ``cache.positions == L``; exactly what ``L``
-    calls of ``decode_step`` leave.
+    calls of ``decode_step`` leave. Under ``torch.compile`` the whole call traces as one
+    graph (``fullgraph=True``): the checks that need the data (seq_lens range, empty cache)
+    run in eager mode only.
     """
-    _check_cache(cache, q, k, "prefill")
-    kw = _split_kwargs(dict(forward_kwargs), cache, "prefill")
+    what = "prefill"
+    check.qkv(what, q, k, v)
+    _check_cache(cache, q, k, what)
+    _check_window_kwarg(window_size, cache, what)
+    check.feature_map(what, feature_map)
+    scale = _scale(q, softmax_scale, what)
+    norm_eps = check.norm_eps(what, norm_eps)
+    check.no_grad_tensor(what, "rotary_cos", rotary_cos)
+    check.no_grad_tensor(what, "rotary_sin", rotary_sin)
+    chunk_size, checkpoint_every = check.tiling(what, chunk_size, checkpoint_every)
     B, T = q.shape[0], q.shape[1]
     w = cache.window_size
-    W1 = w + 1
+    eager = not torch.compiler.is_compiling()
+    lens = None
     if seq_lens is not None:
         if not isinstance(seq_lens, Tensor) or seq_lens.dim() != 1 or seq_lens.shape[0] != B \
-                or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
-            raise ValueError(f"seq_lens must be an integer tensor [B={B}], got "
-                             f"{seq_lens if not isinstance(seq_lens, Tensor) else (seq_lens.dtype, list(seq_lens.shape))}")
+                or seq_lens.dtype.is_floating_point or seq_lens.dtype.is_complex \
+                or seq_lens.dtype == torch.bool:
+            got = (seq_lens if not isinstance(seq_lens, Tensor)
+                   else (seq_lens.dtype, list(seq_lens.shape)))
+            raise ValueError(f"rattention_ext.prefill: seq_lens must be an integer tensor "
+                             f"[B={B}], got {got}")
         lens = seq_lens.to(device=q.device, dtype=torch.int64)
-        lo, hi = int(lens.min()), int(lens.max())  # one sync; prefill is not a hot loop
-        if lo < 0 or hi > T:
-            raise ValueError(f"seq_lens must lie in [0, T={T}], got min {lo}, max {hi}")
-        uniform = lo == T
-    else:
-        lens = None
-        uniform = True
-    if bool((cache.positions != 0).any()):
-        raise ValueError("prefill needs an empty cache (all positions 0): prefilling a cache "
-                         "that already holds tokens is not supported; decode the new tokens "
-                         "with decode_step, or call cache.reset() first")
+        if eager and B > 0:
+            lo, hi = int(lens.min()), int(lens.max())  # one sync; prefill is not a hot loop
+            if lo < 0 or hi > T:
+                raise ValueError(f"rattention_ext.prefill: seq_lens must lie in [0, T={T}], got "
+                                 f"min {lo}, max {hi}")
+    if eager and bool((cache.positions != 0).any()):
+        raise ValueError("rattention_ext.prefill: prefill needs an empty cache (all positions 0): "
+                         "prefilling a cache that already holds tokens is not supported; decode "
+                         "the new tokens with decode_step, or call cache.reset() first")
 
-    feature_map = kw.get("feature_map", "softmax")
     with _nvtx("rattention.prefill", q):
         # forward()'s composition, keeping the RLA final state of the same pass.
-        o_rla, final_state, _ = ops.rla_fwd(q, k, v, w, feature_map, kw.get("initial_state"),
-                                            kw.get("chunk_size", DEFAULT_CHUNK_SIZE),
-                                            kw.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
-        out = _swa_and_mix(q, k, v, o_rla, w, kw.get("softmax_scale"), kw.get("rotary_cos"),
-                           kw.get("rotary_sin"), kw.get("swa_norm_weight"),
-                           kw.get("rla_norm_weight"), kw.get("norm_eps", 1e-8))
+        o_rla, final_state, _ = call("rla_fwd", q, k, v, w, feature_map, initial_state,
+                                     chunk_size, checkpoint_every)
+        out = _swa_and_mix(q, k, v, o_rla, w, scale, rotary_cos, rotary_sin, swa_norm_weight,
+                           rla_norm_weight, norm_eps)
         with torch.no_grad():
-            _fill_cache(cache, k, v, lens, uniform, final_state, feature_map)
+            _fill_cache(cache, k, v, lens, final_state, feature_map)
+    cache.max_position = max(cache.max_position, T)  # an upper bound of positions.max()
     return out
 
 
 def _fill_cache(cache: RAttentionCache, k: Tensor, v: Tensor, lens: Optional[Tensor],
-                uniform: bool, final_state: Tensor, feature_map: str) -> None:
+                final_state: Tensor, feature_map: str) -> None:
     B, T = k.shape[0], k.shape[1]
     W1 = cache.window_size + 1
     dev = k.device
+    if T == 0:
+        return  # nothing to store; positions stay 0
     L = torch.full((B,), T, dtype=torch.int64, device=dev) if lens is None else lens
     # Ring: slot j holds the newest position s < L with s = j (mod W1), if s >= 0.
     j = torch.arange(W1, device=dev)
@@ -249,18 +289,24 @@ def _fill_cache(cache: RAttentionCache, k: Tensor, v: Tensor, lens: Optional[Ten
     cache.keys.copy_(torch.where(valid, k[bidx, sc], cache.keys))
     cache.values.copy_(torch.where(valid, v[bidx, sc], cache.values))
     # State: tokens s <= L - w - 2 (s < L - W1).
-    if uniform:
+    if lens is None:
         cache.state.copy_(final_state)  # the RLA kernel's own final state (tokens s < T - W1)
     else:
+        # Per-sequence lengths: the state sums only each sequence's own tokens. Padding is
+        # selected away (torch.where), never multiplied by zero, so NaN/Inf padding (e.g. from
+        # torch.empty) cannot reach it. The same computation for every length keeps this
+        # free of data-dependent branches.
         n = max(0, T - W1)  # no sequence has a state token at or beyond T - W1
         state = torch.zeros_like(cache.state)
         chunk = 4096  # bound the [B, chunk, Hkv, 2D] feature map's memory
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             keep = (torch.arange(c0, c1, device=dev)[None, :] < (L[:, None] - W1))  # [B, c]
+            keep = keep[:, :, None, None]
             phi = _phi(k[:, c0:c1], feature_map)  # [B, c, Hkv, 2D] acc
-            phi = phi * keep[:, :, None, None].to(phi.dtype)
+            phi = torch.where(keep, phi, torch.zeros((), dtype=phi.dtype, device=dev))
             vf = v[:, c0:c1].to(phi.dtype)
+            vf = torch.where(keep, vf, torch.zeros((), dtype=vf.dtype, device=dev))
             state += torch.einsum("bshi,bshd->bhid", phi, vf)
         cache.state.copy_(state)
     cache.positions.copy_(L)
@@ -275,35 +321,67 @@ def _phi(x: Tensor, kind: str) -> Tensor:
     raise ValueError(f"feature_map must be 'softmax' or 'relu', got {kind!r}")
 
 
-def decode_step(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache,
-                **forward_kwargs) -> Tensor:
+def decode_step(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
+                window_size: Optional[int] = None,
+                feature_map: str = "softmax",
+                softmax_scale: Optional[float] = None,
+                swa_norm_weight: Optional[Tensor] = None,
+                rla_norm_weight: Optional[Tensor] = None,
+                norm_eps: float = 1e-8,
+                initial_state: Optional[Tensor] = None,
+                rotary_cos: Optional[Tensor] = None,
+                rotary_sin: Optional[Tensor] = None,
+                chunk_size: Optional[int] = None,
+                checkpoint_every: Optional[int] = None) -> Tensor:
     """Attend one new token per sequence and append it to the cache (in place).
 
     Args:
         q: ``[B, 1, Hq, D]``; k, v: ``[B, 1, Hkv, D]``: the token at each sequence's
             position ``cache.positions[b]`` (sequences may be at different positions).
         cache: the layer's ``RAttentionCache``; its ring, state and positions are updated.
-        **forward_kwargs: as for ``prefill`` (``rattention_ext.forward``'s keywords; the
-            window comes from the cache; ``chunk_size`` / ``checkpoint_every`` are accepted
-            and ignored). ``rotary_cos``/``rotary_sin`` must have a row for every position
-            reached.
+        window_size: optional; must equal the cache's window.
+        feature_map, softmax_scale, swa_norm_weight, rla_norm_weight, norm_eps,
+        initial_state, rotary_cos, rotary_sin: as for ``prefill`` / ``forward``.
+            ``rotary_cos``/``rotary_sin`` must have a row for every position reached.
+        chunk_size, checkpoint_every: accepted and ignored (they only tile the prefill), so
+            one set of keywords serves ``prefill`` and ``decode_step``.
 
     Returns:
         ``[B, 1, Hq, D]`` in q's dtype: row ``t = positions[b]`` of ``forward`` on the whole
-        sequence.
+        sequence. Inference only: raises if an input requires grad while grad mode is on.
+        No host synchronisation (CUDA-graph capturable).
     """
-    _check_cache(cache, q, k, "decode_step")
+    what = "decode_step"
+    check.qkv(what, q, k, v)
+    _check_cache(cache, q, k, what)
     if q.shape[1] != 1 or k.shape[1] != 1:
-        raise ValueError(f"decode_step takes one token per sequence: q must be [B, 1, Hq, D] "
-                         f"and k, v [B, 1, Hkv, D], got q {list(q.shape)}, k {list(k.shape)}")
-    kw = _split_kwargs(dict(forward_kwargs), cache, "decode_step")
+        raise ValueError(f"rattention_ext.decode_step: takes one token per sequence: q must be "
+                         f"[B, 1, Hq, D] and k, v [B, 1, Hkv, D], got q {list(q.shape)}, k "
+                         f"{list(k.shape)}")
+    _check_window_kwarg(window_size, cache, what)
+    check.feature_map(what, feature_map)
+    scale = _scale(q, softmax_scale, what)
+    norm_eps = check.norm_eps(what, norm_eps)
+    if chunk_size is not None or checkpoint_every is not None:
+        check.tiling(what, DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+                     DEFAULT_CHECKPOINT_EVERY if checkpoint_every is None else checkpoint_every)
+    g_swa, g_rla = _norm_weight(swa_norm_weight, q), _norm_weight(rla_norm_weight, q)
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k), ("v", v), ("swa_norm_weight", g_swa),
+                        ("rla_norm_weight", g_rla), ("initial_state", initial_state),
+                        ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if isinstance(t, Tensor) and t.requires_grad:
+                raise RuntimeError(
+                    f"rattention_ext.decode_step: {name} requires grad, but decoding is "
+                    f"inference only (the step updates the cache in place, no gradient would "
+                    f"flow); run it under torch.no_grad() or torch.inference_mode(), or train "
+                    f"with rattention_ext.forward / prefill")
     with _nvtx("rattention.decode_step", q):
-        return ops.decode_step(
-            q, k, v, cache.keys, cache.values, cache.state, cache.positions,
-            kw.get("feature_map", "softmax"), _scale(q, kw.get("softmax_scale")),
-            kw.get("initial_state"), kw.get("rotary_cos"), kw.get("rotary_sin"),
-            _norm_weight(kw.get("swa_norm_weight"), q), _norm_weight(kw.get("rla_norm_weight"), q),
-            kw.get("norm_eps", 1e-8))
+        out = ops.decode_step(
+            q, k, v, cache.keys, cache.values, cache.state, cache.positions, feature_map, scale,
+            initial_state, rotary_cos, rotary_sin, g_swa, g_rla, norm_eps)
+    cache.max_position += 1
+    return out
 
 
 _DTYPE_BYTES = {torch.float64: 8, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
