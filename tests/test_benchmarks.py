@@ -114,3 +114,23 @@ def test_gpu_check_goal_benchmark_runs_on_cpu():
     assert rows[0]["ratio"] == 1.0
     # 512 tokens / 64 per chunk = 8 chunks, a checkpoint every 4: 4x less state memory.
     assert rows[2]["ratio"] == 4.0 and rows[2]["peer_ms"] == 4 * rows[2]["ours_ms"]
+
+
+def test_packed_cpu_benchmark_runs_tiny(tmp_path):
+    """benchmarks/packed_cpu.py end to end at tiny sizes: the mix pads by ~2x, the three
+    variants agree (the driver checks their gradients before timing), JSON + markdown written."""
+    pkg_parent = str(Path(rattention_ext.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), pkg_parent]))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.packed_cpu", "--tiny", "--out",
+                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(next(tmp_path.glob("packed_cpu_*.json")).read_text())
+    mix = data["config"]["mix"]
+    assert sum(mix["lengths"]) == data["config"]["total"]
+    assert abs(mix["padding_factor"] - 2.0) <= 0.1
+    for v in ("packed", "padded", "loop"):
+        assert data["results"][v]["median_s"] > 0 and data["results"][v]["peak_mb"] >= 0
+    assert data["ratios"]["padded_time_over_packed"] > 0
+    assert data["meta"]["commit"] and data["meta"]["cpu"]
+    assert "padding factor" in (tmp_path / "latest_packed_cpu.md").read_text()

@@ -3,6 +3,8 @@ for PyTorch, with CUDA and CPU kernels registered as ``torch.ops.rattention_ext`
 
     import rattention_ext
     o = rattention_ext.forward(q, k, v, window_size=512)     # [B, T, Hq, D]
+    o = rattention_ext.forward(q, k, v, window_size=512,     # packed documents:
+                               cu_seqlens=cu_seqlens)        # q [total, Hq, D]
 
 See ``rattention_ext.reference`` for the plain-PyTorch definition (SPEC.md).
 """
@@ -12,6 +14,7 @@ from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from ._C import build_info as _build_info
 from .api import forward, residual_linear_attention, sliding_window_attention
 from .decode import RAttentionCache, cache_bytes, decode_step, prefill
+from .varlen import cu_seqlens_from_position_ids
 from . import nn  # noqa: F401  (rattention_ext.nn.RAttention)
 
 __version__ = "0.1.0"
@@ -24,6 +27,7 @@ __all__ = [
     "prefill",
     "decode_step",
     "cache_bytes",
+    "cu_seqlens_from_position_ids",
     "build_info",
     "__version__",
 ]

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _validate as check
 from ._ops import call
+from .varlen import bounds, check_cu_seqlens, check_packed_qkv, check_packed_state
 
 # RLA chunk length and how often the forward saves a state for the backward to restart
 # from ("flexible state saving"): memory for states is T / (chunk * every) states.
@@ -43,18 +44,40 @@ def _scale(q: Tensor, softmax_scale: Optional[float], what: str = "forward") -> 
     return check.softmax_scale(what, softmax_scale, q.shape[-1])
 
 
+def _check_common(what: str, q, k, v, window_size, packed: bool, *, feature_map=None,
+                  norm_eps=None, rotary=(None, None), tiling=None, tensors=()):
+    """Validate the Python scalars and optional tensors of a public call (the op layer checks
+    tensor shapes, dtypes and devices). Returns (window_size, norm_eps, tiling)."""
+    if not packed:
+        check.qkv(what, q, k, v)
+    window_size = check.window(what, window_size)
+    if feature_map is not None:
+        check.feature_map(what, feature_map)
+    if norm_eps is not None:
+        norm_eps = check.norm_eps(what, norm_eps)
+    check.no_grad_tensor(what, "rotary_cos", rotary[0])
+    check.no_grad_tensor(what, "rotary_sin", rotary[1])
+    for name, t in tensors:
+        check.optional_tensor(what, name, t)
+    if tiling is not None:
+        tiling = check.tiling(what, *tiling)
+    return window_size, norm_eps, tiling
+
+
 @overload
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
                              softmax_scale: Optional[float] = ..., return_lse: Literal[False] = ...,
-                             rotary_cos: Optional[Tensor] = ...,
-                             rotary_sin: Optional[Tensor] = ...) -> Tensor: ...
+                             rotary_cos: Optional[Tensor] = ..., rotary_sin: Optional[Tensor] = ...,
+                             cu_seqlens: Optional[Tensor] = ...,
+                             max_seqlen: Optional[int] = ...) -> Tensor: ...
 
 
 @overload
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
                              softmax_scale: Optional[float] = ..., return_lse: Literal[True],
-                             rotary_cos: Optional[Tensor] = ...,
-                             rotary_sin: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
+                             rotary_cos: Optional[Tensor] = ..., rotary_sin: Optional[Tensor] = ...,
+                             cu_seqlens: Optional[Tensor] = ...,
+                             max_seqlen: Optional[int] = ...) -> Tuple[Tensor, Tensor]: ...
 
 
 def sliding_window_attention(
@@ -67,6 +90,8 @@ def sliding_window_attention(
     return_lse: bool = False,
     rotary_cos: Optional[Tensor] = None,
     rotary_sin: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
     """Sliding-window softmax attention (the SWA branch alone).
 
@@ -77,16 +102,24 @@ def sliding_window_attention(
         return_lse: also return the log-sum-exp ``[B, Hq, T]`` (float32; float64 for float64).
         rotary_cos, rotary_sin: optional ``[P >= T, D/2]`` tables, half-split (NeoX) rotary
             applied to q and k inside the kernel.
+        cu_seqlens: packed batch (flash-attn varlen convention): int32 ``[N+1]`` document
+            offsets on q's device; then q is ``[total, Hq, D]``, k, v ``[total, Hkv, D]``,
+            each document is attended alone (the window never crosses a boundary, rotary
+            rows restart at 0 in each), o is ``[total, Hq, D]`` and lse ``[Hq, total]``.
+        max_seqlen: optional length of the longest document (checked, not required).
 
     Returns:
         ``o [B, T, Hq, D]`` in q's dtype, or ``(o, lse)``.
     """
     what = "sliding_window_attention"
-    check.qkv(what, q, k, v)
-    window_size = check.window(what, window_size)
+    window_size, _, _ = _check_common(what, q, k, v, window_size, cu_seqlens is not None,
+                                      rotary=(rotary_cos, rotary_sin))
     scale = _scale(q, softmax_scale, what)
-    check.no_grad_tensor(what, "rotary_cos", rotary_cos)
-    check.no_grad_tensor(what, "rotary_sin", rotary_sin)
+    if cu_seqlens is not None:
+        with _nvtx("rattention.sliding_window_attention", q):
+            out, lse = _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size, scale,
+                                   rotary_cos, rotary_sin)
+        return (out, lse) if return_lse else out
     with _nvtx("rattention.sliding_window_attention", q):
         out, lse = call("swa_fwd", q, k, v, window_size, scale, rotary_cos, rotary_sin)
         out = out.to(q.dtype)
@@ -97,14 +130,16 @@ def sliding_window_attention(
 def residual_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
                               feature_map: str = ..., initial_state: Optional[Tensor] = ...,
                               return_final_state: Literal[False] = ..., chunk_size: int = ...,
-                              checkpoint_every: int = ...) -> Tensor: ...
+                              checkpoint_every: int = ..., cu_seqlens: Optional[Tensor] = ...,
+                              max_seqlen: Optional[int] = ...) -> Tensor: ...
 
 
 @overload
 def residual_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
                               feature_map: str = ..., initial_state: Optional[Tensor] = ...,
                               return_final_state: Literal[True], chunk_size: int = ...,
-                              checkpoint_every: int = ...) -> Tuple[Tensor, Tensor]: ...
+                              checkpoint_every: int = ..., cu_seqlens: Optional[Tensor] = ...,
+                              max_seqlen: Optional[int] = ...) -> Tuple[Tensor, Tensor]: ...
 
 
 def residual_linear_attention(
@@ -118,6 +153,8 @@ def residual_linear_attention(
     return_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
     """Residual linear attention (the RLA branch alone): keys outside the window only.
 
@@ -132,19 +169,27 @@ def residual_linear_attention(
             flow into it as well.
         chunk_size, checkpoint_every: tiling of the chunked kernel; the forward saves one
             state every ``checkpoint_every`` chunks for the backward.
+        cu_seqlens, max_seqlen: packed batch, as for ``sliding_window_attention``; then
+            ``initial_state`` is ``[N or 1, Hq, 2D, D]`` (each document's state starts from
+            its own H0, the shift never crosses a boundary), o is ``[total, Hq, D]`` and the
+            final state ``[N, Hkv, 2D, D]`` (zero for an empty document).
 
     Returns:
         ``o [B, T, Hq, D]`` in q's dtype, or ``(o, final_state)``.
     """
     what = "residual_linear_attention"
-    check.qkv(what, q, k, v)
-    window_size = check.window(what, window_size)
-    check.feature_map(what, feature_map)
-    check.optional_tensor(what, "initial_state", initial_state)
-    chunk_size, checkpoint_every = check.tiling(what, chunk_size, checkpoint_every)
+    window_size, _, (chunk_size, checkpoint_every) = _check_common(
+        what, q, k, v, window_size, cu_seqlens is not None, feature_map=feature_map,
+        tiling=(chunk_size, checkpoint_every), tensors=(("initial_state", initial_state),))
+    if cu_seqlens is not None:
+        with _nvtx("rattention.residual_linear_attention", q):
+            out, state = _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
+                                     initial_state, chunk_size, checkpoint_every)
+        out = out.to(q.dtype)
+        return (out, state) if return_final_state else out
     with _nvtx("rattention.residual_linear_attention", q):
-        out, state, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state, chunk_size,
-                                    checkpoint_every)
+        out, state, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state,
+                             chunk_size, checkpoint_every)
         out = out.to(q.dtype)
     return (out, state) if return_final_state else out
 
@@ -171,6 +216,8 @@ def forward(
     rotary_sin: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Tensor:
     """RAttention: ``rms(SWA(q,k,v)) * g_swa + rms(RLA(q,k,v)) * g_rla`` per token and head.
 
@@ -180,30 +227,39 @@ def forward(
         feature_map: ``"softmax"`` (default) or ``"relu"`` for the RLA branch.
         softmax_scale: SWA scale, default ``1/sqrt(D)``.
         swa_norm_weight, rla_norm_weight: learned RMS-norm scales ``[Hq, D]`` (default ones).
-        norm_eps: RMS-norm epsilon.
+        norm_eps: RMS-norm epsilon, a finite number > 0.
         initial_state: optional learned RLA prefix state ``[B or 1, Hq, 2D, D]``.
         rotary_cos, rotary_sin: optional ``[P >= T, D/2]`` rotary tables (SWA branch only).
         chunk_size, checkpoint_every: RLA tiling and state-saving interval.
+        cu_seqlens: packed batch (flash-attn varlen convention): int32 ``[N+1]`` document
+            offsets (``0``, non-decreasing, last = total; empty documents allowed) on q's
+            device. Then q is ``[total, Hq, D]``, k, v ``[total, Hkv, D]``,
+            ``initial_state`` ``[N or 1, Hq, 2D, D]``, and the output ``[total, Hq, D]``;
+            every document is computed exactly as if it were alone (window, RLA shift and
+            state stay inside it; rotary rows are positions inside the document).
+        max_seqlen: optional length of the longest document (checked, not required).
 
     Returns:
         ``[B, T, Hq, D]`` in q's dtype. Differentiable in q, k, v, initial_state and both
         norm weights. Branch outputs and mixing are computed in float32 (float64 for float64).
     """
     what = "forward"
-    check.qkv(what, q, k, v)
-    window_size = check.window(what, window_size)
-    check.feature_map(what, feature_map)
+    window_size, norm_eps, (chunk_size, checkpoint_every) = _check_common(
+        what, q, k, v, window_size, cu_seqlens is not None, feature_map=feature_map,
+        norm_eps=norm_eps, rotary=(rotary_cos, rotary_sin), tiling=(chunk_size, checkpoint_every),
+        tensors=(("swa_norm_weight", swa_norm_weight), ("rla_norm_weight", rla_norm_weight),
+                 ("initial_state", initial_state)))
     softmax_scale = _scale(q, softmax_scale, what)
-    norm_eps = check.norm_eps(what, norm_eps)
-    for name, t in (("swa_norm_weight", swa_norm_weight), ("rla_norm_weight", rla_norm_weight),
-                    ("initial_state", initial_state)):
-        check.optional_tensor(what, name, t)
-    check.no_grad_tensor(what, "rotary_cos", rotary_cos)
-    check.no_grad_tensor(what, "rotary_sin", rotary_sin)
-    chunk_size, checkpoint_every = check.tiling(what, chunk_size, checkpoint_every)
+    if cu_seqlens is not None:
+        with _nvtx("rattention.forward", q):
+            out, _ = _forward_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
+                                     softmax_scale, swa_norm_weight, rla_norm_weight, norm_eps,
+                                     initial_state, rotary_cos, rotary_sin, chunk_size,
+                                     checkpoint_every)
+        return out
     with _nvtx("rattention.forward", q):
-        o_rla, _, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state, chunk_size,
-                                  checkpoint_every)
+        o_rla, _, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state,
+                           chunk_size, checkpoint_every)
         return _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
                             swa_norm_weight, rla_norm_weight, norm_eps)
 
@@ -212,11 +268,80 @@ def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_
                  swa_norm_weight, rla_norm_weight, norm_eps) -> Tensor:
     """SWA branch and the mixing in one op (``swa_mix_fwd``; fused into the SWA kernel's
     epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for.
-    ``softmax_scale`` is already resolved (a float) and the arguments validated."""
+    ``softmax_scale`` is already resolved to a float and the arguments validated."""
     g_swa = _norm_weight(swa_norm_weight, q)
     g_rla = _norm_weight(rla_norm_weight, q)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, o_rla, g_swa, g_rla))
-    out, _, _ = call("swa_mix_fwd", q, k, v, window_size, softmax_scale, rotary_cos,
-                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save)
+    out, _, _ = call("swa_mix_fwd", q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin,
+                     o_rla, g_swa, g_rla, norm_eps, q.dtype, save)
     return out
+
+
+# ---- packed batches ---------------------------------------------------------------------
+def _packed_docs(q, k, v, cu_seqlens, max_seqlen, initial_state, what):
+    """Check a packed batch; the documents' ``(start, end)`` bounds."""
+    check_packed_qkv(q, k, v, what)
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen=max_seqlen, what=what)
+    docs = bounds(cu_seqlens)
+    check_packed_state(initial_state, len(docs), what)
+    return docs
+
+
+def _doc_h0(initial_state: Optional[Tensor], b: int) -> Optional[Tensor]:
+    if initial_state is None or initial_state.shape[0] == 1:
+        return initial_state
+    return initial_state[b:b + 1]
+
+
+def _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size, scale, cos, sin):
+    docs = _packed_docs(q, k, v, cu_seqlens, max_seqlen, None, "sliding_window_attention")
+    outs, lses = [], []
+    for s, e in docs:
+        if e == s:
+            continue
+        o, lse = call("swa_fwd", q[None, s:e], k[None, s:e], v[None, s:e], window_size, scale,
+                      cos, sin)
+        outs.append(o[0].to(q.dtype))
+        lses.append(lse[0])
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty(q.shape[1], 0, dtype=_acc(q.dtype))
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=-1)
+
+
+def _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, initial_state,
+                chunk_size, checkpoint_every):
+    """Packed RLA output (accumulation dtype) and final states ``[N, Hkv, 2D, D]``."""
+    docs = _packed_docs(q, k, v, cu_seqlens, max_seqlen, initial_state,
+                        "residual_linear_attention")
+    Hkv = k.shape[1]
+    acc = _acc(q.dtype)
+    outs, states = [], []
+    for b, (s, e) in enumerate(docs):
+        if e == s:  # no token: nothing out, the state of nothing is zero
+            states.append(q.new_zeros(1, Hkv, 2 * q.shape[-1], q.shape[-1], dtype=acc))
+            continue
+        o, state, _ = call("rla_fwd", q[None, s:e], k[None, s:e], v[None, s:e], window_size,
+                           feature_map, _doc_h0(initial_state, b), chunk_size, checkpoint_every)
+        outs.append(o[0])
+        states.append(state)
+    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape, dtype=acc)
+    return out, torch.cat(states, dim=0)
+
+
+def _forward_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, softmax_scale,
+                    swa_norm_weight, rla_norm_weight, norm_eps, initial_state, rotary_cos,
+                    rotary_sin, chunk_size, checkpoint_every):
+    """Packed ``forward``: the output ``[total, Hq, D]`` and the RLA final states."""
+    o_rla, states = _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
+                                initial_state, chunk_size, checkpoint_every)
+    outs = []
+    for s, e in bounds(cu_seqlens):
+        if e == s:
+            continue
+        o = _swa_and_mix(q[None, s:e], k[None, s:e], v[None, s:e], o_rla[None, s:e],
+                         window_size, softmax_scale, rotary_cos, rotary_sin, swa_norm_weight,
+                         rla_norm_weight, norm_eps)
+        outs.append(o[0])
+    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+    return out, states

@@ -145,12 +145,21 @@ def sliding_window_attention(
     return_lse: bool = False,
     rotary_cos=None,
     rotary_sin=None,
+    cu_seqlens=None,
+    max_seqlen=None,
 ):
     """Sliding-window softmax attention as one dense masked softmax per head.
 
     Query ``t`` sees keys ``s`` with ``0 <= t - s <= w``. Returns ``o [B, T, Hq, D]`` in
     q's dtype, and with ``return_lse`` also ``lse [B, Hq, T]`` in float32 (float64).
+    With ``cu_seqlens`` (``[N+1]`` offsets of a packed batch ``q [total, Hq, D]``): each
+    document alone, ``o [total, Hq, D]``, ``lse [Hq, total]``.
     """
+    if cu_seqlens is not None:
+        return _packed(lambda a, b, c, h0: sliding_window_attention(
+            a, b, c, window_size=window_size, softmax_scale=softmax_scale, return_lse=True,
+            rotary_cos=rotary_cos, rotary_sin=rotary_sin), q, k, v, cu_seqlens, None,
+            lambda o, lse: (o, lse) if return_lse else o, second="lse")
     q, k, v, rotary_cos, rotary_sin = _prepare(q, k, v, rotary_cos, rotary_sin)
     _check_qkv(q, k, v, window_size)
     o, lse = _swa(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin)
@@ -196,13 +205,22 @@ def residual_linear_attention(
     feature_map: str = "softmax",
     initial_state=None,
     return_final_state: bool = False,
+    cu_seqlens=None,
+    max_seqlen=None,
 ):
     """Residual linear attention by a token-by-token ``lax.scan`` of the state recurrence.
 
     ``o[t] = phi(q[t])^T (H0[h] + sum_{s <= t-w-1} phi(k[s]) v[s]^T)``. ``initial_state``
     is ``H0 [B or 1, Hq, 2D, D]``. Returns ``o [B, T, Hq, D]`` in q's dtype, and with
     ``return_final_state`` also the state ``[B, Hkv, 2D, D]`` (float32; float64).
+    With ``cu_seqlens`` (packed batch): each document alone from its own ``H0``
+    (``initial_state [N or 1, Hq, 2D, D]``), ``o [total, Hq, D]``, state ``[N, Hkv, 2D, D]``.
     """
+    if cu_seqlens is not None:
+        return _packed(lambda a, b, c, h0: residual_linear_attention(
+            a, b, c, window_size=window_size, feature_map=feature_map, initial_state=h0,
+            return_final_state=True), q, k, v, cu_seqlens, initial_state,
+            lambda o, st: (o, st) if return_final_state else o, second="state")
     q, k, v, initial_state = _prepare(q, k, v, initial_state)
     _check_qkv(q, k, v, window_size)
     o, state = _rla(q, k, v, window_size, feature_map, initial_state)
@@ -267,12 +285,21 @@ def forward(
     initial_state=None,
     rotary_cos=None,
     rotary_sin=None,
+    cu_seqlens=None,
+    max_seqlen=None,
 ):
     """RAttention: ``rms(SWA) * g_swa + rms(RLA) * g_rla``; ``[B, T, Hq, D]`` in q's dtype.
 
     Both branches and the mixing run in float32 (float64 for float64 inputs); an all-zero
-    RLA output (``t <= w`` without ``H0``) mixes in as zero.
+    RLA output (``t <= w`` without ``H0``) mixes in as zero. With ``cu_seqlens`` (packed
+    batch): each document alone, ``[total, Hq, D]``.
     """
+    if cu_seqlens is not None:
+        kw = dict(window_size=window_size, feature_map=feature_map, softmax_scale=softmax_scale,
+                  swa_norm_weight=swa_norm_weight, rla_norm_weight=rla_norm_weight,
+                  norm_eps=norm_eps, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+        return _packed(lambda a, b, c, h0: (forward(a, b, c, initial_state=h0, **kw), None),
+                       q, k, v, cu_seqlens, initial_state, lambda o, _: o, second=None)
     q, k, v, swa_norm_weight, rla_norm_weight, initial_state, rotary_cos, rotary_sin = _prepare(
         q, k, v, swa_norm_weight, rla_norm_weight, initial_state, rotary_cos, rotary_sin)
     _check_qkv(q, k, v, window_size)
@@ -289,3 +316,41 @@ def forward(
     if rla_norm_weight is not None:
         y_rla = y_rla * rla_norm_weight.astype(acc)
     return (y_swa + y_rla).astype(q.dtype)
+
+
+def _packed(fn, q, k, v, cu_seqlens, initial_state, finish, *, second: Optional[str]):
+    """Run ``fn`` (a dense function returning a pair) on every document of a packed batch
+    (``q [total, Hq, D]``, offsets ``cu_seqlens [N+1]``) and concatenate: outputs along the
+    tokens, the second result (``"lse"``: ``[1, Hq, T]`` along the tokens; ``"state"``: the
+    final state, along the documents, zero for an empty document; None: nothing)."""
+    import numpy as np
+
+    _, jnp = _import_jax()
+    if type(cu_seqlens).__module__.startswith("torch"):
+        cu_seqlens = cu_seqlens.detach().cpu().numpy()
+    offs = [int(x) for x in np.asarray(cu_seqlens).reshape(-1)]
+    if len(offs) < 2 or offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])) \
+            or offs[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must be [N+1] offsets: 0, non-decreasing, last = total "
+                         f"{q.shape[0]}; got {offs}")
+    q, k, v, initial_state = _prepare(q, k, v, initial_state)
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    outs, seconds = [jnp.zeros((0, Hq, D), dtype=q.dtype)], []
+    for b, (s, e) in enumerate(zip(offs[:-1], offs[1:])):
+        if e == s:  # the dense functions need T >= 1; an empty document has no rows
+            if second == "state":
+                seconds.append(jnp.zeros((1, Hkv, 2 * D, D), dtype=_acc_dtype(q.dtype)))
+            continue
+        h0 = None
+        if initial_state is not None:
+            h0 = initial_state[b:b + 1] if initial_state.shape[0] > 1 else initial_state
+        o, sec = fn(q[None, s:e], k[None, s:e], v[None, s:e], h0)
+        outs.append(o[0])
+        if second is not None:
+            seconds.append(sec[0] if second == "lse" else sec)
+    o = jnp.concatenate(outs, axis=0)
+    if second is None:
+        return finish(o, None)
+    if second == "lse":
+        seconds.insert(0, jnp.zeros((Hq, 0), dtype=_acc_dtype(q.dtype)))
+    return finish(o, jnp.concatenate(seconds, axis=-1 if second == "lse" else 0))

@@ -112,12 +112,22 @@ def sliding_window_attention(
     return_lse: bool = False,
     rotary_cos: Optional[Tensor] = None,
     rotary_sin: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
     """Sliding-window softmax attention: query ``t`` sees keys ``t-w .. t``.
 
     Returns ``o [B, T, Hq, D]`` (dtype of ``q``), and with ``return_lse`` also
     ``lse [B, Hq, T]`` (float32, float64 for float64 input).
+
+    Packed batch (``cu_seqlens`` int32 ``[N+1]``): ``q [total, Hq, D]``, ``k, v
+    [total, Hkv, D]``; each document is evaluated alone (rotary rows restart at 0), ``o``
+    is ``[total, Hq, D]`` and ``lse`` ``[Hq, total]``. ``max_seqlen`` is only checked.
     """
+    if cu_seqlens is not None:
+        return _packed_swa(q, k, v, cu_seqlens, max_seqlen, return_lse, dict(
+            window_size=window_size, softmax_scale=softmax_scale, rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin))
     B, T, Hq, D = q.shape
     G = Hq // k.shape[2] if k.shape[2] else 1  # Hq = Hkv = 0: empty
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
@@ -168,6 +178,8 @@ def residual_linear_attention(
     feature_map: str = "softmax",
     initial_state: Optional[Tensor] = None,
     return_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
     """Linear attention over exactly the keys outside the window (``t - s >= w + 1``).
 
@@ -175,7 +187,16 @@ def residual_linear_attention(
     raw ``q``/``k`` (no rotary, no scale). ``initial_state`` is ``[B or 1, Hq, 2D, D]``.
     Returns ``o [B, T, Hq, D]`` in the dtype of ``q``; with ``return_final_state`` also the
     state ``[B, Hkv, 2D, D]`` after all ``T`` tokens (tokens ``s <= T - w - 2``).
+
+    Packed batch (``cu_seqlens`` int32 ``[N+1]``): ``q [total, Hq, D]``, ``k, v
+    [total, Hkv, D]``, ``initial_state [N or 1, Hq, 2D, D]``; the state of each document
+    starts from its own ``H0`` and the shift never crosses a boundary. ``o`` is
+    ``[total, Hq, D]``, the final state ``[N, Hkv, 2D, D]`` (zero for an empty document).
     """
+    if cu_seqlens is not None:
+        o, state = _packed_rla(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
+                               initial_state)
+        return (o.to(q.dtype), state) if return_final_state else o.to(q.dtype)
     o, state = _rla(q, k, v, window_size, feature_map, initial_state)
     if return_final_state:
         return o.to(q.dtype), state
@@ -263,15 +284,65 @@ def forward(
     initial_state: Optional[Tensor] = None,
     rotary_cos: Optional[Tensor] = None,
     rotary_sin: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Tensor:
     """RAttention: ``rms(SWA) * g_swa + rms(RLA) * g_rla``; returns ``[B, T, Hq, D]`` in q's dtype.
 
-    The SWA and RLA intermediates are kept in float32 (float64) before mixing.
+    The SWA and RLA intermediates are kept in float32 (float64) before mixing. With
+    ``cu_seqlens`` (packed batch, see ``sliding_window_attention``): ``[total, Hq, D]``,
+    each document on its own, ``initial_state [N or 1, Hq, 2D, D]``.
     """
     acc = _acc_dtype(q.dtype)
+    if cu_seqlens is not None:
+        o_swa = _packed_swa(q.to(acc), k.to(acc), v.to(acc), cu_seqlens, max_seqlen, False, dict(
+            window_size=window_size, softmax_scale=softmax_scale, rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin))
+        o_rla, _ = _packed_rla(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
+                               initial_state)
+        return rms_mix(o_swa, o_rla, swa_norm_weight, rla_norm_weight, norm_eps).to(q.dtype)
     o_swa = sliding_window_attention(
         q.to(acc), k.to(acc), v.to(acc), window_size=window_size, softmax_scale=softmax_scale,
         rotary_cos=rotary_cos, rotary_sin=rotary_sin,
     )
     o_rla, _ = _rla(q, k, v, window_size, feature_map, initial_state)
     return rms_mix(o_swa, o_rla, swa_norm_weight, rla_norm_weight, norm_eps).to(q.dtype)
+
+
+# ---- packed batches: one document at a time ---------------------------------------------
+def _packed_docs(q, k, v, cu_seqlens, max_seqlen, what):
+    """Check a packed batch and return its documents' ``(start, end)`` bounds."""
+    from .varlen import bounds, check_cu_seqlens, check_packed_qkv
+
+    check_packed_qkv(q, k, v, what)
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen=max_seqlen, what=what)
+    return bounds(cu_seqlens)
+
+
+def _packed_swa(q, k, v, cu_seqlens, max_seqlen, return_lse, kw):
+    docs = _packed_docs(q, k, v, cu_seqlens, max_seqlen, "reference.sliding_window_attention")
+    outs, lses = [], []
+    for s, e in docs:
+        o, lse = sliding_window_attention(q[None, s:e], k[None, s:e], v[None, s:e],
+                                          return_lse=True, **kw)
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs, dim=0)
+    return (o, torch.cat(lses, dim=-1)) if return_lse else o
+
+
+def _packed_rla(q, k, v, cu_seqlens, max_seqlen, window_size, fm, initial_state):
+    """Packed RLA output (accumulation dtype) and the per-document final states."""
+    from .varlen import check_packed_state
+
+    docs = _packed_docs(q, k, v, cu_seqlens, max_seqlen, "reference.residual_linear_attention")
+    check_packed_state(initial_state, len(docs), "reference.residual_linear_attention")
+    outs, states = [], []
+    for b, (s, e) in enumerate(docs):
+        h0 = None
+        if initial_state is not None:
+            h0 = initial_state[b:b + 1] if initial_state.shape[0] > 1 else initial_state
+        o, state = _rla(q[None, s:e], k[None, s:e], v[None, s:e], window_size, fm, h0)
+        outs.append(o[0])
+        states.append(state)
+    return torch.cat(outs, dim=0), torch.cat(states, dim=0)
