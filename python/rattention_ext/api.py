@@ -44,16 +44,19 @@ def _scale(q: Tensor, softmax_scale: Optional[float], what: str = "forward") -> 
     return check.softmax_scale(what, softmax_scale, q.shape[-1])
 
 
-def _check_common(what: str, q, k, v, window_size, packed: bool, *, feature_map=None,
-                  norm_eps=None, rotary=(None, None), tiling=None, tensors=()):
+_UNUSED = object()  # an argument the function does not take
+
+
+def _check_common(what: str, q, k, v, window_size, packed: bool, *, feature_map=_UNUSED,
+                  norm_eps=_UNUSED, rotary=(None, None), tiling=None, tensors=()):
     """Validate the Python scalars and optional tensors of a public call (the op layer checks
     tensor shapes, dtypes and devices). Returns (window_size, norm_eps, tiling)."""
     if not packed:
         check.qkv(what, q, k, v)
     window_size = check.window(what, window_size)
-    if feature_map is not None:
+    if feature_map is not _UNUSED:
         check.feature_map(what, feature_map)
-    if norm_eps is not None:
+    if norm_eps is not _UNUSED:
         norm_eps = check.norm_eps(what, norm_eps)
     check.no_grad_tensor(what, "rotary_cos", rotary[0])
     check.no_grad_tensor(what, "rotary_sin", rotary[1])
