@@ -3,6 +3,7 @@
 
 #include "cpu/kernels.h"
 #include "op_common.h"
+#include "op_guard.h"
 
 namespace rattention {
 namespace {
@@ -11,9 +12,11 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
                                                const at::Tensor& v, int64_t window_size,
                                                double softmax_scale,
                                                const c10::optional<at::Tensor>& rotary_cos,
-                                               const c10::optional<at::Tensor>& rotary_sin) {
-  auto r = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, false);
-  cpu::swa_fwd(r.params);
+                                               const c10::optional<at::Tensor>& rotary_sin,
+                                               const c10::optional<at::Tensor>& cu_seqlens) {
+  auto r = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, false,
+                           cu_seqlens);
+  if (r.run_kernel) cpu::swa_fwd(r.params);
   return {r.out, r.lse};
 }
 
@@ -24,12 +27,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cpu(
     double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
     const c10::optional<at::Tensor>& rotary_sin, const at::Tensor& o_rla,
     const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
-    at::ScalarType out_dtype, bool save_for_backward) {
+    at::ScalarType out_dtype, bool save_for_backward,
+    const c10::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK(out_dtype != at::kHalf, "out_dtype float16 is not supported on CPU");
   auto r = prepare_swa_mix_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
-                               swa_weight, rla_weight, eps, out_dtype, save_for_backward, false);
-  cpu::swa_fwd(r.swa.params);
-  cpu::mix_fwd(r.mix);
+                               swa_weight, rla_weight, eps, out_dtype, save_for_backward, false,
+                               cu_seqlens);
+  if (r.swa.run_kernel) {
+    cpu::swa_fwd(r.swa.params);
+    cpu::mix_fwd(r.mix);
+  }
   if (!save_for_backward) return {r.out, r.swa.out.new_empty({0}), r.swa.lse.new_empty({0})};
   return {r.out, r.swa.out, r.swa.lse};
 }
@@ -38,38 +45,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t window_size, double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
-    const c10::optional<at::Tensor>& rotary_sin, bool deterministic) {
+    const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
+    const c10::optional<at::Tensor>& cu_seqlens) {
   auto r = prepare_swa_bwd(grad_out, grad_lse, q, k, v, out, lse, window_size, softmax_scale,
-                           rotary_cos, rotary_sin, deterministic, false);
-  cpu::swa_bwd(r.params);
+                           rotary_cos, rotary_sin, deterministic, false, cu_seqlens);
+  if (r.run_kernel) cpu::swa_bwd(r.params);
   return {r.grad_q, r.grad_k, r.grad_v};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
     c10::string_view feature_map, const c10::optional<at::Tensor>& initial_state,
-    int64_t chunk_size, int64_t checkpoint_every) {
+    int64_t chunk_size, int64_t checkpoint_every, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& carried_state) {
   auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
-                           chunk_size, checkpoint_every, false);
-  cpu::rla_fwd(r.params);
+                           chunk_size, checkpoint_every, false, cu_seqlens, carried_state);
+  if (r.run_kernel) cpu::rla_fwd(r.params);
   return {r.out, r.final_state, r.checkpoints};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
     int64_t window_size, c10::string_view feature_map, int64_t chunk_size,
-    int64_t checkpoint_every) {
+    int64_t checkpoint_every, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& carried_state) {
   auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
                            window_size, std::string(feature_map), chunk_size, checkpoint_every,
-                           false);
-  cpu::rla_bwd(r.params);
-  at::Tensor gh0 = r.grad_h0;
-  if (gh0.numel() > 0 && initial_state->size(0) == 1 && gh0.size(0) > 1) {
-    gh0 = gh0.sum(0, /*keepdim=*/true);
-  }
-  return {r.grad_q, r.grad_k, r.grad_v, gh0};
+                           false, cu_seqlens, carried_state);
+  if (r.run_kernel) cpu::rla_bwd(r.params);
+  return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
+          r.grad_carried};
 }
 
 at::Tensor mix_fwd_cpu(const at::Tensor& o_swa, const at::Tensor& o_rla,
@@ -77,7 +84,7 @@ at::Tensor mix_fwd_cpu(const at::Tensor& o_swa, const at::Tensor& o_rla,
                        at::ScalarType out_dtype) {
   TORCH_CHECK(out_dtype != at::kHalf, "out_dtype float16 is not supported on CPU");
   auto r = prepare_mix_fwd(o_swa, o_rla, swa_weight, rla_weight, eps, out_dtype);
-  cpu::mix_fwd(r.params);
+  if (r.run_kernel) cpu::mix_fwd(r.params);
   return r.out;
 }
 
@@ -86,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_bwd_cpu(
     const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps) {
   TORCH_CHECK(grad_out.scalar_type() != at::kHalf, "grad_out float16 is not supported on CPU");
   auto r = prepare_mix_bwd(grad_out, o_swa, o_rla, swa_weight, rla_weight, eps);
-  cpu::mix_bwd(r.params);
+  if (r.run_kernel) cpu::mix_bwd(r.params);
   return {r.grad_o_swa, r.grad_o_rla, r.grad_swa_weight, r.grad_rla_weight};
 }
 
@@ -107,21 +114,21 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                       r.params.rotary_positions, " positions but a sequence is at position ",
                       max_pos);
   }
-  cpu::decode_step(r.params);
+  if (r.run_kernel) cpu::decode_step(r.params);
   return r.out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rattention_ext, CPU, m) {
-  m.impl("swa_fwd", &swa_fwd_cpu);
-  m.impl("swa_mix_fwd", &swa_mix_fwd_cpu);
-  m.impl("swa_bwd", &swa_bwd_cpu);
-  m.impl("rla_fwd", &rla_fwd_cpu);
-  m.impl("rla_bwd", &rla_bwd_cpu);
-  m.impl("mix_fwd", &mix_fwd_cpu);
-  m.impl("mix_bwd", &mix_bwd_cpu);
-  m.impl("decode_step", &decode_step_cpu);
+  m.impl("swa_fwd", RATT_GUARDED(swa_fwd_cpu));
+  m.impl("swa_mix_fwd", RATT_GUARDED(swa_mix_fwd_cpu));
+  m.impl("swa_bwd", RATT_GUARDED(swa_bwd_cpu));
+  m.impl("rla_fwd", RATT_GUARDED(rla_fwd_cpu));
+  m.impl("rla_bwd", RATT_GUARDED(rla_bwd_cpu));
+  m.impl("mix_fwd", RATT_GUARDED(mix_fwd_cpu));
+  m.impl("mix_bwd", RATT_GUARDED(mix_bwd_cpu));
+  m.impl("decode_step", RATT_GUARDED(decode_step_cpu));
 }
 
 }  // namespace rattention

@@ -77,11 +77,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _check_case(rank, world, group, case, seed):
+def _check_case(rank, world, group, case, seed, dtype=torch.float64):
+    """Relative errors of this rank's output and gradients (``dtype`` run) against one
+    process's float64 forward on the same inputs."""
     name, lengths, w, Hq, Hkv, fm, with_h0, with_rotary = case
     total = sum(lengths)
     t = _inputs(total, Hq, Hkv, with_h0, with_rotary, seed)
     shared = ["g_swa", "g_rla"] + (["h0"] if with_h0 else [])
+    cast = {x: (t[x].to(dtype) if x in ("q", "k", "v", "cos", "sin") or x in shared else t[x])
+            for x in t if t[x] is not None}
 
     # One process, the whole sequence.
     full = {n: t[n].clone().requires_grad_() for n in ["q", "k", "v"] + shared}
@@ -92,11 +96,11 @@ def _check_case(rank, world, group, case, seed):
     # This rank's shard.
     a = sum(lengths[:rank])
     n = lengths[rank]
-    mine = {x: t[x][:, a:a + n].clone().requires_grad_() for x in ["q", "k", "v"]}
-    mine.update({x: t[x].clone().requires_grad_() for x in shared})
+    mine = {x: cast[x][:, a:a + n].clone().requires_grad_() for x in ["q", "k", "v"]}
+    mine.update({x: cast[x].clone().requires_grad_() for x in shared})
     out = cp.context_parallel_forward(mine["q"], mine["k"], mine["v"], window_size=w,
-                                      group=group, **_kwargs(t, fm, mine))
-    out.backward(t["grad"][:, a:a + n])
+                                      group=group, **_kwargs(cast, fm, mine))
+    out.backward(t["grad"][:, a:a + n].to(dtype))
 
     errs = {"out": _rel(out, out_full[:, a:a + n]) if n else 0.0}
     for x in ["q", "k", "v"]:
@@ -193,6 +197,10 @@ def _worker(rank, init_file, result_dir):
                 res = results[str(world)] = {}
                 for i, case in enumerate(CASES[world]):
                     res[case[0]] = _check_case(r, world, group, case, seed=100 * world + i)
+                # float32 against the float64 single-process run (SPEC: relative 1e-5).
+                res_f32 = results[str(world) + "_float32"] = {}
+                res_f32["float32"] = _check_case(r, world, group, CASES[world][-1], seed=6,
+                                                 dtype=torch.float32)
                 # The copying path (ops without halo kernels, CUDA today) on one case.
                 continuation._NO_HALO_KERNELS.add("cpu")
                 try:
@@ -236,6 +244,13 @@ def test_matches_one_process(spawned):
         for name in names:
             for what, err in per_rank[name].items():
                 assert err < TOL, f"world {world} rank {r} case {name}: {what} rel err {err:.3g}"
+
+
+def test_float32_matches_one_process(spawned_all):
+    for world, members in GROUPS.items():
+        for g in (g for m in members for g in m):
+            for what, err in spawned_all[g][f"{world}_float32"]["float32"].items():
+                assert err < 1e-5, f"world {world} rank {g} float32: {what} rel err {err:.3g}"
 
 
 def test_mismatched_ranks_raise_everywhere(spawned):

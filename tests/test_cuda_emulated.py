@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_qkv, plain_rla, plain_swa, rotary_tables
+from helpers import make_qkv, plain_rla, plain_swa, rotary_tables
 
 from rattention_ext import reference as ref
 
@@ -347,11 +347,19 @@ DECODE_CASES = [
 ]
 
 
+def emu_cache(B, w, Hkv, D, dtype):
+    """An empty decode cache of the CUDA kernels' dtype on the CPU (the emulated kernels take
+    CPU tensors; RAttentionCache.empty refuses float16 on CPU, whose CPU kernels lack it)."""
+    from rattention_ext.decode import RAttentionCache
+
+    ring = lambda: torch.zeros(B, w + 1, Hkv, D, dtype=dtype)  # noqa: E731
+    return RAttentionCache(ring(), ring(), torch.zeros(B, Hkv, 2 * D, D),
+                           torch.zeros(B, dtype=torch.int64))
+
+
 @emu_kernel("decode.cu")
 @pytest.mark.parametrize("dtype,D,fm,rot,h0,Hq,Hkv", DECODE_CASES)
 def test_decode_emulated_matches_forward(emu, dtype, D, fm, rot, h0, Hq, Hkv):
-    from rattention_ext.decode import RAttentionCache
-
     B, T, w = 2, 8, 3
     q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=11 + D + Hq)
     g = torch.Generator().manual_seed(4)
@@ -361,7 +369,7 @@ def test_decode_emulated_matches_forward(emu, dtype, D, fm, rot, h0, Hq, Hkv):
     scale = 1 / math.sqrt(D)
 
     def run():
-        cache = RAttentionCache.empty(B, w, Hkv, D, dtype=dtype)
+        cache = emu_cache(B, w, Hkv, D, dtype)
         rows = []
         for t in range(T):
             rows.append(emu.decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache.keys,
@@ -388,15 +396,13 @@ def test_decode_emulated_matches_forward(emu, dtype, D, fm, rot, h0, Hq, Hkv):
 def test_decode_emulated_bad_positions(emu):
     """A negative position (sequence 0) or one past the rotary table (sequence 1) gives NaN
     outputs for that sequence; the negative one leaves its cache untouched."""
-    from rattention_ext.decode import RAttentionCache
-
     B, Hq, Hkv, D, w = 2, 2, 1, 64, 3
     q, k, v = inputs(B, 1, Hq, Hkv, D, BF16, seed=13)
     ga, gb = mix_weights(Hq, D, seed=14)
     cos, sin = rotary_tables(4, D, torch.float32)
 
     def run():
-        cache = RAttentionCache.empty(B, w, Hkv, D, dtype=BF16)
+        cache = emu_cache(B, w, Hkv, D, BF16)
         cache.positions.copy_(torch.tensor([-1, 4]))
         out = emu.decode_step(q, k, v, cache.keys, cache.values, cache.state, cache.positions,
                               "softmax", 0.125, None, cos, sin, ga, gb, 1e-8)
@@ -429,3 +435,48 @@ def test_zz_every_kernel_path_emulated(emu, request, capsys):
     with capsys.disabled():
         print("\n" + coverage.table(rows) + f"\n(written to {path})")
     assert not problems, "not emulated:\n  " + "\n  ".join(problems)
+
+
+# The emulator's own checks, on tools/emu/emu_selftest.cpp: small kernels with one deliberate
+# bug each (same order as its Bug enum) and the check that must report it.
+SELFTEST = [
+    ("clean", None), ("no_sync", "racecheck"), ("write_after_read", "racecheck"),
+    ("uninit", "initcheck"), ("smem_oob", "memcheck"), ("global_oob", "memcheck"),
+    ("write_input", "memcheck"), ("no_wait", "initcheck"), ("short_wait", "initcheck"),
+    ("own_read", "initcheck"), ("wait_no_sync", "racecheck"), ("partial_barrier", "synccheck"),
+    ("split_barrier", "synccheck"), ("shuffle_exited", "synccheck"),
+    ("static_persist", "initcheck"), ("launch_bounds", "launch"), ("no_optin", "launch"),
+    ("arch_limit", "launch"),
+]
+# bugs whose wrong values (poison) also show in the output under at least one schedule
+VISIBLE = {"no_sync", "uninit", "no_wait", "short_wait", "wait_no_sync", "static_persist"}
+
+
+@pytest.mark.parametrize("index,bug,check", [(i, b, c) for i, (b, c) in enumerate(SELFTEST)])
+def test_emulator_checks_report_their_bug(emu, index, bug, check):
+    wrong_values = False
+    for order, seed in SCHEDULES:
+        emu.set_schedule(order, seed)
+        try:
+            reports, out, want = emu._selftest(index)
+        finally:
+            emu.set_schedule("asc", 0)
+        if check is None:
+            assert reports == [] and out == want, (order, reports)
+        else:
+            assert any(r.startswith(f"emu {check}:") for r in reports), (order, seed, reports)
+            wrong_values |= out != want
+    if bug in VISIBLE:
+        assert wrong_values, f"{bug}: no schedule showed wrong values"
+
+
+def test_emulated_arch_limit_fails_like_the_gpu(emu):
+    # RLA at D = 128 needs more opt-in shared memory than sm_86 / sm_89 have (99 KiB)
+    q, k, v = inputs(1, 16, 2, 1, 128, torch.bfloat16, seed=1)
+    emu.set_arch(86)
+    try:
+        with pytest.raises(RuntimeError, match="opt-in limit"):
+            emu.rla_fwd(q, k, v, 0, "softmax", None, 1)
+    finally:
+        emu.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # fits on sm_80

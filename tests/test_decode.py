@@ -300,7 +300,7 @@ def test_empty_cache_bad_args():
     with pytest.raises(ValueError, match="window_size"):
         RAttentionCache.empty(2, -1, 2, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="batch_size"):
-        RAttentionCache.empty(0, 4, 2, 8, dtype=torch.float32)
+        RAttentionCache.empty(-1, 4, 2, 8, dtype=torch.float32)
 
 
 def test_cache_properties():
@@ -476,20 +476,25 @@ class _ReferenceBranchOps:
         return getattr(torch.ops.rattention_ext, name)
 
     @staticmethod
-    def swa_fwd(q, k, v, w, scale, cos, sin):
+    def swa_fwd(q, k, v, w, scale, cos, sin, cu_seqlens=None):
+        assert cu_seqlens is None, "this stub answers dense batches only"
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return R.sliding_window_attention(q.to(acc), k.to(acc), v.to(acc), window_size=w,
                                           softmax_scale=scale, return_lse=True, rotary_cos=cos,
                                           rotary_sin=sin)
 
     @classmethod
-    def swa_mix_fwd(cls, q, k, v, w, scale, cos, sin, o_rla, g_swa, g_rla, eps, out_dtype, save):
+    def swa_mix_fwd(cls, q, k, v, w, scale, cos, sin, o_rla, g_swa, g_rla, eps, out_dtype, save,
+                    cu_seqlens=None):
+        assert cu_seqlens is None, "this stub answers dense batches only"
         o_swa, lse = cls.swa_fwd(q, k, v, w, scale, cos, sin)
         out = torch.ops.rattention_ext.mix_fwd(o_swa, o_rla, g_swa, g_rla, eps, out_dtype)
         return out, o_swa, lse
 
     @staticmethod
-    def rla_fwd(q, k, v, w, fm, h0, chunk_size, checkpoint_every):
+    def rla_fwd(q, k, v, w, fm, h0, chunk_size, checkpoint_every, cu_seqlens=None,
+                carried_state=None):
+        assert cu_seqlens is None and carried_state is None, "dense batches only"
         out, state = R._rla(q, k, v, w, fm, h0)
         return out, state, None
 
@@ -499,8 +504,9 @@ class _ReferenceBranchOps:
 def test_prefill_cache_logic_reference_branches(monkeypatch, seq_lens, w):
     import rattention_ext.decode as dec
     import rattention_ext.api as api
-    monkeypatch.setattr(dec, "ops", _ReferenceBranchOps())
-    monkeypatch.setattr(api, "ops", _ReferenceBranchOps())
+    ref_ops = _ReferenceBranchOps()
+    monkeypatch.setattr(dec, "call", lambda name, *args: getattr(ref_ops, name)(*args))
+    monkeypatch.setattr(api, "call", lambda name, *args: getattr(ref_ops, name)(*args))
     B, T, Hq, Hkv, D, n_new = 3, 23, 4, 2, 8, 4
     q, k, v = _inputs(B, T + n_new, Hq, Hkv, D, seed=17)
     kw = _extras(B, Hq, D, torch.float64, h0_batch=B, rotary_P=T + n_new)

@@ -76,6 +76,8 @@ def kernel_wrappers(out: Path) -> list[Path]:
     return paths
 
 
+# kernels with deliberate bugs, one per check (compiled like the kernels)
+SELFTEST_SOURCES = [ROOT / "tools" / "emu" / "emu_selftest.cpp"]
 HOST_SOURCES = [ROOT / "tools" / "emu" / "emu_runtime.cpp", ROOT / "tools" / "emu" / "emu_memory.cpp",
                 ROOT / "tools" / "emu" / "emu_ops.cpp", ROOT / "csrc" / "op_common.cpp"]
 
@@ -133,6 +135,10 @@ def ninja_file(out: Path, cutlass: Path, cuda: Path) -> str:
     ]
     objs = []
     for src in kernel_wrappers(out):
+        obj = f"obj/{src.stem}.o"
+        lines.append(f"build {obj}: kernel {src}")
+        objs.append(obj)
+    for src in SELFTEST_SOURCES:
         obj = f"obj/{src.stem}.o"
         lines.append(f"build {obj}: kernel {src}")
         objs.append(obj)

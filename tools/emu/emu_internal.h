@@ -35,6 +35,9 @@ void clear_buffers();
 // Whether [p, p + n) lies in one registered buffer (writable, for writes); reports otherwise.
 bool check_global(const void* p, size_t n, bool write, const void* pc, const char* what);
 
+// The self-test kernels (emu_selftest.cpp): runs bug number `bug`, returns the reports.
+std::vector<std::string> selftest(int bug, std::vector<float>& out, std::vector<float>& want);
+
 namespace detail {
 
 // The running CTA, as far as the memory checks need it.

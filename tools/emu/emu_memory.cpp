@@ -244,6 +244,8 @@ void smem_begin_cta(int n_threads) {
   cur.smem = g_arena;
   cur.cta_epoch0 = ++cur.epoch;
   std::memset(g_arena, kPoison, kSmemArena);
+  // static __shared__ bytes an earlier CTA touched start poisoned, like fresh shared memory
+  for (const auto& kv : g_static_shadow) *reinterpret_cast<unsigned char*>(kv.first) = kPoison;
   g_static_shadow.clear();
   g_async.assign(n_threads, AsyncQueue{});
 }
@@ -436,6 +438,9 @@ extern "C" void __tsan_write_range(void* p, unsigned long n) {
   emu::detail::on_access(p, n, true, __builtin_return_address(0));
 }
 extern "C" void __tsan_init() {}
+// Function-local statics (the coverage sites' registration) load their guard byte atomically;
+// the emulator runs one OS thread, so a plain load is that atomic load.
+extern "C" unsigned char __tsan_atomic8_load(const volatile unsigned char* p, int) { return *p; }
 extern "C" void __tsan_func_entry(void*) {}
 extern "C" void __tsan_func_exit() {}
 extern "C" void __tsan_vptr_update(void**, void*) {}

@@ -299,6 +299,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The modelled GPU (compute capability 80, 86, 89, 90): its shared-memory opt-in limit.",
         py::arg("sm"));
   m.def("arch", &emu::arch, "The modelled compute capability.");
+  m.def("_selftest", [](int bug) {
+    std::vector<float> out, want;
+    auto reports = emu::selftest(bug, out, want);
+    return std::make_tuple(reports, out, want);
+  }, "Runs self-test kernel `bug` (tools/emu/emu_selftest.cpp): (reports, out, expected out).");
   m.def("take_reports", &emu::take_reports,
         "The reports of the checks since the last call (an op that reports raises as well).");
   // Coverage recorder (coverage.h): (function signature, path, any instantiation, hits) of

@@ -372,6 +372,7 @@ void report(const char* kind, const std::string& what) {
   if (g_reported_keys.size() <= 20) std::fprintf(stderr, "%s\n", msg.c_str());
 }
 std::vector<std::string> take_reports() {
+  g_reported_keys.clear();
   std::vector<std::string> r;
   r.swap(g_reports);
   return r;
