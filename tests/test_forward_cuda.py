@@ -13,8 +13,7 @@ import math
 
 import pytest
 import torch
-from test_rla_cuda import FLOOR, plain_rla, rel_err, requires_cuda
-from test_swa_cuda import _plain as plain_swa
+from helpers import FLOOR, plain_rla, plain_swa, rel_err, requires_cuda
 
 import rattention_ext
 from rattention_ext import reference as ref

@@ -13,7 +13,7 @@ import torch
 
 import rattention_ext
 from rattention_ext import reference as ref
-from conftest import plain_rla  # noqa: F401  (also used by test_forward_cuda)
+from helpers import plain_rla
 
 ops = torch.ops.rattention_ext
 

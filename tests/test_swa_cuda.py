@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_qkv, plain_swa, rel_err, rotary_tables
+from helpers import make_qkv, plain_swa, rel_err, rotary_tables
 
 import rattention_ext
 from rattention_ext import reference as ref
