@@ -74,6 +74,7 @@ def sources() -> list[str]:
         out.append(str(w))
     return out + [str(ROOT / "tools" / "emu" / "emu_runtime.cpp"),
                   str(ROOT / "tools" / "emu" / "emu_ops.cpp"),
+                  str(ROOT / "tools" / "emu" / "emu_plan_ops.cpp"),
                   str(ROOT / "csrc" / "op_common.cpp")]
 
 
