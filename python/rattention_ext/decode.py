@@ -32,6 +32,7 @@ from torch import Tensor
 from ._ops import ops
 from .api import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHUNK_SIZE, _acc, _forward_packed,
                   _norm_weight, _nvtx, _scale, _swa_and_mix)
+from .continuation import forward_continued
 from .varlen import check_cu_seqlens, check_packed_qkv, seqlens
 
 __all__ = ["RAttentionCache", "prefill", "decode_step", "cache_bytes"]
@@ -183,9 +184,11 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
     Args:
         q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]``, matching the cache's batch size, kv
             heads, head dim, dtype and device.
-        cache: an empty cache (all positions 0), from ``RAttentionCache.empty``; filled in
-            place. Prefilling a cache that already holds tokens is not supported
-            (``ValueError``).
+        cache: the layer's cache, updated in place. Empty (from ``RAttentionCache.empty``):
+            the prompt starts at position 0. Already holding tokens (chunked prefill): the
+            chunk continues each sequence from its position, its ring as the halo and its
+            state as the carried state (SPEC.md, "Continuing a sequence"), exactly as one
+            prefill of the whole prompt would; sequences may be at different positions.
         seq_lens: optional ``[B]`` integer lengths for a right-padded batch: sequence ``b``
             is ``q[b, :seq_lens[b]]``. Outputs at padded positions ``t >= seq_lens[b]`` are
             returned but meaningless (they attend to padding); outputs at real positions
@@ -194,7 +197,8 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
             convention): q ``[total, Hq, D]``, k, v ``[total, Hkv, D]``, int32 offsets
             ``[N+1]`` with ``N`` = the cache's batch size; sequence ``b`` is tokens
             ``cu_seqlens[b] .. cu_seqlens[b+1] - 1`` (empty allowed) and its cache ends up as
-            its own decode steps leave it. Not together with ``seq_lens``.
+            its own decode steps leave it. Not together with ``seq_lens``; needs an empty
+            cache (continue a packed batch with a padded one, or decode).
         max_seqlen: optional longest sequence of the packed batch (checked).
         **forward_kwargs: keywords of ``rattention_ext.forward`` (``feature_map``,
             ``softmax_scale``, ``swa_norm_weight``, ``rla_norm_weight``, ``norm_eps``,
@@ -204,7 +208,8 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
 
     Returns:
         ``forward(q, k, v, window_size=cache.window_size, **forward_kwargs)``, ``[B, T, Hq, D]``
-        (packed: ``forward(..., cu_seqlens=cu_seqlens)``, ``[total, Hq, D]``).
+        (for a continuing chunk: its rows of ``forward`` on the whole sequence so far;
+        packed: ``forward(..., cu_seqlens=cu_seqlens)``, ``[total, Hq, D]``).
 
     Afterwards, for each sequence of length ``L``: ring slot ``s % (w+1)`` holds token ``s``
     for the last ``min(L, w+1)`` tokens (other slots keep their zeros), the state is
@@ -235,9 +240,7 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache, *,
         lens = None
         uniform = True
     if bool((cache.positions != 0).any()):
-        raise ValueError("prefill needs an empty cache (all positions 0): prefilling a cache "
-                         "that already holds tokens is not supported; decode the new tokens "
-                         "with decode_step, or call cache.reset() first")
+        return _prefill_continue(q, k, v, cache, lens, kw)
 
     feature_map = kw.get("feature_map", "softmax")
     with _nvtx("rattention.prefill", q):
@@ -326,6 +329,91 @@ def _fill_cache(cache: RAttentionCache, k: Tensor, v: Tensor, lens: Optional[Ten
             state += torch.einsum("bshi,bshd->bhid", phi, vf)
         cache.state.copy_(state)
     cache.positions.copy_(L)
+
+
+def _prefill_continue(q: Tensor, k: Tensor, v: Tensor, cache: RAttentionCache,
+                      lens: Optional[Tensor], kw: dict) -> Tensor:
+    """Chunked prefill: the chunk continues every sequence from the cache (ring = halo,
+    state = carried state). Sequences at the same position are computed together."""
+    B, T = q.shape[0], q.shape[1]
+    W1 = cache.window_size + 1
+    feature_map = kw.get("feature_map", "softmax")
+    h0 = kw.get("initial_state")
+    positions = cache.positions.tolist()
+    out = None
+    with _nvtx("rattention.prefill", q):
+        for p in sorted(set(positions)):
+            rows = torch.tensor([b for b in range(B) if positions[b] == p], device=q.device)
+            every = rows.numel() == B
+            pick = (lambda t: t) if every else (lambda t: t.index_select(0, rows))
+            h = min(W1, p)
+            slots = torch.arange(p - h, p, device=q.device) % W1  # ring slots, oldest first
+            k_ext = torch.cat([pick(cache.keys).index_select(1, slots), pick(k)], dim=1)
+            v_ext = torch.cat([pick(cache.values).index_select(1, slots), pick(v)], dim=1)
+            h0_rows = h0 if h0 is None or h0.shape[0] == 1 or every else pick(h0)
+            o, final = forward_continued(
+                pick(q), k_ext, v_ext, halo=h, position=p - h, window_size=cache.window_size,
+                carried_state=pick(cache.state), feature_map=feature_map,
+                softmax_scale=kw.get("softmax_scale"), swa_norm_weight=kw.get("swa_norm_weight"),
+                rla_norm_weight=kw.get("rla_norm_weight"), norm_eps=kw.get("norm_eps", 1e-8),
+                initial_state=h0_rows, rotary_cos=kw.get("rotary_cos"),
+                rotary_sin=kw.get("rotary_sin"),
+                chunk_size=kw.get("chunk_size", DEFAULT_CHUNK_SIZE),
+                checkpoint_every=kw.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
+            if every:
+                out = o
+            else:
+                if out is None:
+                    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], q.shape[3])
+                out = out.index_copy(0, rows, o)
+            with torch.no_grad():
+                new_lens = None if lens is None else pick(lens)
+                _continue_cache(cache, rows, every, k_ext.detach(), v_ext.detach(), p, h,
+                                new_lens, final.detach(), feature_map)
+    return out
+
+
+def _continue_cache(cache: RAttentionCache, rows: Tensor, every: bool, k_ext: Tensor,
+                    v_ext: Tensor, p: int, h: int, lens: Optional[Tensor], final_state: Tensor,
+                    feature_map: str) -> None:
+    """Cache after continuing sequences at position ``p`` by ``lens`` tokens (default all
+    ``T``): ``k_ext``/``v_ext`` hold positions ``p - h ..``."""
+    n, T_ext = k_ext.shape[0], k_ext.shape[1]
+    W1 = cache.window_size + 1
+    dev = k_ext.device
+    L = torch.full((n,), T_ext - h, dtype=torch.int64, device=dev) if lens is None else lens
+    end = p + L  # new positions
+    j = torch.arange(W1, device=dev)
+    s = (end[:, None] - 1) - torch.remainder(end[:, None] - 1 - j[None, :], W1)  # [n, W1]
+    i = s - (p - h)  # row of k_ext holding position s
+    valid = (i >= 0)[:, :, None, None]
+    bidx = torch.arange(n, device=dev)[:, None]
+    ic = i.clamp(min=0)
+    old_k = cache.keys if every else cache.keys.index_select(0, rows)
+    old_v = cache.values if every else cache.values.index_select(0, rows)
+    new_k = torch.where(valid, k_ext[bidx, ic], old_k)
+    new_v = torch.where(valid, v_ext[bidx, ic], old_v)
+    if lens is None:
+        state = final_state  # carried state + the rows that entered in this chunk
+    else:
+        # Rows of k_ext entering the state: i < h + L - W1 (positions s <= end - w - 2).
+        state = cache.state.index_select(0, rows).clone()
+        n_rows = max(0, T_ext - W1)
+        for c0 in range(0, n_rows, 4096):
+            c1 = min(n_rows, c0 + 4096)
+            keep = torch.arange(c0, c1, device=dev)[None, :] < (h + L[:, None] - W1)
+            phi = _phi(k_ext[:, c0:c1], feature_map) * keep[:, :, None, None]
+            state += torch.einsum("bshi,bshd->bhid", phi, v_ext[:, c0:c1].to(phi.dtype))
+    if every:
+        cache.keys.copy_(new_k)
+        cache.values.copy_(new_v)
+        cache.state.copy_(state)
+        cache.positions.copy_(end)
+    else:
+        cache.keys.index_copy_(0, rows, new_k)
+        cache.values.index_copy_(0, rows, new_v)
+        cache.state.index_copy_(0, rows, state.to(cache.state.dtype))
+        cache.positions.index_copy_(0, rows, end)
 
 
 def _phi(x: Tensor, kind: str) -> Tensor:

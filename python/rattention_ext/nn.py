@@ -61,6 +61,14 @@ class RAttention(nn.Module):
         learned_init_state: add a learned RLA initial state ``H0``.
         norm_eps: epsilon of the two RMS norms.
         bias: biases in the four projections.
+        context_parallel_group: a ``torch.distributed`` process group (or ``True`` for the
+            default group) to shard the sequence across: each rank's ``forward(x)`` takes its
+            contiguous shard ``x [B, T_r, d]`` of one sequence (ranks in order, any lengths)
+            and returns its rows of the whole sequence's output, through
+            ``rattention_ext.distributed.context_parallel_forward`` (rotary positions are
+            those of the whole sequence, offset by the shard's start). Parameter gradients
+            are each rank's contribution; sum them over the group (DDP, all-reduce).
+            ``None`` (default): no sharding.
 
     Parameters (shapes):
         ``q_proj``: ``nn.Linear(d, Hq * D)``, weight ``[Hq * D, d]``; output column
@@ -100,7 +108,8 @@ class RAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, window_size: int, *,
                  head_dim: Optional[int] = None, feature_map: str = "softmax",
                  rope_theta: float = 500000.0, learned_init_state: bool = False,
-                 norm_eps: float = 1e-8, bias: bool = False, device=None, dtype=None):
+                 norm_eps: float = 1e-8, bias: bool = False, context_parallel_group=None,
+                 device=None, dtype=None):
         super().__init__()
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of "
@@ -121,6 +130,8 @@ class RAttention(nn.Module):
         self.feature_map = feature_map
         self.rope_theta = float(rope_theta)
         self.norm_eps = float(norm_eps)
+        # True selects the default group (None would mean "no sharding" here).
+        self.context_parallel_group = context_parallel_group
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **fk)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **fk)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **fk)
@@ -188,7 +199,9 @@ class RAttention(nn.Module):
     # ---- training / full-sequence path -----------------------------------------------
     def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None) -> Tensor:
-        """``x [B, T, hidden_size] -> [B, T, hidden_size]`` through ``rattention_ext.forward``.
+        """``x [B, T, hidden_size] -> [B, T, hidden_size]`` through ``rattention_ext.forward``
+        (or, with a ``context_parallel_group``, this rank's shard of the sequence through
+        ``rattention_ext.distributed.context_parallel_forward``).
 
         Packed batch (no padding): ``x`` ``[total, hidden_size]`` or ``[1, total,
         hidden_size]`` holding documents back to back, ``cu_seqlens`` their int32 offsets
@@ -201,6 +214,10 @@ class RAttention(nn.Module):
         longest document) bounds the rotary table; without it the table covers ``total``.
         """
         if cu_seqlens is not None:
+            if self.context_parallel_group is not None:
+                raise ValueError("RAttention: cu_seqlens (packed documents) and "
+                                 "context_parallel_group (one sequence across ranks) do not "
+                                 "go together")
             q, k, v = self._project_packed(x)
             total = q.shape[0]
             n = total if max_seqlen is None else max_seqlen
@@ -209,9 +226,23 @@ class RAttention(nn.Module):
                                       **self._kwargs(max(n, 1), q))
             return self.o_proj(o.reshape(total, self.num_heads * self.head_dim)).view(x.shape)
         q, k, v = self._project(x)
+        if self.context_parallel_group is not None:
+            return self._out(self._context_parallel(q, k, v))
         o = _functional().forward(q, k, v, window_size=self.window_size,
                                   **self._kwargs(x.shape[1], q))
         return self._out(o)
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from . import distributed
+
+        group = None if self.context_parallel_group is True else self.context_parallel_group
+        B, T, Hq, D = q.shape
+        # The rotary tables must cover the whole sequence: learn its length first.
+        layout = distributed.shard_layout(T, group, device=q.device,
+                                          check=(B, Hq, k.shape[2], D, self.window_size))
+        return distributed.context_parallel_forward(
+            q, k, v, window_size=self.window_size, group=group, shard_lengths=layout.lengths,
+            **self._kwargs(layout.total, q))
 
     # ---- decoding path -----------------------------------------------------------------
     def new_cache(self, batch_size: int, *, dtype: Optional[torch.dtype] = None, device=None):
@@ -228,13 +259,21 @@ class RAttention(nn.Module):
         # Largest position any sequence of the cache will reach after this call.
         return int(cache.positions.max().item()) if cache.positions.numel() else 0
 
+    def _no_context_parallel(self, what: str) -> None:
+        if self.context_parallel_group is not None:
+            raise RuntimeError(f"RAttention.{what}: decoding is per process; use a layer without "
+                               f"context_parallel_group (the same weights) for prefill / step")
+
     def prefill(self, x: Tensor, cache, *, seq_lens: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None) -> Tensor:
-        """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill the empty
-        ``cache`` (from ``new_cache``; in place) so that ``step`` continues after it. Returns ``[B, T, hidden_size]``, equal to
-        ``forward(x)``. ``seq_lens [B]`` (optional): true prompt lengths of a right-padded batch.
+        """Run the prompt ``x [B, T, hidden_size]`` through the layer and fill the ``cache``
+        (from ``new_cache``; in place) so that ``step`` continues after it. Returns ``[B, T,
+        hidden_size]``, equal to ``forward(x)``. On a cache that already holds tokens the
+        prompt continues it (chunked prefill: equal to one prefill of all the chunks).
+        ``seq_lens [B]`` (optional): true prompt lengths of a right-padded batch.
         ``cu_seqlens [B+1]`` (optional): ``x`` is a packed batch ``[total, hidden_size]`` (or
         ``[1, total, hidden_size]``) of ``B`` prompts, as in ``forward``."""
+        self._no_context_parallel("prefill")
         if cu_seqlens is not None:
             q, k, v = self._project_packed(x)
             total = q.shape[0]
@@ -251,6 +290,7 @@ class RAttention(nn.Module):
         updates ``cache`` in place and returns ``[B, 1, hidden_size]``."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"x must be [B, 1, hidden_size] for step, got {tuple(x.shape)}")
+        self._no_context_parallel("step")
         q, k, v = self._project(x)
         n = self._next_positions(cache) + 1
         o = _functional().decode_step(q, k, v, cache, **self._kwargs(n, q))
