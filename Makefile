@@ -77,4 +77,4 @@ wheel: venv
 	$(PY) python/rattention_ext/inspect_wheel.py --no-build-info "$$(ls -t dist/rattention_ext-*.whl | head -1)"
 
 clean:
-	rm -rf build dist *.egg-info python/rattention_ext/_C*.so
+	rm -rf build dist *.egg-info python/rattention_ext/_C*.so python/rattention_ext/_jax_ffi.so

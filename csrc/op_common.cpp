@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <limits>
+
 #include "core/window.h"
 
 namespace rattention {
@@ -13,7 +15,9 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
+// [B, T, H, D] strides, or [total, H, D] ones (packed) with batch stride 0.
 Strides4 strides_of(const at::Tensor& t) {
+  if (t.dim() == 3) return Strides4{0, t.stride(0), t.stride(1), t.stride(2)};
   return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
@@ -105,7 +109,7 @@ QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK_VALUE(D == 64 || D == 128, "q: the CUDA kernels support head dim 64 and 128, got ",
                       D);
   }
-  return QkvInfo{AttnDims{B, T, Hq, Hkv, D}, dt};
+  return QkvInfo{AttnDims{B, T, Hq, Hkv, D, T}, dt};
 }
 
 std::tuple<at::Tensor, at::Tensor> prepare_rotary(const c10::optional<at::Tensor>& cos,
@@ -143,29 +147,152 @@ at::Tensor prepare_initial_state(const c10::optional<at::Tensor>& h0, const Attn
   return t.to(acc_scalar_type(like.scalar_type())).contiguous();
 }
 
+namespace {
+
+// cu_seqlens: int32 [N+1] on q's device; on the host also its values (see op_common.h).
+at::Tensor check_cu_seqlens(const at::Tensor& cu, int64_t total, const at::Tensor& q) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "cu_seqlens must be an int32 tensor, got dtype ",
+              cu.scalar_type());
+  TORCH_CHECK(cu.device() == q.device(), "cu_seqlens must be on the device of q (", q.device(),
+              "), got ", cu.device());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1,
+                    "cu_seqlens must be 1-D [N+1] (document offsets), got shape ", shape_str(cu));
+  TORCH_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), "cu_seqlens: total rows ",
+                    total, " do not fit int32");
+  at::Tensor c = cu.contiguous();
+  if (c.is_cpu()) {
+    const int32_t* x = c.data_ptr<int32_t>();
+    const int64_t n = c.size(0);
+    TORCH_CHECK_VALUE(x[0] == 0, "cu_seqlens must start at 0, got cu_seqlens[0] = ", x[0]);
+    for (int64_t i = 1; i < n; ++i) {
+      TORCH_CHECK_VALUE(x[i] >= x[i - 1], "cu_seqlens must be non-decreasing, got cu_seqlens[",
+                        i, "] = ", x[i], " < cu_seqlens[", i - 1, "] = ", x[i - 1]);
+    }
+    TORCH_CHECK_VALUE(x[n - 1] == total, "cu_seqlens must end at the total number of rows ",
+                      total, " (q.size(0)), got cu_seqlens[", n - 1, "] = ", x[n - 1]);
+  }
+  return c;
+}
+
+}  // namespace
+
+std::vector<int64_t> QkvPrepared::lse_shape() const {
+  const auto& d = params.dims;
+  if (packed()) return {d.heads_q, d.seqlen};
+  return {d.batch, d.heads_q, d.seqlen};
+}
+
+QkvPrepared prepare_qkv(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        const c10::optional<at::Tensor>& cu_seqlens, int64_t window_size,
+                        bool cuda_backend) {
+  check_float_tensor(q_in, "q");
+  check_float_tensor(k_in, "k");
+  check_float_tensor(v_in, "v");
+  check_window(window_size);
+  const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
+  if (packed) {
+    TORCH_CHECK_VALUE(q_in.dim() == 3, "q must be 3-D [total, Hq, D] with cu_seqlens, got shape ",
+                      shape_str(q_in));
+    TORCH_CHECK_VALUE(k_in.dim() == 3, "k must be 3-D [total, Hkv, D] with cu_seqlens, got shape ",
+                      shape_str(k_in));
+    TORCH_CHECK_VALUE(v_in.dim() == 3, "v must be 3-D [total, Hkv, D] with cu_seqlens, got shape ",
+                      shape_str(v_in));
+  } else {
+    TORCH_CHECK_VALUE(q_in.dim() == 4, "q must be 4-D [B, T, Hq, D] (or 3-D [total, Hq, D] with "
+                      "cu_seqlens), got shape ", shape_str(q_in));
+    TORCH_CHECK_VALUE(k_in.dim() == 4, "k must be 4-D [B, T_k, Hkv, D], got shape ",
+                      shape_str(k_in));
+    TORCH_CHECK_VALUE(v_in.dim() == 4, "v must be 4-D [B, T_k, Hkv, D], got shape ",
+                      shape_str(v_in));
+  }
+  check_same_device(k_in, q_in, "k");
+  check_same_device(v_in, q_in, "v");
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), "k must have the dtype of q (",
+              q_in.scalar_type(), "), got ", k_in.scalar_type());
+  TORCH_CHECK(v_in.scalar_type() == q_in.scalar_type(), "v must have the dtype of q (",
+              q_in.scalar_type(), "), got ", v_in.scalar_type());
+  const auto dt = q_in.scalar_type();
+  if (cuda_backend) {
+    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf,
+                "q: the CUDA kernels support bfloat16 and float16, got ", dt,
+                " (use the CPU backend or the reference for float32/float64)");
+  } else {
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+                "q: the CPU kernels support float32, float64 and bfloat16, got ", dt);
+  }
+  TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "v must have the shape of k ", shape_str(k_in),
+                    ", got ", shape_str(v_in));
+  const int64_t o = packed ? 0 : 1;  // offset of the row dim
+  const int64_t T = q_in.size(o), Tk = k_in.size(o), Hq = q_in.size(o + 1),
+                D = q_in.size(o + 2), Hkv = k_in.size(o + 1);
+  if (!packed) {
+    TORCH_CHECK_VALUE(k_in.size(0) == q_in.size(0), "k must have batch size ", q_in.size(0),
+                      " (from q), got ", k_in.size(0));
+    // Continuation: k/v rows before q's first token (bottom-right alignment).
+    TORCH_CHECK_VALUE(Tk >= T && Tk - T <= window_size + 1, "k must have a sequence length "
+                      "between T = ", T, " (from q) and T + window_size + 1 = ",
+                      T + window_size + 1, " (q's tokens plus a halo of earlier keys), got ", Tk);
+  } else {
+    TORCH_CHECK_VALUE(Tk == T, "k must have the ", T, " rows of q with cu_seqlens (packed "
+                      "batches take no halo), got ", Tk);
+  }
+  TORCH_CHECK_VALUE(k_in.size(o + 2) == D, "k must have head dim ", D, " (from q), got ",
+                    k_in.size(o + 2));
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq,
+                    ") must be a multiple of k/v heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
+                    D);
+  if (cuda_backend) {
+    TORCH_CHECK_VALUE(D == 64 || D == 128, "q: the CUDA kernels support head dim 64 and 128, got ",
+                      D);
+    TORCH_CHECK_NOT_IMPLEMENTED(!packed, "cu_seqlens: packed batches are not implemented in the "
+                                "CUDA kernels yet (use the CPU backend)");
+    TORCH_CHECK_NOT_IMPLEMENTED(Tk == T, "k: a halo (k/v with more rows than q) is not "
+                                "implemented in the CUDA kernels yet (use the CPU backend)");
+  }
+  QkvPrepared r;
+  r.dtype = dt;
+  r.q = rows_contiguous(q_in);
+  r.k = rows_contiguous(k_in);
+  r.v = rows_contiguous(v_in);
+  auto& p = r.params;
+  p = QkvParams{};
+  p.dtype = to_dtype(dt);
+  r.max_seqlen_k = Tk;
+  if (packed) {
+    r.cu_seqlens = check_cu_seqlens(*cu_seqlens, T, q_in);
+    p.dims = AttnDims{r.cu_seqlens.size(0) - 1, T, Hq, Hkv, D, T};
+    p.cu_seqlens = r.cu_seqlens.data_ptr<int32_t>();
+    if (r.cu_seqlens.is_cpu()) r.max_seqlen_k = p.max_seqlen_q();
+  } else {
+    p.dims = AttnDims{q_in.size(0), T, Hq, Hkv, D, Tk};
+    p.cu_seqlens = nullptr;
+  }
+  p.q = r.q.data_ptr();
+  p.k = r.k.data_ptr();
+  p.v = r.v.data_ptr();
+  p.q_stride = strides_of(r.q);
+  p.k_stride = strides_of(r.k);
+  p.v_stride = strides_of(r.v);
+  return r;
+}
+
 SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                const at::Tensor& v_in, int64_t window_size, double softmax_scale,
                                const c10::optional<at::Tensor>& rotary_cos,
-                               const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend) {
-  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
-  const auto& d = info.dims;
-  const auto acc = acc_scalar_type(info.dtype);
+                               const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens) {
+  QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
+  const auto& d = qkv.params.dims;
+  const auto acc = acc_scalar_type(qkv.dtype);
   SwaFwdPrepared r;
-  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
-  std::tie(r.cos, r.sin) = prepare_rotary(rotary_cos, rotary_sin, d.seqlen, d.head_dim, q);
-  r.out = at::empty({d.batch, d.seqlen, d.heads_q, d.head_dim}, q.options().dtype(acc));
-  r.lse = at::empty({d.batch, d.heads_q, d.seqlen}, q.options().dtype(acc));
+  std::tie(r.cos, r.sin) =
+      prepare_rotary(rotary_cos, rotary_sin, qkv.max_seqlen_k, d.head_dim, qkv.q);
+  r.out = at::empty(q_in.sizes(), qkv.q.options().dtype(acc));
+  r.lse = at::empty(qkv.lse_shape(), qkv.q.options().dtype(acc));
   auto& p = r.params;
   p = SwaFwdParams{};
-  p.dims = d;
-  p.dtype = to_dtype(info.dtype);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
+  static_cast<QkvParams&>(p) = qkv.params;
   p.out = r.out.data_ptr();
   p.out_stride = strides_of(r.out);
   p.lse = r.lse.data_ptr();
@@ -173,9 +300,8 @@ SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
   p.rotary_sin = r.sin.defined() ? r.sin.data_ptr() : nullptr;
   p.window_size = window_size;
   p.softmax_scale = softmax_scale;
-  p.cu_seqlens = nullptr;
   // q/k/v copies (if any) are referenced by the params: keep them alive with the outputs.
-  r.keep = {q, k, v};
+  r.keep = {qkv.q, qkv.k, qkv.v, qkv.cu_seqlens};
   return r;
 }
 
@@ -185,8 +311,30 @@ void check_checkpoint_args(int64_t chunk_size, int64_t checkpoint_every) {
                     chunk_size);
   TORCH_CHECK_VALUE(checkpoint_every >= 1, "checkpoint_every must be >= 1, got ", checkpoint_every);
 }
-int64_t num_checkpoints(int64_t T, int64_t chunk_size, int64_t every) {
-  return rla_num_checkpoints(ceil_div(T, chunk_size), every);
+// Shape of the checkpoint buffer (RlaCheckpointLayout in core/params.h).
+std::vector<int64_t> checkpoint_shape(const QkvPrepared& qkv, int64_t chunk_size,
+                                      int64_t every) {
+  const auto& d = qkv.params.dims;
+  if (qkv.packed()) {
+    return {1, d.heads_kv,
+            RlaCheckpointLayout::packed_slots(d.seqlen, d.batch, chunk_size, every),
+            2 * d.head_dim, d.head_dim};
+  }
+  return {d.batch, d.heads_kv, RlaCheckpointLayout::per_seq(d.seqlen, chunk_size, every),
+          2 * d.head_dim, d.head_dim};
+}
+// carried_state: [B, Hkv, 2D, D] (one per sequence and kv head); contiguous acc type.
+at::Tensor prepare_carried_state(const c10::optional<at::Tensor>& cs, const AttnDims& d,
+                                 const at::Tensor& like) {
+  if (!cs.has_value() || !cs->defined()) return at::Tensor();
+  const at::Tensor& t = *cs;
+  check_float_tensor(t, "carried_state");
+  check_same_device(t, like, "carried_state");
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == d.batch && t.size(1) == d.heads_kv &&
+                        t.size(2) == 2 * d.head_dim && t.size(3) == d.head_dim,
+                    "carried_state must be [B, Hkv, 2D, D] = [", d.batch, ", ", d.heads_kv, ", ",
+                    2 * d.head_dim, ", ", d.head_dim, "], got ", shape_str(t));
+  return t.to(acc_scalar_type(like.scalar_type())).contiguous();
 }
 }  // namespace
 
@@ -197,18 +345,15 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
                                int64_t window_size, double softmax_scale,
                                const c10::optional<at::Tensor>& rotary_cos,
                                const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
-                               bool cuda_backend) {
-  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
-  const auto& d = info.dims;
-  const auto acc = acc_scalar_type(info.dtype);
-  const std::vector<int64_t> qshape{d.batch, d.seqlen, d.heads_q, d.head_dim};
-  const std::vector<int64_t> lshape{d.batch, d.heads_q, d.seqlen};
-  check_acc_tensor(grad_out_in, "grad_out", acc, qshape, q_in);
-  check_acc_tensor(out_in, "out", acc, qshape, q_in);
+                               bool cuda_backend, const c10::optional<at::Tensor>& cu_seqlens) {
+  QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
+  const auto& d = qkv.params.dims;
+  const auto acc = acc_scalar_type(qkv.dtype);
+  const std::vector<int64_t> lshape = qkv.lse_shape();
+  check_acc_tensor(grad_out_in, "grad_out", acc, q_in.sizes(), q_in);
+  check_acc_tensor(out_in, "out", acc, q_in.sizes(), q_in);
   check_acc_tensor(lse_in, "lse", acc, lshape, q_in);
   SwaBwdPrepared r;
-  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   at::Tensor go = rows_contiguous(grad_out_in), out = rows_contiguous(out_in);
   at::Tensor lse = lse_in.contiguous();
   at::Tensor glse;
@@ -216,20 +361,14 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
     check_acc_tensor(*grad_lse_in, "grad_lse", acc, lshape, q_in);
     glse = grad_lse_in->contiguous();
   }
-  auto [cos, sin] = prepare_rotary(rotary_cos, rotary_sin, d.seqlen, d.head_dim, q);
-  r.grad_q = at::empty(q_in.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  r.grad_k = at::empty(k_in.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  r.grad_v = at::empty(v_in.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [cos, sin] = prepare_rotary(rotary_cos, rotary_sin, qkv.max_seqlen_k, d.head_dim, qkv.q);
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  r.grad_q = at::empty(q_in.sizes(), qkv.q.options().memory_format(contiguous));
+  r.grad_k = at::empty(k_in.sizes(), qkv.k.options().memory_format(contiguous));
+  r.grad_v = at::empty(v_in.sizes(), qkv.v.options().memory_format(contiguous));
   auto& p = r.params;
   p = SwaBwdParams{};
-  p.dims = d;
-  p.dtype = to_dtype(info.dtype);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
+  static_cast<QkvParams&>(p) = qkv.params;
   p.out = out.data_ptr();
   p.out_stride = strides_of(out);
   p.grad_out = go.data_ptr();
@@ -244,53 +383,57 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
   p.window_size = window_size;
   p.softmax_scale = softmax_scale;
   p.deterministic = deterministic;
-  p.cu_seqlens = nullptr;
-  r.keep = {q, k, v, go, out, lse, glse, cos, sin};
+  r.keep = {qkv.q, qkv.k, qkv.v, qkv.cu_seqlens, go, out, lse, glse, cos, sin};
   return r;
 }
+
+namespace {
+void fill_rla_common(RlaCommonParams& p, const QkvPrepared& qkv, const std::string& feature_map,
+                     int64_t window_size, int64_t chunk_size, int64_t checkpoint_every) {
+  static_cast<QkvParams&>(p) = qkv.params;
+  p.feature_map = parse_feature_map(feature_map);
+  p.window_size = window_size;
+  p.chunk_size = chunk_size;
+  p.checkpoint_every = checkpoint_every;
+}
+}  // namespace
 
 RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                const at::Tensor& v_in, int64_t window_size,
                                const std::string& feature_map,
                                const c10::optional<at::Tensor>& initial_state, int64_t chunk_size,
-                               int64_t checkpoint_every, bool cuda_backend) {
-  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
+                               int64_t checkpoint_every, bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens,
+                               const c10::optional<at::Tensor>& carried_state) {
+  QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
   check_checkpoint_args(chunk_size, checkpoint_every);
-  const auto fm = parse_feature_map(feature_map);
-  const auto& d = info.dims;
-  const auto acc = acc_scalar_type(info.dtype);
+  parse_feature_map(feature_map);
+  const auto& d = qkv.params.dims;
+  const auto acc = acc_scalar_type(qkv.dtype);
   RlaFwdPrepared r;
-  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
-  r.h0 = prepare_initial_state(initial_state, d, q);
+  r.h0 = prepare_initial_state(initial_state, d, qkv.q);
+  r.carried = prepare_carried_state(carried_state, d, qkv.q);
+  TORCH_CHECK_NOT_IMPLEMENTED(!(cuda_backend && r.carried.defined()),
+                              "carried_state is not implemented in the CUDA kernels yet (use the "
+                              "CPU backend)");
   const int64_t D2 = 2 * d.head_dim;
-  r.out = at::empty({d.batch, d.seqlen, d.heads_q, d.head_dim}, q.options().dtype(acc));
-  r.final_state = at::empty({d.batch, d.heads_kv, D2, d.head_dim}, q.options().dtype(acc));
-  r.checkpoints = at::empty(
-      {d.batch, d.heads_kv, num_checkpoints(d.seqlen, chunk_size, checkpoint_every), D2, d.head_dim},
-      q.options().dtype(acc));
+  r.out = at::empty(q_in.sizes(), qkv.q.options().dtype(acc));
+  r.final_state = at::empty({d.batch, d.heads_kv, D2, d.head_dim}, qkv.q.options().dtype(acc));
+  // Packed: the slots between documents are never written; zeros keep the output defined.
+  const auto ckpt_shape = checkpoint_shape(qkv, chunk_size, checkpoint_every);
+  r.checkpoints = qkv.packed() ? at::zeros(ckpt_shape, qkv.q.options().dtype(acc))
+                               : at::empty(ckpt_shape, qkv.q.options().dtype(acc));
   auto& p = r.params;
   p = RlaFwdParams{};
-  p.dims = d;
-  p.dtype = to_dtype(info.dtype);
-  p.feature_map = fm;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
+  fill_rla_common(p, qkv, feature_map, window_size, chunk_size, checkpoint_every);
   p.out = r.out.data_ptr();
   p.out_stride = strides_of(r.out);
   p.initial_state = r.h0.defined() ? r.h0.data_ptr() : nullptr;
   p.initial_state_bstride = (r.h0.defined() && r.h0.size(0) > 1) ? r.h0.stride(0) : 0;
+  p.carried_state = r.carried.defined() ? r.carried.data_ptr() : nullptr;
   p.final_state = r.final_state.data_ptr();
   p.checkpoints = r.checkpoints.data_ptr();
-  p.window_size = window_size;
-  p.chunk_size = chunk_size;
-  p.checkpoint_every = checkpoint_every;
-  p.cu_seqlens = nullptr;
-  r.keep = {q, k, v};
+  r.keep = {qkv.q, qkv.k, qkv.v, qkv.cu_seqlens};
   return r;
 }
 
@@ -301,46 +444,45 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
                                const c10::optional<at::Tensor>& initial_state,
                                const at::Tensor& checkpoints_in, int64_t window_size,
                                const std::string& feature_map, int64_t chunk_size,
-                               int64_t checkpoint_every, bool cuda_backend) {
-  const auto info = check_qkv(q_in, k_in, v_in, cuda_backend);
-  check_window(window_size);
+                               int64_t checkpoint_every, bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens,
+                               const c10::optional<at::Tensor>& carried_state) {
+  QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
   check_checkpoint_args(chunk_size, checkpoint_every);
-  const auto fm = parse_feature_map(feature_map);
-  const auto& d = info.dims;
-  const auto acc = acc_scalar_type(info.dtype);
+  parse_feature_map(feature_map);
+  const auto& d = qkv.params.dims;
+  const auto acc = acc_scalar_type(qkv.dtype);
   const int64_t D2 = 2 * d.head_dim;
-  check_acc_tensor(grad_out_in, "grad_out", acc, {d.batch, d.seqlen, d.heads_q, d.head_dim}, q_in);
+  check_acc_tensor(grad_out_in, "grad_out", acc, q_in.sizes(), q_in);
   check_acc_tensor(checkpoints_in, "checkpoints", acc,
-                   {d.batch, d.heads_kv, num_checkpoints(d.seqlen, chunk_size, checkpoint_every),
-                    D2, d.head_dim},
-                   q_in);
+                   checkpoint_shape(qkv, chunk_size, checkpoint_every), q_in);
   RlaBwdPrepared r;
-  at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   at::Tensor go = rows_contiguous(grad_out_in), ckpt = checkpoints_in.contiguous();
-  at::Tensor h0 = prepare_initial_state(initial_state, d, q);
+  at::Tensor h0 = prepare_initial_state(initial_state, d, qkv.q);
+  // Only the presence and shape of the carried state matter here: the checkpoints hold it.
+  at::Tensor carried = prepare_carried_state(carried_state, d, qkv.q);
+  TORCH_CHECK_NOT_IMPLEMENTED(!(cuda_backend && carried.defined()),
+                              "carried_state is not implemented in the CUDA kernels yet (use the "
+                              "CPU backend)");
   at::Tensor gfs;
   if (grad_final_state.has_value() && grad_final_state->defined()) {
     check_acc_tensor(*grad_final_state, "grad_final_state", acc,
                      {d.batch, d.heads_kv, D2, d.head_dim}, q_in);
     gfs = grad_final_state->contiguous();
   }
-  r.grad_q = at::empty(q_in.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  r.grad_k = at::empty(k_in.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  r.grad_v = at::empty(v_in.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
-  // The kernel writes one H0 gradient per batch element; a broadcast H0 is reduced after.
-  r.grad_h0 = h0.defined() ? at::empty({d.batch, d.heads_q, D2, d.head_dim}, h0.options())
-                           : at::empty({0}, q.options().dtype(acc));
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  r.grad_q = at::empty(q_in.sizes(), qkv.q.options().memory_format(contiguous));
+  r.grad_k = at::empty(k_in.sizes(), qkv.k.options().memory_format(contiguous));
+  r.grad_v = at::empty(v_in.sizes(), qkv.v.options().memory_format(contiguous));
+  // The kernel writes one H0 gradient per sequence; a broadcast H0 is reduced after.
+  const auto acc_opts = qkv.q.options().dtype(acc);
+  r.grad_h0 = h0.defined() ? at::empty({d.batch, d.heads_q, D2, d.head_dim}, acc_opts)
+                           : at::empty({0}, acc_opts);
+  r.grad_carried = carried.defined() ? at::empty({d.batch, d.heads_kv, D2, d.head_dim}, acc_opts)
+                                     : at::empty({0}, acc_opts);
   auto& p = r.params;
   p = RlaBwdParams{};
-  p.dims = d;
-  p.dtype = to_dtype(info.dtype);
-  p.feature_map = fm;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
+  fill_rla_common(p, qkv, feature_map, window_size, chunk_size, checkpoint_every);
   p.grad_out = go.data_ptr();
   p.grad_out_stride = strides_of(go);
   p.initial_state = h0.defined() ? h0.data_ptr() : nullptr;
@@ -351,12 +493,18 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
   p.grad_k = r.grad_k.data_ptr();
   p.grad_v = r.grad_v.data_ptr();
   p.grad_initial_state = h0.defined() ? r.grad_h0.data_ptr() : nullptr;
-  p.window_size = window_size;
-  p.chunk_size = chunk_size;
-  p.checkpoint_every = checkpoint_every;
-  p.cu_seqlens = nullptr;
-  r.keep = {q, k, v, go, ckpt, h0, gfs};
+  p.grad_carried_state = carried.defined() ? r.grad_carried.data_ptr() : nullptr;
+  r.keep = {qkv.q, qkv.k, qkv.v, qkv.cu_seqlens, go, ckpt, h0, gfs};
   return r;
+}
+
+at::Tensor reduce_grad_initial_state(const at::Tensor& grad_h0,
+                                     const c10::optional<at::Tensor>& initial_state) {
+  if (grad_h0.numel() > 0 && initial_state.has_value() && initial_state->size(0) == 1 &&
+      grad_h0.size(0) > 1) {
+    return grad_h0.sum(0, /*keepdim=*/true);
+  }
+  return grad_h0;
 }
 
 namespace {
@@ -376,8 +524,9 @@ void check_branch_output(const at::Tensor& t, const char* name, const at::Tensor
               " must be float32 or float64 (the accumulation type), got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 4 && t.sizes() == ref.sizes(), name, " must be [B, T, Hq, D] ",
-                    shape_str(ref), ", got ", shape_str(t));
+  TORCH_CHECK_VALUE((t.dim() == 4 || t.dim() == 3) && t.sizes() == ref.sizes(), name,
+                    " must be [B, T, Hq, D] (or packed [total, Hq, D]) ", shape_str(ref), ", got ",
+                    shape_str(t));
 }
 }  // namespace
 
@@ -396,7 +545,7 @@ MixPrepared prepare_mix_fwd(const at::Tensor& o_swa_in, const at::Tensor& o_rla_
   check_branch_output(o_rla_in, "o_rla", o_swa_in);
   check_mix_scalars(eps, out_dtype, o_swa_in.scalar_type());
   const auto acc = o_swa_in.scalar_type();
-  const int64_t H = o_swa_in.size(2), D = o_swa_in.size(3);
+  const int64_t H = o_swa_in.size(-2), D = o_swa_in.size(-1);
   MixPrepared r;
   at::Tensor a = o_swa_in.contiguous(), b = o_rla_in.contiguous();
   at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, a);
@@ -433,7 +582,7 @@ MixBwdPrepared prepare_mix_bwd(const at::Tensor& grad_out_in, const at::Tensor& 
   TORCH_CHECK(acc == at::kDouble ? gdt == at::kDouble
                                  : (gdt == at::kFloat || gdt == at::kBFloat16 || gdt == at::kHalf),
               "grad_out dtype ", gdt, " does not match accumulation dtype ", acc);
-  const int64_t H = o_swa_in.size(2), D = o_swa_in.size(3);
+  const int64_t H = o_swa_in.size(-2), D = o_swa_in.size(-1);
   MixBwdPrepared r;
   at::Tensor go = grad_out_in.contiguous(), a = o_swa_in.contiguous(), b = o_rla_in.contiguous();
   at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, a);
@@ -553,19 +702,20 @@ SwaMixFwdPrepared prepare_swa_mix_fwd(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& o_rla_in, const at::Tensor& swa_weight,
                                       const at::Tensor& rla_weight, double eps,
                                       at::ScalarType out_dtype, bool save_branch,
-                                      bool cuda_backend) {
+                                      bool cuda_backend,
+                                      const c10::optional<at::Tensor>& cu_seqlens) {
   SwaMixFwdPrepared r;
   // Everything is validated (and allocated) before any kernel runs: the SWA half, then the
   // mixing over the SWA output buffer (o_rla against its shape, weights, eps, out_dtype).
   r.swa = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin,
-                          cuda_backend);
+                          cuda_backend, cu_seqlens);
   MixPrepared mix = prepare_mix_fwd(r.swa.out, o_rla_in, swa_weight, rla_weight, eps, out_dtype);
   r.mix = mix.params;
   r.out = mix.out;
   r.keep = mix.keep;
 
   // The epilogue reads the same (contiguous) o_rla and weights and writes the same out.
-  const Strides4 rows = strides_of(r.out);  // o_rla's copy and out: contiguous [B, T, Hq, D]
+  const Strides4 rows = strides_of(r.out);  // o_rla's copy and out: contiguous, q-shaped
   auto& e = r.swa.params.mix;
   e = MixEpilogueParams{};
   e.o_rla = r.mix.o_rla;

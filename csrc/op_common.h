@@ -26,6 +26,26 @@ QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   bool cuda_backend);
 void check_window(int64_t window_size);
 
+// The one place q/k/v become a QkvParams: validates q, k, v and cu_seqlens (dense: 4-D,
+// k/v may hold 0 <= halo <= window_size + 1 rows more than q; packed: 3-D [total, H, D]
+// with an int32 cu_seqlens [N+1] on q's device), makes rows contiguous where needed and
+// fills pointers, strides, sizes and cu_seqlens. Value checks of cu_seqlens (starts at 0,
+// non-decreasing, last == total) need its data on the host: they run for CPU tensors; for
+// CUDA tensors only dtype / device / shape are checked here (no device sync per op) and the
+// kernels clamp every document to [0, total).
+struct QkvPrepared {
+  QkvParams params;
+  at::Tensor q, k, v;      // what params point into (inputs or row-contiguous copies)
+  at::Tensor cu_seqlens;   // undefined when dense
+  at::ScalarType dtype;    // of q, k, v
+  int64_t max_seqlen_k;    // longest sequence of k/v rows (host-known; CUDA packed: total)
+  bool packed() const { return cu_seqlens.defined(); }
+  std::vector<int64_t> lse_shape() const;  // [B, Hq, T] or [Hq, total]
+};
+QkvPrepared prepare_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const c10::optional<at::Tensor>& cu_seqlens, int64_t window_size,
+                        bool cuda_backend);
+
 // Rotary tables: both or neither, [P >= T, D/2]; returned as contiguous acc-type tensors.
 std::tuple<at::Tensor, at::Tensor> prepare_rotary(const c10::optional<at::Tensor>& cos,
                                                   const c10::optional<at::Tensor>& sin,
@@ -43,7 +63,8 @@ struct SwaFwdPrepared {
 SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                int64_t window_size, double softmax_scale,
                                const c10::optional<at::Tensor>& rotary_cos,
-                               const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend);
+                               const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt);
 
 // SWA forward with the mixing fused into its epilogue (op swa_mix_fwd). `swa` carries the
 // SWA params with `mix` filled for the CUDA epilogue; `mix` is the same mixing as separate
@@ -63,7 +84,8 @@ SwaMixFwdPrepared prepare_swa_mix_fwd(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& o_rla, const at::Tensor& swa_weight,
                                       const at::Tensor& rla_weight, double eps,
                                       at::ScalarType out_dtype, bool save_branch,
-                                      bool cuda_backend);
+                                      bool cuda_backend,
+                                      const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt);
 
 struct SwaBwdPrepared {
   SwaBwdParams params;
@@ -75,21 +97,24 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out, const c10::optional<a
                                const at::Tensor& out, const at::Tensor& lse, int64_t window_size,
                                double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
                                const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
-                               bool cuda_backend);
+                               bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt);
 
 struct RlaFwdPrepared {
   RlaFwdParams params;
-  at::Tensor out, final_state, checkpoints, h0;
+  at::Tensor out, final_state, checkpoints, h0, carried;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
 };
 RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                int64_t window_size, const std::string& feature_map,
                                const c10::optional<at::Tensor>& initial_state, int64_t chunk_size,
-                               int64_t checkpoint_every, bool cuda_backend);
+                               int64_t checkpoint_every, bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt,
+                               const c10::optional<at::Tensor>& carried_state = c10::nullopt);
 
 struct RlaBwdPrepared {
   RlaBwdParams params;
-  at::Tensor grad_q, grad_k, grad_v, grad_h0;
+  at::Tensor grad_q, grad_k, grad_v, grad_h0, grad_carried;  // empty [0] when absent
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
 };
 RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out,
@@ -98,7 +123,13 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out,
                                const c10::optional<at::Tensor>& initial_state,
                                const at::Tensor& checkpoints, int64_t window_size,
                                const std::string& feature_map, int64_t chunk_size,
-                               int64_t checkpoint_every, bool cuda_backend);
+                               int64_t checkpoint_every, bool cuda_backend,
+                               const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt,
+                               const c10::optional<at::Tensor>& carried_state = c10::nullopt);
+// The H0 gradient as the op returns it: the kernels write one per sequence; a broadcast H0
+// ([1, ...]) gets their sum.
+at::Tensor reduce_grad_initial_state(const at::Tensor& grad_h0,
+                                     const c10::optional<at::Tensor>& initial_state);
 
 struct MixPrepared {
   MixParams params;

@@ -11,8 +11,10 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
                                                const at::Tensor& v, int64_t window_size,
                                                double softmax_scale,
                                                const c10::optional<at::Tensor>& rotary_cos,
-                                               const c10::optional<at::Tensor>& rotary_sin) {
-  auto r = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, false);
+                                               const c10::optional<at::Tensor>& rotary_sin,
+                                               const c10::optional<at::Tensor>& cu_seqlens) {
+  auto r = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, false,
+                           cu_seqlens);
   cpu::swa_fwd(r.params);
   return {r.out, r.lse};
 }
@@ -24,10 +26,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cpu(
     double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
     const c10::optional<at::Tensor>& rotary_sin, const at::Tensor& o_rla,
     const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
-    at::ScalarType out_dtype, bool save_for_backward) {
+    at::ScalarType out_dtype, bool save_for_backward,
+    const c10::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK(out_dtype != at::kHalf, "out_dtype float16 is not supported on CPU");
   auto r = prepare_swa_mix_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
-                               swa_weight, rla_weight, eps, out_dtype, save_for_backward, false);
+                               swa_weight, rla_weight, eps, out_dtype, save_for_backward, false,
+                               cu_seqlens);
   cpu::swa_fwd(r.swa.params);
   cpu::mix_fwd(r.mix);
   if (!save_for_backward) return {r.out, r.swa.out.new_empty({0}), r.swa.lse.new_empty({0})};
@@ -38,9 +42,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t window_size, double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
-    const c10::optional<at::Tensor>& rotary_sin, bool deterministic) {
+    const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
+    const c10::optional<at::Tensor>& cu_seqlens) {
   auto r = prepare_swa_bwd(grad_out, grad_lse, q, k, v, out, lse, window_size, softmax_scale,
-                           rotary_cos, rotary_sin, deterministic, false);
+                           rotary_cos, rotary_sin, deterministic, false, cu_seqlens);
   cpu::swa_bwd(r.params);
   return {r.grad_q, r.grad_k, r.grad_v};
 }
@@ -48,28 +53,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
     c10::string_view feature_map, const c10::optional<at::Tensor>& initial_state,
-    int64_t chunk_size, int64_t checkpoint_every) {
+    int64_t chunk_size, int64_t checkpoint_every, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& carried_state) {
   auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
-                           chunk_size, checkpoint_every, false);
+                           chunk_size, checkpoint_every, false, cu_seqlens, carried_state);
   cpu::rla_fwd(r.params);
   return {r.out, r.final_state, r.checkpoints};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
     int64_t window_size, c10::string_view feature_map, int64_t chunk_size,
-    int64_t checkpoint_every) {
+    int64_t checkpoint_every, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& carried_state) {
   auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
                            window_size, std::string(feature_map), chunk_size, checkpoint_every,
-                           false);
+                           false, cu_seqlens, carried_state);
   cpu::rla_bwd(r.params);
-  at::Tensor gh0 = r.grad_h0;
-  if (gh0.numel() > 0 && initial_state->size(0) == 1 && gh0.size(0) > 1) {
-    gh0 = gh0.sum(0, /*keepdim=*/true);
-  }
-  return {r.grad_q, r.grad_k, r.grad_v, gh0};
+  return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
+          r.grad_carried};
 }
 
 at::Tensor mix_fwd_cpu(const at::Tensor& o_swa, const at::Tensor& o_rla,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rattention_ext
+from rattention_ext import continuation
 from rattention_ext import distributed as cp
 from rattention_ext.nn import RAttention, rotary_tables
 
@@ -76,11 +77,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _check_case(rank, world, group, case, seed):
+def _check_case(rank, world, group, case, seed, dtype=torch.float64):
+    """Relative errors of this rank's output and gradients (``dtype`` run) against one
+    process's float64 forward on the same inputs."""
     name, lengths, w, Hq, Hkv, fm, with_h0, with_rotary = case
     total = sum(lengths)
     t = _inputs(total, Hq, Hkv, with_h0, with_rotary, seed)
     shared = ["g_swa", "g_rla"] + (["h0"] if with_h0 else [])
+    cast = {x: (t[x].to(dtype) if x in ("q", "k", "v", "cos", "sin") or x in shared else t[x])
+            for x in t if t[x] is not None}
 
     # One process, the whole sequence.
     full = {n: t[n].clone().requires_grad_() for n in ["q", "k", "v"] + shared}
@@ -91,11 +96,11 @@ def _check_case(rank, world, group, case, seed):
     # This rank's shard.
     a = sum(lengths[:rank])
     n = lengths[rank]
-    mine = {x: t[x][:, a:a + n].clone().requires_grad_() for x in ["q", "k", "v"]}
-    mine.update({x: t[x].clone().requires_grad_() for x in shared})
+    mine = {x: cast[x][:, a:a + n].clone().requires_grad_() for x in ["q", "k", "v"]}
+    mine.update({x: cast[x].clone().requires_grad_() for x in shared})
     out = cp.context_parallel_forward(mine["q"], mine["k"], mine["v"], window_size=w,
-                                      group=group, **_kwargs(t, fm, mine))
-    out.backward(t["grad"][:, a:a + n])
+                                      group=group, **_kwargs(cast, fm, mine))
+    out.backward(t["grad"][:, a:a + n].to(dtype))
 
     errs = {"out": _rel(out, out_full[:, a:a + n]) if n else 0.0}
     for x in ["q", "k", "v"]:
@@ -110,8 +115,7 @@ def _check_case(rank, world, group, case, seed):
 def _traffic(rank, world, group, shard, w):
     """Bytes this rank sends in one forward + backward, counted by wrapping the calls."""
     sent = {"p2p": 0, "all_gather": 0}
-    ag_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-    orig_p2p, orig_ag = dist.batch_isend_irecv, getattr(dist, ag_name)
+    orig_p2p, orig_ag = dist.batch_isend_irecv, dist.all_gather
 
     def p2p(ops):
         sent["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops
@@ -122,8 +126,7 @@ def _traffic(rank, world, group, shard, w):
         sent["all_gather"] += inp.numel() * inp.element_size()
         return orig_ag(out, inp, *a, **k)
 
-    dist.batch_isend_irecv = p2p
-    setattr(dist, ag_name, ag)
+    dist.batch_isend_irecv, dist.all_gather = p2p, ag
     try:
         t = _inputs(shard * world, 4, 2, True, True, seed=7)
         sl = slice(rank * shard, (rank + 1) * shard)
@@ -133,8 +136,7 @@ def _traffic(rank, world, group, shard, w):
                                               **_kwargs(t, "softmax", t))
             out.backward(t["grad"][:, sl])
     finally:
-        dist.batch_isend_irecv = orig_p2p
-        setattr(dist, ag_name, orig_ag)
+        dist.batch_isend_irecv, dist.all_gather = orig_p2p, orig_ag
     return dict(sent, counted=counted["total"])
 
 
@@ -195,6 +197,16 @@ def _worker(rank, init_file, result_dir):
                 res = results[str(world)] = {}
                 for i, case in enumerate(CASES[world]):
                     res[case[0]] = _check_case(r, world, group, case, seed=100 * world + i)
+                # float32 against the float64 single-process run (SPEC: relative 1e-5).
+                res_f32 = results[str(world) + "_float32"] = {}
+                res_f32["float32"] = _check_case(r, world, group, CASES[world][-1], seed=6,
+                                                 dtype=torch.float32)
+                # The copying path (ops without halo kernels, CUDA today) on one case.
+                continuation._NO_HALO_KERNELS.add("cpu")
+                try:
+                    res["copying_path"] = _check_case(r, world, group, CASES[world][0], seed=5)
+                finally:
+                    continuation._NO_HALO_KERNELS.discard("cpu")
                 res["module"] = _check_module(r, world, group)
                 res["mismatch_raises"] = _check_mismatch(r, world, group)
                 res["traffic"] = [_traffic(r, world, group, shard, w=6) for shard in (16, 48)]
@@ -227,11 +239,18 @@ def spawned(request, spawned_all):
 
 def test_matches_one_process(spawned):
     world, res = spawned
-    names = [c[0] for c in CASES[world]] + ["module"]
+    names = [c[0] for c in CASES[world]] + ["module", "copying_path"]
     for r, per_rank in enumerate(res):
         for name in names:
             for what, err in per_rank[name].items():
                 assert err < TOL, f"world {world} rank {r} case {name}: {what} rel err {err:.3g}"
+
+
+def test_float32_matches_one_process(spawned_all):
+    for world, members in GROUPS.items():
+        for g in (g for m in members for g in m):
+            for what, err in spawned_all[g][f"{world}_float32"]["float32"].items():
+                assert err < 1e-5, f"world {world} rank {g} float32: {what} rel err {err:.3g}"
 
 
 def test_mismatched_ranks_raise_everywhere(spawned):
@@ -272,9 +291,18 @@ def _same_cache(a, b):
         assert (ta - tb).abs().max().item() <= TOL * max(1.0, tb.abs().max().item()), x
 
 
+@pytest.fixture(params=["halo_kernels", "copying"])
+def continuation_path(request, monkeypatch):
+    """Both ways the ops can be given a halo: the kernels' own (when the ops take it) and the
+    copying one (halo rows padded into q; what devices without those kernels use)."""
+    if request.param == "copying":
+        monkeypatch.setattr(continuation, "_NO_HALO_KERNELS", {"cpu"})
+    return request.param
+
+
 @pytest.mark.parametrize("w", [0, 5, 19])
 @pytest.mark.parametrize("fm", ["softmax", "relu"])
-def test_chunked_prefill_equals_one_prefill(w, fm):
+def test_chunked_prefill_equals_one_prefill(w, fm, continuation_path):
     B, Hq, Hkv, D = 2, 4, 2, 8
     chunks = [7, 1, 12, 30, 3]
     total = sum(chunks)
@@ -298,7 +326,7 @@ def test_chunked_prefill_equals_one_prefill(w, fm):
     assert _rel(d_chunked, d_one) < TOL
 
 
-def test_chunked_prefill_sequences_at_different_positions_and_ragged():
+def test_chunked_prefill_sequences_at_different_positions_and_ragged(continuation_path):
     """Each sequence continues from its own position; ragged chunks (seq_lens) too."""
     B, Hq, Hkv, D, w = 3, 4, 2, 8, 6
     stages = [(12, [5, 12, 0]), (9, None), (10, [3, 10, 1]), (4, None)]

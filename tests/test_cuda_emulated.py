@@ -2,10 +2,13 @@
 the float64 reference: every kernel, forward and backward, bf16 and fp16.
 
 The emulator compiles the real kernel and launcher sources as C++ and runs each CTA's
-threads as user-level contexts, with mma.sync / ldmatrix replayed by their PTX semantics
-(tools/emu/emu.h says what it cannot show: races, cp.async timing, the hardware itself).
-Accuracy rule as in the GPU tests (SPEC.md): the kernel's error at most 2x that of the same
-computation in plain PyTorch in that dtype, plus a small floor.
+threads as user-level contexts, with mma.sync / ldmatrix replayed by their PTX semantics,
+deferred cp.async, and its checks on (racecheck, initcheck, memcheck, synccheck, the launch
+model; tools/emu/README.md): any report fails the op with a RuntimeError. Every case runs
+under several warp schedules (SCHEDULES; RATTENTION_EMU_SCHEDULES overrides, e.g.
+"asc,desc,random:1,random:7") and the results must be bit-identical across them, except
+those of float atomics. Accuracy rule as in the GPU tests (SPEC.md): the kernel's error at
+most 2x that of the same computation in plain PyTorch in that dtype, plus a small floor.
 
 Skipped when a prerequisite of the emulator is missing here (a C++ compiler, the CUDA
 toolkit headers or CUTLASS); a compile error in the kernels fails.
@@ -13,6 +16,7 @@ toolkit headers or CUTLASS); a compile error in the kernels fails.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -28,14 +32,61 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOOR = 2e-3
 
 
+def _schedules():
+    spec = os.environ.get("RATTENTION_EMU_SCHEDULES", "asc,desc,random:1")
+    out = []
+    for item in spec.split(","):
+        order, _, seed = item.strip().partition(":")
+        out.append((order, int(seed or 0)))
+    return out
+
+
+SCHEDULES = _schedules()
+
+
 @pytest.fixture(scope="module")
 def emu():
     sys.path.insert(0, str(ROOT / "tools" / "emu"))
     import build
     try:
-        return build.load()
+        mod = build.load()
     except build.EmulatorUnavailable as e:  # a compile error is not a skip: it fails
         pytest.skip(f"CUDA emulator not buildable here: {e}")
+    mod.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    return mod
+
+
+def _flat(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for e in x for t in _flat(e)]
+    return []
+
+
+def under_schedules(emu, fn, atomic=()):
+    """fn() (emulated launches on fresh inputs) under every schedule of SCHEDULES; returns the
+    first run's result. All tensors of the results must be bit-identical across schedules,
+    except those at the flat positions in `atomic` (float atomics: summation order differs),
+    which must agree to 1e-5 relative."""
+    results = []
+    for order, seed in SCHEDULES:
+        emu.set_schedule(order, seed)
+        try:
+            results.append(fn())
+        finally:
+            emu.set_schedule("asc", 0)
+    first = _flat(results[0])
+    for (order, seed), res in zip(SCHEDULES[1:], results[1:]):
+        for i, (a, b) in enumerate(zip(first, _flat(res))):
+            if i in atomic:
+                scale = a.double().norm().clamp_min(1e-30)
+                assert ((a.double() - b.double()).norm() / scale).item() < 1e-5, (order, seed, i)
+            else:
+                assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan())
+                                             and torch.equal(a.nan_to_num(), b.nan_to_num())), \
+                    f"result {i} differs between schedule {SCHEDULES[0]} and {(order, seed)}"
+    return results[0]
 
 
 def rel_err(x, r):
@@ -74,8 +125,11 @@ def test_swa_emulated(emu, B, T, Hq, Hkv, D, w, rot, dtype, layout):
     go = torch.randn(B, T, Hq, D, generator=g)
     gl = torch.randn(B, Hq, T, generator=g)
 
-    o, lse = emu.swa_fwd(q, k, v, w, scale, cos, sin)
-    dq, dk, dv = emu.swa_bwd(go, gl, q, k, v, o, lse, w, scale, cos, sin)
+    def run():
+        o, lse = emu.swa_fwd(q, k, v, w, scale, cos, sin)
+        return o, lse, emu.swa_bwd(go, gl, q, k, v, o, lse, w, scale, cos, sin)
+
+    o, lse, (dq, dk, dv) = under_schedules(emu, run)
 
     l64 = [x.double().requires_grad_() for x in (q, k, v)]
     c64 = None if cos is None else cos.double()
@@ -108,9 +162,14 @@ def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, dtype):
         H0 = 0.1 * torch.randn(B if h0 == "batch" else 1, Hq, 2 * D, D, generator=g)
     go = torch.randn(B, T, Hq, D, generator=g)
 
-    o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every)
-    gfs = torch.randn(fs.shape, generator=g)
-    dq, dk, dv, dh0 = emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every)
+    gfs = torch.randn(B, Hkv, 2 * D, D, generator=g)
+
+    def run():
+        o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every)
+        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every)
+
+    # dq accumulates across CTAs with float atomics (flat position 3)
+    o, fs, ck, (dq, dk, dv, dh0) = under_schedules(emu, run, atomic=(3,))
 
     l64 = [x.double().requires_grad_() for x in (q, k, v)]
     h64 = None if H0 is None else H0.double().requires_grad_()
@@ -148,12 +207,12 @@ def test_fused_mix_and_mix_bwd_emulated(emu, out_dtype):
     g = torch.Generator().manual_seed(3)
     ga = 1 + 0.5 * torch.randn(Hq, D, generator=g)
     gb = 1 + 0.5 * torch.randn(Hq, D, generator=g)
-    o_rla = emu.rla_fwd(q, k, v, w, "softmax", None, 2)[0]
-    o_swa, lse = emu.swa_fwd(q, k, v, w, 0.125, None, None)
+    o_rla = under_schedules(emu, lambda: emu.rla_fwd(q, k, v, w, "softmax", None, 2))[0]
+    o_swa, lse = under_schedules(emu, lambda: emu.swa_fwd(q, k, v, w, 0.125, None, None))
     want = ref.rms_mix(o_swa.double(), o_rla.double(), ga.double(), gb.double(), 1e-8)
     for save in (True, False):
-        out, o2, l2 = emu.swa_mix_fwd(q, k, v, w, 0.125, None, None, o_rla, ga, gb, 1e-8,
-                                      out_dtype, save)
+        out, o2, l2 = under_schedules(emu, lambda: emu.swa_mix_fwd(
+            q, k, v, w, 0.125, None, None, o_rla, ga, gb, 1e-8, out_dtype, save))
         assert out.dtype == out_dtype
         # float32 math on the same branch outputs: only the output rounding differs
         assert rel_err(out, want) < (5e-3 if out_dtype == torch.bfloat16 else 1e-5)
@@ -163,7 +222,7 @@ def test_fused_mix_and_mix_bwd_emulated(emu, out_dtype):
             assert o2.numel() == 0 and l2.numel() == 0
 
     gout = torch.randn(B, T, Hq, D, generator=g).to(out_dtype)
-    da, db, dga, dgb = emu.mix_bwd(gout, o_swa, o_rla, ga, gb, 1e-8)
+    da, db, dga, dgb = under_schedules(emu, lambda: emu.mix_bwd(gout, o_swa, o_rla, ga, gb, 1e-8))
     l64 = [x.double().requires_grad_() for x in (o_swa, o_rla, ga, gb)]
     r = ref.rms_mix(*l64, 1e-8)
     want = torch.autograd.grad((r * gout.double()).sum(), l64)
@@ -184,13 +243,17 @@ def test_decode_emulated_matches_forward(emu, fm, rot, D, w):
     gb = 1 + 0.5 * torch.randn(Hq, D, generator=g)
     cos, sin = rotary_tables(T, D, torch.float32) if rot else (None, None)
     scale = 1 / math.sqrt(D)
-    cache = RAttentionCache.empty(B, w, Hkv, D, dtype=dtype)
-    rows = []
-    for t in range(T):
-        rows.append(emu.decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache.keys,
-                                    cache.values, cache.state, cache.positions, fm, scale, H0,
-                                    cos, sin, ga, gb, 1e-8))
-    got = torch.cat(rows, dim=1)
+
+    def run():
+        cache = RAttentionCache.empty(B, w, Hkv, D, dtype=dtype)
+        rows = []
+        for t in range(T):
+            rows.append(emu.decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache.keys,
+                                        cache.values, cache.state, cache.positions, fm, scale,
+                                        H0, cos, sin, ga, gb, 1e-8))
+        return torch.cat(rows, dim=1), cache.state, cache
+
+    got, _, cache = under_schedules(emu, run)
     assert cache.positions.tolist() == [T] * B
     kw = dict(window_size=w, feature_map=fm, softmax_scale=scale, initial_state=H0.double(),
               swa_norm_weight=ga.double(), rla_norm_weight=gb.double())
@@ -202,3 +265,48 @@ def test_decode_emulated_matches_forward(emu, fm, rot, D, w):
     _, state = ref.residual_linear_attention(q.double(), k.double(), v.double(), window_size=w,
                                              feature_map=fm, return_final_state=True)
     assert rel_err(cache.state, state) < 1e-2
+
+
+# The emulator's own checks, on tools/emu/emu_selftest.cpp: small kernels with one deliberate
+# bug each (same order as its Bug enum) and the check that must report it.
+SELFTEST = [
+    ("clean", None), ("no_sync", "racecheck"), ("write_after_read", "racecheck"),
+    ("uninit", "initcheck"), ("smem_oob", "memcheck"), ("global_oob", "memcheck"),
+    ("write_input", "memcheck"), ("no_wait", "initcheck"), ("short_wait", "initcheck"),
+    ("own_read", "initcheck"), ("wait_no_sync", "racecheck"), ("partial_barrier", "synccheck"),
+    ("split_barrier", "synccheck"), ("shuffle_exited", "synccheck"),
+    ("static_persist", "initcheck"), ("launch_bounds", "launch"), ("no_optin", "launch"),
+    ("arch_limit", "launch"),
+]
+# bugs whose wrong values (poison) also show in the output under at least one schedule
+VISIBLE = {"no_sync", "uninit", "no_wait", "short_wait", "wait_no_sync", "static_persist"}
+
+
+@pytest.mark.parametrize("index,bug,check", [(i, b, c) for i, (b, c) in enumerate(SELFTEST)])
+def test_emulator_checks_report_their_bug(emu, index, bug, check):
+    wrong_values = False
+    for order, seed in SCHEDULES:
+        emu.set_schedule(order, seed)
+        try:
+            reports, out, want = emu._selftest(index)
+        finally:
+            emu.set_schedule("asc", 0)
+        if check is None:
+            assert reports == [] and out == want, (order, reports)
+        else:
+            assert any(r.startswith(f"emu {check}:") for r in reports), (order, seed, reports)
+            wrong_values |= out != want
+    if bug in VISIBLE:
+        assert wrong_values, f"{bug}: no schedule showed wrong values"
+
+
+def test_emulated_arch_limit_fails_like_the_gpu(emu):
+    # RLA at D = 128 needs more opt-in shared memory than sm_86 / sm_89 have (99 KiB)
+    q, k, v = inputs(1, 16, 2, 1, 128, torch.bfloat16, seed=1)
+    emu.set_arch(86)
+    try:
+        with pytest.raises(RuntimeError, match="opt-in limit"):
+            emu.rla_fwd(q, k, v, 0, "softmax", None, 1)
+    finally:
+        emu.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # fits on sm_80

@@ -476,20 +476,25 @@ class _ReferenceBranchOps:
         return getattr(torch.ops.rattention_ext, name)
 
     @staticmethod
-    def swa_fwd(q, k, v, w, scale, cos, sin):
+    def swa_fwd(q, k, v, w, scale, cos, sin, cu_seqlens=None):
+        assert cu_seqlens is None, "this stub answers dense batches only"
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return R.sliding_window_attention(q.to(acc), k.to(acc), v.to(acc), window_size=w,
                                           softmax_scale=scale, return_lse=True, rotary_cos=cos,
                                           rotary_sin=sin)
 
     @classmethod
-    def swa_mix_fwd(cls, q, k, v, w, scale, cos, sin, o_rla, g_swa, g_rla, eps, out_dtype, save):
+    def swa_mix_fwd(cls, q, k, v, w, scale, cos, sin, o_rla, g_swa, g_rla, eps, out_dtype, save,
+                    cu_seqlens=None):
+        assert cu_seqlens is None, "this stub answers dense batches only"
         o_swa, lse = cls.swa_fwd(q, k, v, w, scale, cos, sin)
         out = torch.ops.rattention_ext.mix_fwd(o_swa, o_rla, g_swa, g_rla, eps, out_dtype)
         return out, o_swa, lse
 
     @staticmethod
-    def rla_fwd(q, k, v, w, fm, h0, chunk_size, checkpoint_every):
+    def rla_fwd(q, k, v, w, fm, h0, chunk_size, checkpoint_every, cu_seqlens=None,
+                carried_state=None):
+        assert cu_seqlens is None and carried_state is None, "dense batches only"
         out, state = R._rla(q, k, v, w, fm, h0)
         return out, state, None
 

@@ -79,6 +79,8 @@ def test_emulated_launches_are_the_plans(emu, B, T, Hq, Hkv, D, w, dtype, every)
     emu.swa_bwd(go, None, q, k, v, o, lse, w, scale, None, None)
     assert launched(emu) == plan("swa_bwd")
 
+    emu.mix_fwd(o, o_rla, ga, gb, 1e-6, dtype)
+    assert launched(emu) == plan("mix_fwd")
     emu.mix_bwd(go.to(dtype), o, o_rla, ga, gb, 1e-6)
     assert launched(emu) == plan("mix_bwd")
 

@@ -164,6 +164,20 @@ def test_forward_packed_h0_and_rotary_f64(h0, rotary):
         _assert_close(a, b, F64_TOL, f"grad {name}")
 
 
+def test_forward_packed_default_keywords():
+    """No optional keyword at all (default norm weights, no H0, no rotary), values and grads."""
+    lengths, Hq, Hkv, D = [3, 0, W + 1, 70], 4, 2, 16
+    q, k, v, cu = _packed(lengths, Hq, Hkv, D, seed=13)
+    leaves = _grad_leaves(q, k, v, {})
+    out = rattention_ext.forward(*leaves, window_size=W, cu_seqlens=cu)
+    loop_leaves = _grad_leaves(q, k, v, {})
+    ref = _forward_loop(*loop_leaves, cu, {})
+    _assert_close(out, ref, F64_TOL, "output")
+    _assert_close(out, R.forward(q, k, v, window_size=W, cu_seqlens=cu), F64_TOL, "reference")
+    for a, b in zip(_grads(out, leaves), _grads(ref, loop_leaves)):
+        _assert_close(a, b, F64_TOL, "grad")
+
+
 def test_rotary_restarts_in_every_document():
     """Two identical documents packed together give identical outputs (positions restart)."""
     Hq, Hkv, D, L = 4, 2, 8, 40
@@ -486,3 +500,32 @@ def test_cu_seqlens_from_position_ids():
     y = layer(x, cu_seqlens=cu)
     for s, e in ((0, 3), (3, 5), (5, 6), (6, 10)):
         assert (y[0, s:e] - layer(x[:, s:e])[0]).abs().max().item() < F64_TOL
+
+
+# ---- torch.compile ----------------------------------------------------------------------
+def test_compile_fullgraph_no_recompile_when_lengths_change():
+    """cu_seqlens is a tensor input of the compiled graph: one compilation (forward and
+    backward) serves every mix of the same total and document count."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    Hq, Hkv, D, total = 4, 2, 16, 80
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    kw = _extras(4, Hq, D, torch.float64, h0="per_doc", rotary_P=total)
+
+    def step(q, k, v, cu):
+        return rattention_ext.forward(q, k, v, window_size=W, cu_seqlens=cu, **kw)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+    for lengths in ([5, 0, 40, 35], [1, 1, W + 1, 80 - W - 3], [20, 20, 20, 20], [0, 0, 0, 80]):
+        q, k, v, cu = _packed(lengths, Hq, Hkv, D, seed=sum(lengths[:2]))
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = compiled(*leaves, cu)
+        grads = _grads(out, leaves)
+        ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ref = _forward_loop(*ref_leaves, cu, kw)
+        _assert_close(out, ref, F64_TOL, f"compiled output {lengths}")
+        for a, b in zip(grads, _grads(ref, ref_leaves)):
+            _assert_close(a, b, F64_TOL, f"compiled grad {lengths}")
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compilations"

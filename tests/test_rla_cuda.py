@@ -121,7 +121,7 @@ def test_rla_fwd_bwd(B, T, Hq, Hkv, D, w, dtype, fm, h0_mode):
     go = torch.randn(B, T, Hq, D, device="cuda", generator=g)
     gfs = 0.1 * torch.randn(B, Hkv, 2 * D, D, device="cuda", generator=g)
     poison()
-    dq, dk, dv, dh0 = ops.rla_bwd(go, gfs, q, k, v, h0, ckpt, w, fm, CHUNK, every)
+    dq, dk, dv, dh0, _ = ops.rla_bwd(go, gfs, q, k, v, h0, ckpt, w, fm, CHUNK, every)
     torch.cuda.synchronize()
     leaves64 = [q64, k64, v64] + ([h064] if h0 is not None else [])
     grads64 = torch.autograd.grad((o64 * go.double()).sum() + (s64 * gfs.double()).sum(), leaves64,

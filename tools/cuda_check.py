@@ -5,7 +5,8 @@ For every csrc/cuda/*.cu and every arch (sm_80, sm_90a):
   nvcc -cubin -Xptxas -v  ->  per-kernel registers, spill stores/loads, static smem
   cuobjdump -sass         ->  HMMA / HGMMA instruction count per kernel
 and, once, tools/ldsm_check.cu on the host: every ldmatrix copy of the kernels replayed with
-its PTX semantics against the MMA's element-wise partition (no GPU needed).
+its PTX semantics against the MMA's element-wise partition (no GPU needed), and the JAX
+binding's CUDA handlers (csrc/jax/ffi_cuda.cpp) against jax's FFI headers when jax imports.
 Dynamic shared memory is not visible to ptxas; kernels that use it carry a
 `rattention::cuda::DynSmem<N>` template argument (see csrc/cuda/swa_traits.cuh), which the
 demangled name shows, and smem_bytes = static + N.
@@ -226,6 +227,25 @@ def run_layout_check(cutlass, nvcc):
     return r.returncode == 0, time.time() - t0, r.stdout + r.stderr
 
 
+def compile_jax_handlers(nvcc):
+    """The JAX binding's CUDA handlers (csrc/jax/ffi_cuda.cpp: host code calling the kernels'
+    launch headers with XLA's stream) compiled by nvcc against jax's FFI headers. Returns
+    (ok, seconds, log); None when jax is not importable here (nothing to check against)."""
+    try:
+        import jax.ffi  # noqa: F401
+
+        include = jax.ffi.include_dir()
+    except Exception:  # noqa: BLE001  (no jax in this interpreter)
+        return None
+    out = OUT / "ffi_cuda.o"
+    OUT.mkdir(parents=True, exist_ok=True)
+    cmd = [nvcc, "-c", "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", "-isystem", include,
+           "-Xcompiler", "-Wall,-Werror", str(ROOT / "csrc" / "jax" / "ffi_cuda.cpp"), "-o", str(out)]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return p.returncode == 0, time.time() - t0, " ".join(cmd) + "\n" + p.stdout + p.stderr
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("CUDA_CHECK_JOBS", "2")))
@@ -261,6 +281,7 @@ def main():
         if not args.skip_layout_check:
             layout = ex.submit(run_layout_check, cutlass, args.nvcc)
         plan_dump = ex.submit(launch_plan.build_dump, args.nvcc, cutlass)
+        jax_handlers = ex.submit(compile_jax_handlers, args.nvcc)
         futs = {ex.submit(compile_one, s, a, cutlass, args.nvcc, cuobjdump, []): (s, a)
                 for s, a in jobs}
         for f in cf.as_completed(futs):
@@ -310,6 +331,16 @@ def main():
         (OUT / "ldsm_check.txt").write_text(out)
         if not ok:
             failures.append("ldsm_check: fragments do not match the MMA partition (see above)")
+    jax_result = jax_handlers.result()
+    if jax_result is None:
+        print("\nJAX FFI CUDA handlers: skipped (jax is not importable by this interpreter)")
+    else:
+        ok, secs, out = jax_result
+        print(f"\nJAX FFI CUDA handlers (csrc/jax/ffi_cuda.cpp): {'ok' if ok else 'FAILED'} "
+              f"({secs:.0f}s)")
+        if not ok:
+            print(out[-4000:], file=sys.stderr)
+            failures.append("csrc/jax/ffi_cuda.cpp: compile failed")
     if not cuobjdump:
         failures.append("cuobjdump not found: cannot count MMA instructions "
                         "(pip install nvidia-cuda-cuobjdump or set CUOBJDUMP)")

@@ -31,8 +31,9 @@ struct PlanRow {
   int64_t workspace_bytes;  // the scratch that call allocates (the same on each of its rows)
 };
 
+// Dense batches without a halo (what the CUDA kernels take): seqlen_k = seqlen.
 inline AttnDims plan_dims(const PlanShape& s) {
-  return AttnDims{s.batch, s.seqlen, s.heads_q, s.heads_kv, s.head_dim};
+  return AttnDims{s.batch, s.seqlen, s.heads_q, s.heads_kv, s.head_dim, s.seqlen};
 }
 
 template <class Plan>

@@ -7,6 +7,10 @@
 // For the forward pass a query tile visits key tiles n_begin .. n_end-1; the pairs at the
 // window's two edges need an element mask, the interior pairs do not. The backward pass
 // iterates the transpose: for a key tile, the query tiles that can see it.
+//
+// Continued chunks (a halo of earlier keys): query row t (of Tq) sits at key position
+// t + q_off (q_off = halo, keys numbered 0 .. Tk-1 with Tk = Tq + q_off). The tile functions
+// taking (Tq, Tk, q_off) handle that; the (T, window) forms are the q_off = 0 case.
 #pragma once
 #include <cstdint>
 
@@ -61,6 +65,37 @@ RATT_HD bool swa_tile_needs_mask(int64_t m, int64_t n, int bm, int bn, int64_t T
   const bool right_ok = n_last <= m0;           // newest key no later than oldest query
   const bool left_ok = m_last - n0 <= window;   // oldest key within newest query's window
   return !(right_ok && left_ok);
+}
+
+// Halo-aware forms (see the file comment).
+RATT_HD TileRange swa_key_tiles_for_query_tile(int64_t m, int bm, int bn, int64_t Tq,
+                                               int64_t q_off, int64_t window) {
+  const int64_t m0 = m * bm;
+  const int64_t m1 = imin(Tq, m0 + bm);
+  const int64_t first_key = swa_first_key(m0 + q_off, window);
+  const int64_t last_key = m1 - 1 + q_off;
+  return TileRange{first_key / bn, last_key / bn + 1};
+}
+
+RATT_HD bool swa_tile_needs_mask(int64_t m, int64_t n, int bm, int bn, int64_t Tq, int64_t Tk,
+                                 int64_t q_off, int64_t window) {
+  const int64_t m0 = m * bm, m_last = m0 + bm - 1;
+  const int64_t n0 = n * bn, n_last = n0 + bn - 1;
+  if (m_last >= Tq || n_last >= Tk) return true;
+  const bool right_ok = n_last <= m0 + q_off;
+  const bool left_ok = m_last + q_off - n0 <= window;
+  return !(right_ok && left_ok);
+}
+
+// Query tiles that see some key of key tile n; empty (begin == end) when none does.
+RATT_HD TileRange swa_query_tiles_for_key_tile(int64_t n, int bm, int bn, int64_t Tq,
+                                               int64_t Tk, int64_t q_off, int64_t window) {
+  const int64_t n0 = n * bn;
+  const int64_t n_last = imin(Tk, n0 + bn) - 1;
+  const int64_t first_query = imax(0, n0 - q_off);
+  const int64_t last_query = imin(Tq - 1, n_last + window - q_off);
+  if (last_query < first_query) return TileRange{0, 0};
+  return TileRange{first_query / bm, last_query / bm + 1};
 }
 
 // ---- tile level: SWA backward --------------------------------------------------------

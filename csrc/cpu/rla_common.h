@@ -8,6 +8,11 @@
 //
 // Work split (see rla_fwd.cpp / rla_bwd.cpp): a "segment" is `checkpoint_every` chunks; the
 // forward saves the state at each segment start. Everything here is torch-free.
+//
+// Sequences (QkvParams): the chunking runs per sequence b over its own q rows. A halo of
+// h = halo(b) keys before q's first token is index arithmetic too: query row t sits at key
+// row t + h, so it sees key rows s <= t + h - w - 1, i.e. the same rule with the window
+// w - h (>= -1, since h <= w + 1). Geometry holds that effective window.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -23,19 +28,22 @@
 
 namespace rattention::cpu::rla_detail {
 
-// Sizes and chunk/segment bookkeeping of one call.
+// Sizes and chunk/segment bookkeeping of one sequence.
 struct Geometry {
-  int64_t B, T, Hq, Hkv, G, D, F, w, C, every, n_chunks, n_seg;
+  int64_t Hq, Hkv, G, D, F, C, every;  // shared by all sequences
+  int64_t T;                           // query rows of this sequence
+  int64_t w;                           // effective window: window_size - halo (>= -1)
+  int64_t n_chunks, n_seg;
 
-  Geometry(const AttnDims& d, int64_t window, int64_t chunk, int64_t ckpt_every)
-      : B(d.batch), T(d.seqlen), Hq(d.heads_q), Hkv(d.heads_kv), G(d.group()), D(d.head_dim),
-        F(2 * d.head_dim), w(window), C(chunk), every(ckpt_every),
-        n_chunks(ceil_div(d.seqlen, chunk)), n_seg(rla_num_checkpoints(ceil_div(d.seqlen, chunk),
-                                                                         ckpt_every)) {}
+  Geometry(const RlaCommonParams& p, int64_t b)
+      : Hq(p.dims.heads_q), Hkv(p.dims.heads_kv), G(p.dims.group()), D(p.dims.head_dim),
+        F(2 * p.dims.head_dim), C(p.chunk_size), every(p.checkpoint_every), T(p.seqlen_q(b)),
+        w(p.window_size - p.halo(b)), n_chunks(ceil_div(T, C)),
+        n_seg(rla_num_checkpoints(n_chunks, every)) {}
 
   int64_t seg_first_chunk(int64_t sg) const { return sg * every; }
   int64_t seg_end_chunk(int64_t sg) const { return imin(n_chunks, (sg + 1) * every); }
-  // Keys that ever enter the state: s < state_len (the rest stay in the window).
+  // Key rows that ever enter the state: s < state_len (the rest stay in the window).
   int64_t state_len() const { return rla_state_len(T, w); }
   int64_t state_elems() const { return F * D; }
 };
@@ -62,13 +70,13 @@ inline void mask_chunk(acc_t* M, int64_t ld, const ChunkRange& r, int64_t w) {
   }
 }
 
-// Rows [t0, t0 + n) of head h of a [B, T, H, D] tensor, columns [j0, j0 + nc), converted to
-// acc_t into dst [n, ld].
+// n rows of one head from element offset `off` (rows st.t apart: QkvParams::q_offset /
+// k_offset), columns [j0, j0 + nc), converted to acc_t into dst [n, ld].
 template <typename scalar_t, typename acc_t>
-inline void load_rows(const scalar_t* base, const Strides4& st, int64_t b, int64_t h, int64_t t0,
-                      int64_t n, int64_t j0, int64_t nc, acc_t* dst, int64_t ld) {
+inline void load_rows(const scalar_t* base, const Strides4& st, int64_t off, int64_t n,
+                      int64_t j0, int64_t nc, acc_t* dst, int64_t ld) {
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* src = base + b * st.b + (t0 + i) * st.t + h * st.h + j0 * st.d;
+    const scalar_t* src = base + off + i * st.t + j0 * st.d;
     acc_t* out = dst + i * ld;
     if (st.d == 1) {
       for (int64_t j = 0; j < nc; ++j) out[j] = static_cast<acc_t>(Convert<scalar_t>::load(src[j]));
@@ -116,9 +124,24 @@ inline int64_t column_block(int64_t D, int64_t want_blocks, int64_t min_width) {
 }
 
 // Segment-parallel mode pays a state-only pre-pass to give every segment its own task; use
-// it only when (batch x kv heads) alone cannot keep the threads busy.
-inline bool use_segment_parallel(const Geometry& g) {
-  return g.B * g.Hkv < static_cast<int64_t>(max_threads()) && g.n_seg >= 2;
+// it only when (sequences x kv heads) alone cannot keep the threads busy.
+inline bool use_segment_parallel(const RlaCommonParams& p) {
+  int64_t max_seg = 0;
+  for (int64_t b = 0; b < p.num_seqs(); ++b) max_seg = imax(max_seg, Geometry(p, b).n_seg);
+  return p.num_seqs() * p.dims.heads_kv < static_cast<int64_t>(max_threads()) && max_seg >= 2;
+}
+
+// (sequence, segment) pairs of every sequence, for the segment-parallel passes.
+struct SeqSegment {
+  int64_t seq, seg;
+};
+inline std::vector<SeqSegment> list_segments(const RlaCommonParams& p) {
+  std::vector<SeqSegment> out;
+  for (int64_t b = 0; b < p.num_seqs(); ++b) {
+    const int64_t n = Geometry(p, b).n_seg;
+    for (int64_t sg = 0; sg < n; ++sg) out.push_back(SeqSegment{b, sg});
+  }
+  return out;
 }
 
 }  // namespace rattention::cpu::rla_detail

@@ -8,11 +8,15 @@
 // addressed by index (nothing shifted is materialised). The state at each segment start
 // (every `checkpoint_every` chunks) goes to p.checkpoints for the backward.
 //
+// Sequences: every (sequence b, kv head g) runs its own chunks (rla_common.h: Geometry per
+// sequence, halo as index arithmetic); the state starts at the carried state (or 0).
+//
 // Parallelism. Linear attention is independent across value columns, so a task may own
 // (b, g, value-column block): it recomputes phi (cheap) and the [nq, nk] score block per
 // column block. When B * Hkv cannot fill the threads and there are >= 2 segments, a cheap
 // state-only pass (column-split) writes the checkpoints first and then every segment is an
 // independent output task starting from its checkpoint.
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -28,31 +32,41 @@ template <typename scalar_t>
 struct RlaFwd {
   using acc_t = typename AccType<scalar_t>::type;
   const RlaFwdParams& p;
-  Geometry geo;
+  const int64_t Hkv, D, F;
 
   explicit RlaFwd(const RlaFwdParams& params)
-      : p(params), geo(params.dims, params.window_size, params.chunk_size, params.checkpoint_every) {}
+      : p(params), Hkv(params.dims.heads_kv), D(params.dims.head_dim),
+        F(2 * params.dims.head_dim) {}
 
   const scalar_t* q() const { return static_cast<const scalar_t*>(p.q); }
   const scalar_t* k() const { return static_cast<const scalar_t*>(p.k); }
   const scalar_t* v() const { return static_cast<const scalar_t*>(p.v); }
   acc_t* ckpt(int64_t b, int64_t g, int64_t i) const {
-    return static_cast<acc_t*>(p.checkpoints) + ((b * geo.Hkv + g) * geo.n_seg + i) * geo.F * geo.D;
+    return static_cast<acc_t*>(p.checkpoints) + p.ckpt_index(b, g, i) * F * D;
   }
   acc_t* final_state(int64_t b, int64_t g) const {
-    return static_cast<acc_t*>(p.final_state) + (b * geo.Hkv + g) * geo.F * geo.D;
+    return static_cast<acc_t*>(p.final_state) + (b * Hkv + g) * F * D;
   }
   const acc_t* h0(int64_t b, int64_t h) const {
     return static_cast<const acc_t*>(p.initial_state) + b * p.initial_state_bstride +
-           h * geo.F * geo.D;
+           h * F * D;
+  }
+  // sS [F, nc] = columns [j0, j0 + nc) of the carried state of (b, g), or 0.
+  void init_state(int64_t b, int64_t g, int64_t j0, int64_t nc, acc_t* sS) const {
+    if (p.carried_state != nullptr) {
+      copy_block(static_cast<const acc_t*>(p.carried_state) + (b * Hkv + g) * F * D + j0, D, sS,
+                 nc, F, nc);
+    } else {
+      std::fill(sS, sS + F * nc, acc_t(0));
+    }
   }
 
   // Chunks [c_begin, c_end) of (b, g), value columns [j0, j0 + nc).
   // sS: [F, nc] state at c_begin on entry, after c_end - 1 on exit.
   // outputs: write o for the group's query heads; save_ckpt: write sS at segment starts.
-  void run(int64_t b, int64_t g, int64_t j0, int64_t nc, int64_t c_begin, int64_t c_end,
-           acc_t* sS, bool outputs, bool save_ckpt) const {
-    const int64_t C = geo.C, D = geo.D, F = geo.F;
+  void run(const Geometry& geo, int64_t b, int64_t g, int64_t j0, int64_t nc, int64_t c_begin,
+           int64_t c_end, acc_t* sS, bool outputs, bool save_ckpt) const {
+    const int64_t C = geo.C;
     std::vector<acc_t> scratch(C * D + C * F + C * nc +
                                (outputs ? C * D + C * F + C * C + C * nc + F * nc : 0));
     acc_t* sXk = scratch.data();   // [C, D]  raw k~ rows
@@ -72,14 +86,14 @@ struct RlaFwd {
       }
       const ChunkRange r = chunk_range(geo, c);
       if (r.nk > 0) {
-        load_rows(k(), p.k_stride, b, g, r.s0, r.nk, 0, D, sXk, D);
+        load_rows(k(), p.k_stride, p.k_offset(p.k_stride, b, r.s0, g), r.nk, 0, D, sXk, D);
         feature_rows(p.feature_map, sXk, sPk, r.nk, D);
-        load_rows(v(), p.v_stride, b, g, r.s0, r.nk, j0, nc, sV, nc);
+        load_rows(v(), p.v_stride, p.k_offset(p.v_stride, b, r.s0, g), r.nk, j0, nc, sV, nc);
       }
       if (outputs) {
         for (int64_t hh = 0; hh < geo.G; ++hh) {
           const int64_t h = g * geo.G + hh;
-          load_rows(q(), p.q_stride, b, h, r.t0, r.nq, 0, D, sXq, D);
+          load_rows(q(), p.q_stride, p.q_offset(p.q_stride, b, r.t0, h), r.nq, 0, D, sXq, D);
           feature_rows(p.feature_map, sXq, sPq, r.nq, D);
           const acc_t* state = sS;
           if (p.initial_state != nullptr) {
@@ -97,7 +111,7 @@ struct RlaFwd {
             gemm<acc_t>(false, false, r.nq, nc, r.nk, acc_t(1), sA, r.nk, sV, nc, acc_t(1), sO, nc);
           }
           for (int64_t i = 0; i < r.nq; ++i) {
-            acc_t* dst = out + b * os.b + (r.t0 + i) * os.t + h * os.h + j0 * os.d;
+            acc_t* dst = out + p.q_offset(os, b, r.t0 + i, h) + j0 * os.d;
             for (int64_t j = 0; j < nc; ++j) dst[j * os.d] = sO[i * nc + j];
           }
         }
@@ -109,47 +123,48 @@ struct RlaFwd {
     }
   }
 
+  // Whole sequences, one task per (b, g, value-column block): `outputs` as in run(); the
+  // checkpoints and the final state are always written.
+  void whole_sequences(int64_t want_blocks, int64_t min_width, bool outputs) const {
+    const int64_t BH = p.num_seqs() * Hkv;
+    const int64_t nc0 = column_block(D, want_blocks, min_width);
+    const int64_t nb = ceil_div(D, nc0);
+    parallel_for(BH * nb, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t task = t_begin; task < t_end; ++task) {
+        const int64_t bg = task / nb, j0 = (task % nb) * nc0, nc = imin(nc0, D - j0);
+        const int64_t b = bg / Hkv, g = bg % Hkv;
+        const Geometry geo(p, b);
+        std::vector<acc_t> sS(F * nc);
+        init_state(b, g, j0, nc, sS.data());
+        run(geo, b, g, j0, nc, 0, geo.n_chunks, sS.data(), outputs, true);
+        copy_block(sS.data(), nc, final_state(b, g) + j0, D, F, nc);
+      }
+    });
+  }
+
   void operator()() const {
-    const int64_t BH = geo.B * geo.Hkv, D = geo.D, F = geo.F;
+    const int64_t BH = p.num_seqs() * Hkv;
     const int64_t threads = max_threads();
-    if (!use_segment_parallel(geo)) {
+    if (BH == 0) return;
+    if (!use_segment_parallel(p)) {
       // One pass per (b, g, column block): outputs, checkpoints and final state together.
-      const int64_t want = BH >= threads ? 1 : ceil_div(threads, BH);
-      const int64_t nc0 = column_block(D, want, 32);
-      const int64_t nb = ceil_div(D, nc0);
-      parallel_for(BH * nb, 1, [&](int64_t t_begin, int64_t t_end) {
-        for (int64_t task = t_begin; task < t_end; ++task) {
-          const int64_t bg = task / nb, j0 = (task % nb) * nc0, nc = imin(nc0, D - j0);
-          const int64_t b = bg / geo.Hkv, g = bg % geo.Hkv;
-          std::vector<acc_t> sS(F * nc, acc_t(0));
-          run(b, g, j0, nc, 0, geo.n_chunks, sS.data(), true, true);
-          copy_block(sS.data(), nc, final_state(b, g) + j0, D, F, nc);
-        }
-      });
+      whole_sequences(BH >= threads ? 1 : ceil_div(threads, BH), 32, true);
       return;
     }
     // 1) State-only pass, split over value columns: checkpoints + final state.
-    {
-      const int64_t nc0 = column_block(D, ceil_div(threads, BH), 16);
-      const int64_t nb = ceil_div(D, nc0);
-      parallel_for(BH * nb, 1, [&](int64_t t_begin, int64_t t_end) {
-        for (int64_t task = t_begin; task < t_end; ++task) {
-          const int64_t bg = task / nb, j0 = (task % nb) * nc0, nc = imin(nc0, D - j0);
-          const int64_t b = bg / geo.Hkv, g = bg % geo.Hkv;
-          std::vector<acc_t> sS(F * nc, acc_t(0));
-          run(b, g, j0, nc, 0, geo.n_chunks, sS.data(), false, true);
-          copy_block(sS.data(), nc, final_state(b, g) + j0, D, F, nc);
-        }
-      });
-    }
+    whole_sequences(ceil_div(threads, BH), 16, false);
     // 2) Outputs: one task per (b, g, segment), starting from that segment's checkpoint.
-    parallel_for(BH * geo.n_seg, 1, [&](int64_t t_begin, int64_t t_end) {
+    const std::vector<SeqSegment> segs = list_segments(p);
+    const int64_t n_segs = static_cast<int64_t>(segs.size());
+    parallel_for(n_segs * Hkv, 1, [&](int64_t t_begin, int64_t t_end) {
       std::vector<acc_t> sS(F * D);
       for (int64_t task = t_begin; task < t_end; ++task) {
-        const int64_t bg = task / geo.n_seg, sg = task % geo.n_seg;
-        const int64_t b = bg / geo.Hkv, g = bg % geo.Hkv;
+        const SeqSegment& ss = segs[task / Hkv];
+        const int64_t b = ss.seq, g = task % Hkv, sg = ss.seg;
+        const Geometry geo(p, b);
         std::memcpy(sS.data(), ckpt(b, g, sg), F * D * sizeof(acc_t));
-        run(b, g, 0, D, geo.seg_first_chunk(sg), geo.seg_end_chunk(sg), sS.data(), true, false);
+        run(geo, b, g, 0, D, geo.seg_first_chunk(sg), geo.seg_end_chunk(sg), sS.data(), true,
+            false);
       }
     });
   }

@@ -33,17 +33,18 @@ inline void store_row(const acc_t* src, T* dst, int64_t D) {
   for (int64_t i = 0; i < D; ++i) dst[i] = Convert<T>::store(src[i]);
 }
 
-// Pack rows t0 .. t0+n-1 of head h of a [B, T, H, D] tensor (strides st, batch b) into
-// dst [n, D] (ld = D), optionally rotating row i with rotary row t0 + i.
+// Pack n rows of one head starting at element offset `off` (rows st.t apart) into
+// dst [n, D] (ld = D), optionally rotating row i with rotary row pos0 + i (its position in
+// its own sequence, see QkvParams::q_offset / k_offset for `off`).
 template <typename T, typename acc_t>
-inline void pack_rows(const T* base, const Strides4& st, int64_t b, int64_t h, int64_t t0,
-                      int64_t n, int64_t D, const acc_t* cos, const acc_t* sin, acc_t* dst) {
-  const T* src = base + b * st.b + h * st.h + t0 * st.t;
+inline void pack_rows(const T* base, const Strides4& st, int64_t off, int64_t n, int64_t D,
+                      const acc_t* cos, const acc_t* sin, int64_t pos0, acc_t* dst) {
+  const T* src = base + off;
   for (int64_t i = 0; i < n; ++i) {
     acc_t* row = dst + i * D;
     load_row<T, acc_t>(src + i * st.t, row, D);
     if (cos != nullptr) {
-      const int64_t t = t0 + i;
+      const int64_t t = pos0 + i;
       rotary_apply<acc_t>(row, cos + t * (D / 2), sin + t * (D / 2), static_cast<int>(D),
                           /*inverse=*/false);
     }

@@ -17,10 +17,10 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t smem;
 };
-inline std::vector<LaunchRecord>& launch_records() {
-  static std::vector<LaunchRecord> records;
-  return records;
-}
+// Defined in tools/emu/emu_plan_ops.cpp, outside the kernel translation units: those are
+// compiled with ThreadSanitizer instrumentation whose hooks are the emulator's, which has none
+// for the atomic guard of a function-local static.
+std::vector<LaunchRecord>& launch_records();
 }  // namespace emu
 #define RATT_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_smem())
 #define RATT_LAUNCH(grid, block, smem, stream, ...)                                          \

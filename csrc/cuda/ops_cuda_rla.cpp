@@ -29,37 +29,36 @@ void check_cuda_tensor(const at::Tensor& t, const char* name) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_size,
     c10::string_view feature_map, const c10::optional<at::Tensor>& initial_state,
-    int64_t chunk_size, int64_t checkpoint_every) {
+    int64_t chunk_size, int64_t checkpoint_every, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& carried_state) {
   check_cuda_chunk(chunk_size);
   const c10::cuda::CUDAGuard guard(q.device());
   auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
-                           chunk_size, checkpoint_every, /*cuda_backend=*/true);
+                           chunk_size, checkpoint_every, /*cuda_backend=*/true, cu_seqlens,
+                           carried_state);
   check_smem_fits(cuda::rla_fwd_smem_bytes(r.params), "rla_fwd", r.params.dims.head_dim);
   check_launch(cuda::rla_fwd(r.params, at::cuda::getCurrentCUDAStream()), "rla_fwd");
   return {r.out, r.final_state, r.checkpoints};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& initial_state, const at::Tensor& checkpoints,
     int64_t window_size, c10::string_view feature_map, int64_t chunk_size,
-    int64_t checkpoint_every) {
+    int64_t checkpoint_every, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& carried_state) {
   check_cuda_chunk(chunk_size);
   const c10::cuda::CUDAGuard guard(q.device());
   auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
                            window_size, std::string(feature_map), chunk_size, checkpoint_every,
-                           /*cuda_backend=*/true);
+                           /*cuda_backend=*/true, cu_seqlens, carried_state);
   check_smem_fits(cuda::rla_bwd_smem_bytes(r.params), "rla_bwd", r.params.dims.head_dim);
   at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params)}, q.options().dtype(at::kFloat));
   check_launch(cuda::rla_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
                "rla_bwd");
-  at::Tensor gh0 = r.grad_h0;
-  // The kernel writes one H0 gradient per batch element; a broadcast H0 gets their sum.
-  if (gh0.numel() > 0 && initial_state->size(0) == 1 && gh0.size(0) > 1) {
-    gh0 = gh0.sum(0, /*keepdim=*/true);
-  }
-  return {r.grad_q, r.grad_k, r.grad_v, gh0};
+  return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
+          r.grad_carried};
 }
 
 at::Tensor mix_fwd_cuda(const at::Tensor& o_swa, const at::Tensor& o_rla,

@@ -33,11 +33,13 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::T
                                                 const at::Tensor& v, int64_t window_size,
                                                 double softmax_scale,
                                                 const c10::optional<at::Tensor>& rotary_cos,
-                                                const c10::optional<at::Tensor>& rotary_sin) {
+                                                const c10::optional<at::Tensor>& rotary_sin,
+                                                const c10::optional<at::Tensor>& cu_seqlens) {
   check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   auto r = prepare_swa_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v), window_size,
-                           softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true);
+                           softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true,
+                           cu_seqlens);
   check_smem_fits(cuda::swa_fwd_smem_bytes(r.params), "swa_fwd", r.params.dims.head_dim);
   check_swa_launch(cuda::swa_fwd(r.params, at::cuda::getCurrentCUDAStream()), "swa_fwd_kernel");
   return {r.out, r.lse};
@@ -50,13 +52,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cuda(
     double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
     const c10::optional<at::Tensor>& rotary_sin, const at::Tensor& o_rla,
     const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
-    at::ScalarType out_dtype, bool save_for_backward) {
+    at::ScalarType out_dtype, bool save_for_backward,
+    const c10::optional<at::Tensor>& cu_seqlens) {
   check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   auto r = prepare_swa_mix_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v),
                                window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
                                swa_weight, rla_weight, eps, out_dtype, save_for_backward,
-                               /*cuda_backend=*/true);
+                               /*cuda_backend=*/true, cu_seqlens);
   check_smem_fits(cuda::swa_fwd_smem_bytes(r.swa.params), "swa_mix_fwd",
                   r.swa.params.dims.head_dim);
   check_swa_launch(cuda::swa_fwd(r.swa.params, at::cuda::getCurrentCUDAStream()),
@@ -68,13 +71,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     int64_t window_size, double softmax_scale, const c10::optional<at::Tensor>& rotary_cos,
-    const c10::optional<at::Tensor>& rotary_sin, bool deterministic) {
+    const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
+    const c10::optional<at::Tensor>& cu_seqlens) {
   check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   // The CUDA backward is deterministic whatever `deterministic` says (no atomics).
   auto r = prepare_swa_bwd(grad_out, grad_lse, cp_async_ready(q), cp_async_ready(k),
                            cp_async_ready(v), out, lse, window_size, softmax_scale, rotary_cos,
-                           rotary_sin, deterministic, /*cuda_backend=*/true);
+                           rotary_sin, deterministic, /*cuda_backend=*/true, cu_seqlens);
   check_smem_fits(cuda::swa_bwd_smem_bytes(r.params), "swa_bwd", r.params.dims.head_dim);
   at::Tensor ws = at::empty({cuda::swa_bwd_workspace_floats(r.params)},
                             q.options().dtype(at::kFloat));

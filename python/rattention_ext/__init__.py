@@ -6,7 +6,9 @@ for PyTorch, with CUDA and CPU kernels registered as ``torch.ops.rattention_ext`
     o = rattention_ext.forward(q, k, v, window_size=512,     # packed documents:
                                cu_seqlens=cu_seqlens)        # q [total, Hq, D]
 
-See ``rattention_ext.reference`` for the plain-PyTorch definition (SPEC.md).
+See ``rattention_ext.reference`` for the plain-PyTorch definition (SPEC.md). JAX users:
+``rattention_ext.jax`` runs the same kernels as XLA FFI custom calls (imported on its own;
+built when jax is installed), ``rattention_ext.jax_reference`` is a pure-JAX oracle.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._ops import ops
-from .varlen import bounds, check_cu_seqlens, check_packed_qkv, check_packed_state
+from .varlen import check_cu_seqlens, check_packed_qkv, check_packed_state
 
 # RLA chunk length and how often the forward saves a state for the backward to restart
 # from ("flexible state saving"): memory for states is T / (chunk * every) states.
@@ -137,7 +137,7 @@ def residual_linear_attention(
 def _norm_weight(w: Optional[Tensor], q: Tensor) -> Tensor:
     if w is not None:
         return w
-    return torch.ones(q.shape[2], q.shape[3], dtype=_acc(q.dtype), device=q.device)
+    return torch.ones(q.shape[-2], q.shape[-1], dtype=_acc(q.dtype), device=q.device)
 
 
 def forward(
@@ -198,7 +198,7 @@ def forward(
 
 
 def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
-                 swa_norm_weight, rla_norm_weight, norm_eps) -> Tensor:
+                 swa_norm_weight, rla_norm_weight, norm_eps, cu_seqlens=None) -> Tensor:
     """SWA branch and the mixing in one op (``swa_mix_fwd``; fused into the SWA kernel's
     epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for."""
     g_swa = _norm_weight(swa_norm_weight, q)
@@ -206,60 +206,34 @@ def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, o_rla, g_swa, g_rla))
     out, _, _ = ops.swa_mix_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos,
-                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save)
+                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save,
+                                cu_seqlens)
     return out
 
 
 # ---- packed batches ---------------------------------------------------------------------
-def _packed_docs(q, k, v, cu_seqlens, max_seqlen, initial_state, what):
-    """Check a packed batch; the documents' ``(start, end)`` bounds."""
+# One call to the packed ops (cu_seqlens): the kernels schedule over (document, tile), so
+# neither padding nor a loop over documents is needed.
+def _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, what) -> None:
+    """Shapes of a packed batch and its ``cu_seqlens`` (values too, unless compiling)."""
     check_packed_qkv(q, k, v, what)
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen=max_seqlen, what=what)
-    docs = bounds(cu_seqlens)
-    check_packed_state(initial_state, len(docs), what)
-    return docs
-
-
-def _doc_h0(initial_state: Optional[Tensor], b: int) -> Optional[Tensor]:
-    if initial_state is None or initial_state.shape[0] == 1:
-        return initial_state
-    return initial_state[b:b + 1]
+    check_packed_state(initial_state, cu_seqlens.shape[0] - 1, what)
 
 
 def _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size, scale, cos, sin):
-    docs = _packed_docs(q, k, v, cu_seqlens, max_seqlen, None, "sliding_window_attention")
-    outs, lses = [], []
-    for s, e in docs:
-        if e == s:
-            continue
-        o, lse = ops.swa_fwd(q[None, s:e], k[None, s:e], v[None, s:e], window_size, scale, cos,
-                             sin)
-        outs.append(o[0].to(q.dtype))
-        lses.append(lse[0])
-    if not outs:
-        return q.new_empty(q.shape), q.new_empty(q.shape[1], 0, dtype=_acc(q.dtype))
-    return torch.cat(outs, dim=0), torch.cat(lses, dim=-1)
+    _check_packed(q, k, v, cu_seqlens, max_seqlen, None, "sliding_window_attention")
+    out, lse = ops.swa_fwd(q, k, v, window_size, scale, cos, sin, cu_seqlens)
+    return out.to(q.dtype), lse
 
 
 def _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, initial_state,
                 chunk_size, checkpoint_every):
     """Packed RLA output (accumulation dtype) and final states ``[N, Hkv, 2D, D]``."""
-    docs = _packed_docs(q, k, v, cu_seqlens, max_seqlen, initial_state,
-                        "residual_linear_attention")
-    Hkv = k.shape[1]
-    acc = _acc(q.dtype)
-    outs, states = [], []
-    for b, (s, e) in enumerate(docs):
-        if e == s:  # no token: nothing out, the state of nothing is zero
-            states.append(q.new_zeros(1, Hkv, 2 * q.shape[-1], q.shape[-1], dtype=acc))
-            continue
-        o, state, _ = ops.rla_fwd(q[None, s:e], k[None, s:e], v[None, s:e], window_size,
-                                  feature_map, _doc_h0(initial_state, b), chunk_size,
-                                  checkpoint_every)
-        outs.append(o[0])
-        states.append(state)
-    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape, dtype=acc)
-    return out, torch.cat(states, dim=0)
+    _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, "residual_linear_attention")
+    out, state, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
+                                checkpoint_every, cu_seqlens)
+    return out, state
 
 
 def _forward_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, softmax_scale,
@@ -268,13 +242,6 @@ def _forward_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, s
     """Packed ``forward``: the output ``[total, Hq, D]`` and the RLA final states."""
     o_rla, states = _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
                                 initial_state, chunk_size, checkpoint_every)
-    outs = []
-    for s, e in bounds(cu_seqlens):
-        if e == s:
-            continue
-        o = _swa_and_mix(q[None, s:e], k[None, s:e], v[None, s:e], o_rla[None, s:e],
-                         window_size, softmax_scale, rotary_cos, rotary_sin, swa_norm_weight,
-                         rla_norm_weight, norm_eps)
-        outs.append(o[0])
-    out = torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+    out = _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
+                       swa_norm_weight, rla_norm_weight, norm_eps, cu_seqlens)
     return out, states

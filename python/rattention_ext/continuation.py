@@ -42,25 +42,35 @@ def feature_map(x: Tensor, kind: str) -> Tensor:
     raise ValueError(f"feature_map must be 'softmax' or 'relu', got {kind!r}")
 
 
+# Device types whose kernels turned out not to take a halo / carried state (the op raised
+# NotImplementedError); those use the copying path from then on.
+_NO_HALO_KERNELS: set = set()
+
+
 @functools.lru_cache(maxsize=None)
-def _ops_take_halo() -> bool:
-    """Whether the compiled ops take the halo as extra k/v rows and a per-kv-head carried
-    state (rla_fwd's ``carried_state``); without, the halo rows are padded into q and the
-    carried state goes in through ``initial_state`` (exact, but it copies)."""
+def _schema_takes_halo() -> bool:
     return "carried_state" in str(ops.rla_fwd.default._schema)
 
 
+def _halo_ops(t: Tensor) -> bool:
+    """Whether the compiled ops take the halo as leading k/v rows and a per-kv-head carried
+    state on ``t``'s device. Otherwise the halo rows are padded into q (their outputs
+    dropped) and the carried state goes in through ``initial_state``, once per query head:
+    exact, but it copies."""
+    return _schema_takes_halo() and t.device.type not in _NO_HALO_KERNELS
+
+
+def _without_halo_kernels(t: Tensor) -> None:
+    _NO_HALO_KERNELS.add(t.device.type)
+
+
 def _pad_front(q: Tensor, rows: int) -> Tensor:
-    # Query rows for the halo positions (ops without a halo input): their outputs are
-    # computed and dropped. Zeros keep them finite for both feature maps.
-    if rows == 0 or _ops_take_halo():
+    # Query rows for the halo positions, outputs dropped. Zeros keep them finite for both
+    # feature maps (an all-zero RLA row mixes in as zero).
+    if rows == 0:
         return q
     pad = q.new_zeros(q.shape[0], rows, q.shape[2], q.shape[3])
     return torch.cat([pad, q], dim=1)
-
-
-def _drop_front(out: Tensor, rows: int) -> Tensor:
-    return out if rows == 0 or _ops_take_halo() else out[:, rows:]
 
 
 def _rotary_from(table: Optional[Tensor], offset: int, rows: int, name: str):
@@ -90,9 +100,14 @@ def swa_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_
     T_ext = k_ext.shape[1]
     cos = _rotary_from(rotary_cos, position, T_ext, "rotary_cos")
     sin = _rotary_from(rotary_sin, position, T_ext, "rotary_sin")
-    out, _ = ops.swa_fwd(_pad_front(q, halo), k_ext, v_ext, window_size, _scale(q, softmax_scale),
-                         cos, sin)
-    return _drop_front(out, halo)
+    scale = _scale(q, softmax_scale)
+    if halo == 0 or _halo_ops(q):
+        try:
+            return ops.swa_fwd(q, k_ext, v_ext, window_size, scale, cos, sin)[0]
+        except NotImplementedError:
+            _without_halo_kernels(q)
+    out, _ = ops.swa_fwd(_pad_front(q, halo), k_ext, v_ext, window_size, scale, cos, sin)
+    return out[:, halo:]
 
 
 def rla_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_size: int,
@@ -112,10 +127,14 @@ def rla_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_
         ``(o_rla [B, T, Hq, D], final_state [B, Hkv, 2D, D])`` in the accumulation dtype; the
         final state includes the carried state (tokens ``s <= start + T - w - 2``).
     """
-    if _ops_take_halo():
-        out, final, _ = ops.rla_fwd(q, k_ext, v_ext, window_size, feature_map, initial_state,
-                                    chunk_size, checkpoint_every, None, carried_state)
-        return out, final
+    if _halo_ops(q):
+        try:
+            out, final, _ = ops.rla_fwd(q, k_ext, v_ext, window_size, feature_map,
+                                        initial_state, chunk_size, checkpoint_every, None,
+                                        carried_state)
+            return out, final
+        except NotImplementedError:
+            _without_halo_kernels(q)
     init = initial_state
     if carried_state is not None:
         # These ops take one state per query head; the group shares the carried one.
@@ -125,7 +144,7 @@ def rla_continued(q: Tensor, k_ext: Tensor, v_ext: Tensor, *, halo: int, window_
                                 chunk_size, checkpoint_every)
     if carried_state is not None:
         final = final + carried_state
-    return _drop_front(out, halo), final
+    return (out[:, halo:] if halo else out), final
 
 
 def state_sum_forward(k: Tensor, v: Tensor, kind: str) -> Tensor:

@@ -170,8 +170,11 @@ def shard_layout(local_length: int, group=None, *, device=None,
 # ---- communication ----------------------------------------------------------------------
 def _exchange(sends: List[Tuple[Tensor, int]], recvs: List[Tuple[Tensor, int]], group, kind: str):
     """Post point-to-point sends/receives (group ranks) in one batch; returns the works."""
-    p2p = [dist.P2POp(dist.isend, t, _peer(group, peer), group) for t, peer in sends]
-    p2p += [dist.P2POp(dist.irecv, t, _peer(group, peer), group) for t, peer in recvs]
+    # P2POp accepts only distributed_c10d's own isend / irecv (looked up now, so that a
+    # wrapper installed there, e.g. to count traffic, is the one called).
+    isend, irecv = dist.distributed_c10d.isend, dist.distributed_c10d.irecv
+    p2p = [dist.P2POp(isend, t, _peer(group, peer), group) for t, peer in sends]
+    p2p += [dist.P2POp(irecv, t, _peer(group, peer), group) for t, peer in recvs]
     _count(kind, sum(t.numel() * t.element_size() for t, _ in sends))
     return dist.batch_isend_irecv(p2p) if p2p else []
 
@@ -179,13 +182,10 @@ def _exchange(sends: List[Tuple[Tensor, int]], recvs: List[Tuple[Tensor, int]], 
 def _all_gather(x: Tensor, group, world: int, kind: str, async_op: bool):
     """All-gather ``x`` (same shape on every rank) into ``[world, *x.shape]``."""
     x = x.contiguous()
-    # The concatenated output form (``[world * n, ...]``) is the one every backend takes.
-    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    out = x.new_empty((world,) + tuple(x.shape))
     _count(kind, x.numel() * x.element_size() * (world - 1))
-    # all_gather_single is all_gather_into_tensor's newer name.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = gather(out, x, group=group, async_op=async_op)
-    return out.view((world,) + tuple(x.shape)), work
+    work = dist.all_gather(list(out.unbind(0)), x, group=group, async_op=async_op)
+    return out, work
 
 
 def _all_gather_async(x: Tensor, group, world: int, kind: str):
@@ -238,8 +238,8 @@ def _forward_local(cfg: _Config, q, k, v, h0, g_swa, g_rla, cos, sin, build_grap
     del sends
     halo = halo_buf.transpose(0, 1)  # [B, h, 2*Hkv, D]
     hk, hv = halo[:, :, :Hkv], halo[:, :, Hkv:]
-    n_halo = max(0, h + T - W1)  # halo rows (oldest first) entering the state in this chunk
-    n_halo = min(n_halo, h)
+    # Halo rows (oldest first) entering the state in this chunk: positions < a + T - w - 1.
+    n_halo = min(h, max(0, h + T - W1))
     if n_halo:
         e_state = e_state + state_sum_forward(hk[:, :n_halo], hv[:, :n_halo],
                                               cfg.feature_map)
@@ -287,13 +287,10 @@ def _grad(outputs, inputs, grad_outputs):
     return res
 
 
-def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-    if a is None:
-        return b
-    return a if b is None else a + b
-
-
 class _ContextParallelAttention(torch.autograd.Function):
+    """The layer on this rank's shard, with the communication of both passes inside (the
+    backward is collective too)."""
+
     @staticmethod
     def forward(ctx, cfg, q, k, v, h0, g_swa, g_rla, cos, sin):
         out, graph = _forward_local(cfg, q, k, v, h0, g_swa, g_rla, cos, sin, build_graph=True)

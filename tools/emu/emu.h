@@ -1,21 +1,22 @@
-// tools/emu: run the CUDA kernels of csrc/cuda on the CPU, for tests on machines without a GPU.
+// tools/emu: run the CUDA kernels of csrc/cuda on the CPU, as a sanitizer, for tests on
+// machines without a GPU.
 //
 // Force-included (g++ -include emu.h -DRATTENTION_EMU) before every translation unit of the
 // emulated build. It supplies what nvcc would: the thread / block indices, __syncthreads,
 // warp shuffles, atomics, a few device math functions, kernel launches (RATT_LAUNCH in
-// csrc/cuda/launch.cuh) and dynamic shared memory. CuTe's SM80 MMA, ldmatrix and cp.async
-// atoms are redirected to the warp-collective emulations declared here by the patched CuTe
-// headers that tools/emu/patch_cute.py writes (the PTX semantics of mma.sync m16n8k16,
-// ldmatrix.x4[.trans] and cp.async).
+// csrc/cuda/launch.cuh), dynamic shared memory and __launch_bounds__. CuTe's SM80 MMA,
+// ldmatrix and cp.async atoms (and cp_async_fence / cp_async_wait) are redirected to the
+// emulations declared here by the patched CuTe headers that tools/emu/patch_cute.py writes.
 //
-// Execution model (emu_runtime.cpp): the CTAs of a grid run one after another; inside a CTA
-// every CUDA thread is a user-level context (ucontext) on one OS thread, switched at
-// __syncthreads (all threads of the CTA) and at warp-collective operations (the 32 lanes of
-// a warp). A barrier that can never complete (divergent __syncthreads, a shuffle with exited
-// lanes) is reported as a launch failure instead of hanging. Shared memory is filled with
-// 0xFF bytes (NaN) at every CTA start, so reading shared memory before writing it shows.
-// What this cannot show: data races between threads (the schedule is one fixed
-// interleaving), cp.async ordering (copies complete at once), timing and the real hardware.
+// Execution model (emu_runtime.cpp; README.md has the whole story): the CTAs of a grid run one
+// after another; inside a CTA every CUDA thread is a user-level context (ucontext). Under the
+// selected schedule one warp at a time runs until all its lanes wait at __syncthreads; a
+// warp-collective instruction (shuffle, ldmatrix, mma) executes when the warp's 32 lanes
+// have reached it, reading its operands (shared memory for ldmatrix) at that moment.
+// cp.async copies land only when the issuing thread retires their group (emu_memory.cpp).
+// The kernel translation units are compiled with -fsanitize=thread instrumentation whose
+// hooks (__tsan_read4, ...) are the emulator's own: every load and store of kernel code is
+// checked (racecheck, initcheck, memcheck; see emu_memory.cpp).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,23 +26,23 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <tuple>
+#include <utility>
 #include <type_traits>
-
-#define __launch_bounds__(...)
-#define __shared__ static  // only static shared arrays remain (dynamic: RATT_DYNAMIC_SMEM)
 
 namespace emu {
 
 struct Index3 {
   unsigned x, y, z;
 };
-const Index3& thread_idx();
-const Index3& block_idx();
-const Index3& block_dim();
-const Index3& grid_dim();
+// By value: kernel code must not read the runtime's memory (every such load is checked).
+Index3 thread_idx();
+Index3 block_idx();
+Index3 block_dim();
+Index3 grid_dim();
 
 void syncthreads();
-// Every lane of the calling warp deposits 8 bytes and reads another lane's 8 bytes.
+// Shuffle: every lane of the calling warp gives 8 bytes and gets lane src_lane's.
 uint64_t warp_exchange(uint64_t mine, int src_lane);
 int lane_id();
 char* dynamic_smem();
@@ -55,12 +56,44 @@ void mma_m16n8k16_f16(float& d0, float& d1, float& d2, float& d3, uint32_t a0, u
                       float c2, float c3);
 void ldmatrix_x4(const void* row_address, bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                  uint32_t& r3);
-// cp.async of `bytes` (4, 8 or 16): both addresses must be aligned to it; completes at once.
+// cp.async of `bytes` (4, 8 or 16; both addresses aligned to it): the source is read now, the
+// destination is poisoned and pending until the issuing thread retires the copy's group.
 void cp_async(void* smem_dst, const void* gmem_src, int bytes);
+void cp_async_commit();          // cp.async.commit_group
+void cp_async_wait(int pending);  // cp.async.wait_group N (N == 0: wait_all, commits first)
 
-// Runs `body` once per CUDA thread of every CTA of the grid; returns the launch status.
-cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes,
-                   const std::function<void()>& body);
+float atomic_add(float* p, float v);
+
+// A counter increment for kernel code (the coverage recorder): not a checked memory access.
+// Kernel code's own loads and stores of module statics count as static __shared__ memory.
+void cover_hit(int64_t* counter);
+
+// Kernel launches. `kernel` identifies the kernel (its __launch_bounds__, the opt-in set by
+// cudaFuncSetAttribute, its name in reports).
+// `entry(call)` runs the kernel body of one CUDA thread.
+cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+                   void (*entry)(const void*), const void* call);
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+
+// Not instrumented (the attribute): copying the launch arguments into each thread's parameters
+// is the runtime's business; the kernel it calls is instrumented.
+template <class Kernel, class... Args>
+struct KernelCall {
+  Kernel kernel;
+  std::tuple<Args...> args;
+  __attribute__((no_sanitize("thread"))) void operator()() const {
+    call(std::index_sequence_for<Args...>{});
+  }
+  template <size_t... I>
+  __attribute__((no_sanitize("thread"))) void call(std::index_sequence<I...>) const {
+    kernel(std::get<I>(args)...);  // the by-value parameters are copied here
+  }
+};
+
+template <class Call>
+__attribute__((no_sanitize("thread"))) void run_call(const void* call) {
+  (*static_cast<const Call*>(call))();
+}
 
 template <class Kernel>
 struct Launcher {
@@ -69,8 +102,9 @@ struct Launcher {
   size_t smem;
   template <class... Args>
   void operator()(Args... args) const {
-    Kernel k = kernel;
-    launch(grid, block, smem, [=]() { k(args...); });
+    const KernelCall<Kernel, Args...> call{kernel, {args...}};
+    launch(reinterpret_cast<const void*>(kernel), grid, block, smem,
+           &run_call<KernelCall<Kernel, Args...>>, &call);
   }
 };
 template <class Kernel>
@@ -89,7 +123,20 @@ T shfl_xor(T v, int lane_mask) {
   return out;
 }
 
+template <class... Rest>
+constexpr int first_of(int n, Rest...) {
+  return n;
+}
+
 }  // namespace emu
+
+// __launch_bounds__(N, ...) as N + 1 single-byte NOPs at the kernel's entry, which the launch
+// counts (the one attribute that takes a template-dependent integer and leaves a trace).
+#define __launch_bounds__(...) \
+  __attribute__((patchable_function_entry(::emu::first_of(__VA_ARGS__) + 1, 0)))
+// Static shared arrays are the kernel TU's statics: the memory checks treat loads and stores
+// of kernel code to the module's writable data as shared memory (fresh in every CTA).
+#define __shared__ static
 
 #define threadIdx (::emu::thread_idx())
 #define blockIdx (::emu::block_idx())
@@ -98,17 +145,13 @@ T shfl_xor(T v, int lane_mask) {
 #define __syncthreads() ::emu::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) ::emu::shfl_xor(v, lane_mask)
 
-// One OS thread runs a whole grid, so an atomic add is a plain add.
-inline float atomicAdd(float* p, float v) {
-  const float old = *p;
-  *p = old + v;
-  return old;
-}
+inline float atomicAdd(float* p, float v) { return ::emu::atomic_add(p, v); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 
 // cudaFuncSetAttribute on a kernel (the template overload nvcc's cuda_runtime.h provides).
 template <class F>
-cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
-  return cudaSuccess;
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  return ::emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
 }

@@ -6,6 +6,14 @@
 #include <string>
 
 #include "../launch_plan_rows.h"
+#include "cuda/launch.cuh"
+
+namespace emu {
+std::vector<LaunchRecord>& launch_records() {
+  static std::vector<LaunchRecord> records;
+  return records;
+}
+}  // namespace emu
 
 namespace {
 

@@ -22,7 +22,7 @@ PATCHES = [
      "::emu::ldmatrix_x4(&smem_src, false, dst0, dst1, dst2, dst3);"),
     ("cute/arch/copy_sm75.hpp", "SM75_U16x8_LDSM_T",
      "::emu::ldmatrix_x4(&smem_src, true, dst0, dst1, dst2, dst3);"),
-    # cp.async completes at once in the emulation (commit / wait are already no-ops there).
+    # cp.async: the source is read at issue, the bytes land at the issuing thread's wait.
     ("cute/arch/copy_sm80.hpp", "SM80_CP_ASYNC_CACHEGLOBAL",
      "::emu::cp_async(&smem_dst, &gmem_src, sizeof(TS));"),
     ("cute/arch/copy_sm80.hpp", "SM80_CP_ASYNC_CACHEALWAYS",
@@ -42,17 +42,43 @@ def patch(text: str, struct: str, replacement: str) -> str:
     return text[:i] + replacement + text[j:]
 
 
+# (header, the #if branch of a free function, what its host side becomes): commit / wait of
+# cp.async groups, which compile to nothing on the host otherwise.
+FUNCTION_PATCHES = [
+    ("cute/arch/copy_sm80.hpp", 'asm volatile("cp.async.commit_group;\\n" ::);\n#endif',
+     'asm volatile("cp.async.commit_group;\\n" ::);\n#else\n  ::emu::cp_async_commit();\n#endif'),
+    ("cute/arch/copy_sm80.hpp",
+     'asm volatile("cp.async.wait_group %0;\\n" :: "n"(N));\n  }\n#endif',
+     'asm volatile("cp.async.wait_group %0;\\n" :: "n"(N));\n  }\n#else\n  ::emu::cp_async_wait(N);\n#endif'),
+]
+
+
+def patch_function(text: str, old: str, new: str) -> str:
+    if text.count(old) != 1:
+        raise SystemExit(f"patch_cute: expected exactly one {old!r}")
+    return text.replace(old, new)
+
+
 def main() -> int:
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     files = {}
     for header, struct, replacement in PATCHES:
         text = files.get(header) or (src / header).read_text()
         files[header] = patch(text, struct, replacement)
+    for header, old, new in FUNCTION_PATCHES:
+        text = files.get(header) or (src / header).read_text()
+        files[header] = patch_function(text, old, new)
+    written = 0
     for header, text in files.items():
         dst = out / header
+        # unchanged content keeps its mtime, so ninja does not rebuild every kernel
+        if dst.exists() and dst.read_text() == text:
+            continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(text)
-    print(f"patch_cute: {len(PATCHES)} atoms in {len(files)} headers -> {out}")
+        written += 1
+    print(f"patch_cute: {len(PATCHES) + len(FUNCTION_PATCHES)} patches in {len(files)} headers "
+          f"-> {out} ({written} written)")
     return 0
 
 
