@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 
 #include "core/window.h"
@@ -71,6 +72,29 @@ void check_window(int64_t window_size) {
   TORCH_CHECK_VALUE(window_size >= 0, "window_size must be >= 0, got ", window_size);
 }
 
+int64_t clamp_window(int64_t window_size, int64_t seqlen) {
+  check_window(window_size);
+  return window_size < seqlen ? window_size : seqlen;
+}
+
+// A window of at least the key rows sees every key: clamped to them (k [B, T_k, H, D] or
+// packed [total, H, D]) before any arithmetic on it, so no window size can overflow.
+int64_t clamp_window_to_keys(int64_t window_size, const at::Tensor& k) {
+  const int64_t key_rows = k.defined() && k.dim() >= 3 ? k.size(k.dim() - 3) : 0;
+  return clamp_window(window_size, key_rows);
+}
+
+void check_softmax_scale(double softmax_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+                    "softmax_scale must be a finite number > 0, got ", softmax_scale);
+}
+
+void check_norm_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0,
+                    "norm_eps must be a finite number > 0 (an all-zero branch output then mixes "
+                    "in as zero), got ", eps);
+}
+
 QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   bool cuda_backend) {
   check_float_tensor(q, "q");
@@ -101,7 +125,7 @@ QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(k.size(1) == T, "k must have sequence length ", T, " (from q), got ",
                     k.size(1));
   TORCH_CHECK_VALUE(k.size(3) == D, "k must have head dim ", D, " (from q), got ", k.size(3));
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq,
+  TORCH_CHECK_VALUE((Hkv >= 1 && Hq % Hkv == 0) || (Hkv == 0 && Hq == 0), "q heads (", Hq,
                     ") must be a multiple of k/v heads (", Hkv, ")");
   TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
                     D);
@@ -238,7 +262,7 @@ QkvPrepared prepare_qkv(const at::Tensor& q_in, const at::Tensor& k_in, const at
   }
   TORCH_CHECK_VALUE(k_in.size(o + 2) == D, "k must have head dim ", D, " (from q), got ",
                     k_in.size(o + 2));
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq,
+  TORCH_CHECK_VALUE((Hkv >= 1 && Hq % Hkv == 0) || (Hkv == 0 && Hq == 0), "q heads (", Hq,
                     ") must be a multiple of k/v heads (", Hkv, ")");
   TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
                     D);
@@ -282,10 +306,13 @@ SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                const c10::optional<at::Tensor>& rotary_cos,
                                const c10::optional<at::Tensor>& rotary_sin, bool cuda_backend,
                                const c10::optional<at::Tensor>& cu_seqlens) {
+  window_size = clamp_window_to_keys(window_size, k_in);
+  check_softmax_scale(softmax_scale);
   QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
   const auto& d = qkv.params.dims;
   const auto acc = acc_scalar_type(qkv.dtype);
   SwaFwdPrepared r;
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_q > 0;
   std::tie(r.cos, r.sin) =
       prepare_rotary(rotary_cos, rotary_sin, qkv.max_seqlen_k, d.head_dim, qkv.q);
   r.out = at::empty(q_in.sizes(), qkv.q.options().dtype(acc));
@@ -336,6 +363,12 @@ at::Tensor prepare_carried_state(const c10::optional<at::Tensor>& cs, const Attn
                     2 * d.head_dim, ", ", d.head_dim, "], got ", shape_str(t));
   return t.to(acc_scalar_type(like.scalar_type())).contiguous();
 }
+// checkpoint_every beyond the number of chunks saves just the first state; clamped so the
+// checkpoint count cannot overflow.
+int64_t clamp_checkpoint_every(int64_t T, int64_t chunk_size, int64_t every) {
+  const int64_t n_chunks = ceil_div(T, chunk_size);
+  return every < n_chunks ? every : (n_chunks > 1 ? n_chunks : 1);
+}
 }  // namespace
 
 SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
@@ -346,6 +379,8 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
                                const c10::optional<at::Tensor>& rotary_cos,
                                const c10::optional<at::Tensor>& rotary_sin, bool deterministic,
                                bool cuda_backend, const c10::optional<at::Tensor>& cu_seqlens) {
+  window_size = clamp_window_to_keys(window_size, k_in);
+  check_softmax_scale(softmax_scale);
   QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
   const auto& d = qkv.params.dims;
   const auto acc = acc_scalar_type(qkv.dtype);
@@ -366,6 +401,11 @@ SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out_in,
   r.grad_q = at::empty(q_in.sizes(), qkv.q.options().memory_format(contiguous));
   r.grad_k = at::empty(k_in.sizes(), qkv.k.options().memory_format(contiguous));
   r.grad_v = at::empty(v_in.sizes(), qkv.v.options().memory_format(contiguous));
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_q > 0;
+  if (!r.run_kernel) {  // no query sees any key: zero key/value gradients
+    r.grad_k.zero_();
+    r.grad_v.zero_();
+  }
   auto& p = r.params;
   p = SwaBwdParams{};
   static_cast<QkvParams&>(p) = qkv.params;
@@ -405,10 +445,12 @@ RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                int64_t checkpoint_every, bool cuda_backend,
                                const c10::optional<at::Tensor>& cu_seqlens,
                                const c10::optional<at::Tensor>& carried_state) {
+  window_size = clamp_window_to_keys(window_size, k_in);
   QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
   check_checkpoint_args(chunk_size, checkpoint_every);
   parse_feature_map(feature_map);
   const auto& d = qkv.params.dims;
+  checkpoint_every = clamp_checkpoint_every(d.seqlen, chunk_size, checkpoint_every);
   const auto acc = acc_scalar_type(qkv.dtype);
   RlaFwdPrepared r;
   r.h0 = prepare_initial_state(initial_state, d, qkv.q);
@@ -423,6 +465,13 @@ RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
   const auto ckpt_shape = checkpoint_shape(qkv, chunk_size, checkpoint_every);
   r.checkpoints = qkv.packed() ? at::zeros(ckpt_shape, qkv.q.options().dtype(acc))
                                : at::empty(ckpt_shape, qkv.q.options().dtype(acc));
+  // No query row (or no batch / head): nothing to run. The final state is then the carried
+  // state (a halo of at most w + 1 rows adds no token to the state), else zero.
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_kv > 0;
+  if (!r.run_kernel) {
+    if (r.carried.defined()) r.final_state.copy_(r.carried);
+    else r.final_state.zero_();
+  }
   auto& p = r.params;
   p = RlaFwdParams{};
   fill_rla_common(p, qkv, feature_map, window_size, chunk_size, checkpoint_every);
@@ -447,10 +496,12 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
                                int64_t checkpoint_every, bool cuda_backend,
                                const c10::optional<at::Tensor>& cu_seqlens,
                                const c10::optional<at::Tensor>& carried_state) {
+  window_size = clamp_window_to_keys(window_size, k_in);
   QkvPrepared qkv = prepare_qkv(q_in, k_in, v_in, cu_seqlens, window_size, cuda_backend);
   check_checkpoint_args(chunk_size, checkpoint_every);
   parse_feature_map(feature_map);
   const auto& d = qkv.params.dims;
+  checkpoint_every = clamp_checkpoint_every(d.seqlen, chunk_size, checkpoint_every);
   const auto acc = acc_scalar_type(qkv.dtype);
   const int64_t D2 = 2 * d.head_dim;
   check_acc_tensor(grad_out_in, "grad_out", acc, q_in.sizes(), q_in);
@@ -480,6 +531,16 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
                            : at::empty({0}, acc_opts);
   r.grad_carried = carried.defined() ? at::empty({d.batch, d.heads_kv, D2, d.head_dim}, acc_opts)
                                      : at::empty({0}, acc_opts);
+  r.run_kernel = d.batch > 0 && d.seqlen > 0 && d.heads_kv > 0;
+  if (!r.run_kernel) {  // no query row: only the final state's gradient flows (to carried)
+    if (r.grad_h0.numel() > 0) r.grad_h0.zero_();
+    r.grad_k.zero_();
+    r.grad_v.zero_();
+    if (r.grad_carried.numel() > 0) {
+      if (gfs.defined()) r.grad_carried.copy_(gfs);
+      else r.grad_carried.zero_();
+    }
+  }
   auto& p = r.params;
   p = RlaBwdParams{};
   fill_rla_common(p, qkv, feature_map, window_size, chunk_size, checkpoint_every);
@@ -531,7 +592,7 @@ void check_branch_output(const at::Tensor& t, const char* name, const at::Tensor
 }  // namespace
 
 void check_mix_scalars(double eps, at::ScalarType out_dtype, at::ScalarType acc) {
-  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  check_norm_eps(eps);
   TORCH_CHECK(acc == at::kDouble ? out_dtype == at::kDouble
                                  : (out_dtype == at::kFloat || out_dtype == at::kBFloat16 ||
                                     out_dtype == at::kHalf),
@@ -551,6 +612,7 @@ MixPrepared prepare_mix_fwd(const at::Tensor& o_swa_in, const at::Tensor& o_rla_
   at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", H, D, acc, a);
   at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", H, D, acc, a);
   r.out = at::empty(a.sizes(), a.options().dtype(out_dtype));
+  r.run_kernel = a.numel() > 0;
   auto& p = r.params;
   p = MixParams{};
   p.rows = a.numel() / D;
@@ -591,6 +653,12 @@ MixBwdPrepared prepare_mix_bwd(const at::Tensor& grad_out_in, const at::Tensor& 
   r.grad_o_rla = at::empty(a.sizes(), a.options());
   r.grad_swa_weight = at::empty({H, D}, a.options());
   r.grad_rla_weight = at::empty({H, D}, a.options());
+  check_norm_eps(eps);
+  r.run_kernel = a.numel() > 0;
+  if (!r.run_kernel) {  // no row: zero weight gradients
+    r.grad_swa_weight.zero_();
+    r.grad_rla_weight.zero_();
+  }
   auto& p = r.params;
   p = MixBwdParams{};
   p.rows = a.numel() / D;
@@ -644,7 +712,8 @@ DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, con
                   pos.size(0) == d.batch && pos.is_contiguous(),
               "cache positions must be a contiguous int64 tensor [B=", d.batch, "]");
   check_same_device(pos, q, "cache positions");
-  TORCH_CHECK_VALUE(eps >= 0, "norm_eps must be >= 0, got ", eps);
+  check_norm_eps(eps);
+  check_softmax_scale(softmax_scale);
   DecodePrepared r;
   at::Tensor h0 = prepare_initial_state(initial_state, d, q);
   // Positions are checked against the rotary tables in the kernel (CPU: error, CUDA: the
@@ -653,6 +722,7 @@ DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, con
   at::Tensor ga = prepare_norm_weight(swa_weight, "swa_norm_weight", d.heads_q, d.head_dim, acc, q);
   at::Tensor gb = prepare_norm_weight(rla_weight, "rla_norm_weight", d.heads_q, d.head_dim, acc, q);
   r.out = at::empty({d.batch, 1, d.heads_q, d.head_dim}, q.options());
+  r.run_kernel = d.batch > 0 && d.heads_kv > 0;
   auto& p = r.params;
   p = DecodeParams{};
   p.batch = d.batch;

@@ -25,6 +25,13 @@ struct QkvInfo {
 QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   bool cuda_backend);
 void check_window(int64_t window_size);
+// Windows at or beyond the sequence behave exactly like window = T (every earlier key is in
+// the window, none in the RLA state); kernels get the clamped value so no index arithmetic
+// on the window can overflow (e.g. window_size = 2^63 - 1).
+int64_t clamp_window(int64_t window_size, int64_t seqlen);
+// softmax_scale must be finite and > 0; norm_eps must be finite and > 0.
+void check_softmax_scale(double softmax_scale);
+void check_norm_eps(double eps);
 
 // The one place q/k/v become a QkvParams: validates q, k, v and cu_seqlens (dense: 4-D,
 // k/v may hold 0 <= halo <= window_size + 1 rows more than q; packed: 3-D [total, H, D]
@@ -59,6 +66,7 @@ struct SwaFwdPrepared {
   SwaFwdParams params;
   at::Tensor out, lse, cos, sin;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 SwaFwdPrepared prepare_swa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                int64_t window_size, double softmax_scale,
@@ -91,6 +99,7 @@ struct SwaBwdPrepared {
   SwaBwdParams params;
   at::Tensor grad_q, grad_k, grad_v;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 SwaBwdPrepared prepare_swa_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse,
                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -104,6 +113,7 @@ struct RlaFwdPrepared {
   RlaFwdParams params;
   at::Tensor out, final_state, checkpoints, h0, carried;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                int64_t window_size, const std::string& feature_map,
@@ -116,6 +126,7 @@ struct RlaBwdPrepared {
   RlaBwdParams params;
   at::Tensor grad_q, grad_k, grad_v, grad_h0, grad_carried;  // empty [0] when absent
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out,
                                const c10::optional<at::Tensor>& grad_final_state,
@@ -135,6 +146,7 @@ struct MixPrepared {
   MixParams params;
   at::Tensor out;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 MixPrepared prepare_mix_fwd(const at::Tensor& o_swa, const at::Tensor& o_rla,
                             const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps,
@@ -144,6 +156,7 @@ struct MixBwdPrepared {
   MixBwdParams params;
   at::Tensor grad_o_swa, grad_o_rla, grad_swa_weight, grad_rla_weight;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 MixBwdPrepared prepare_mix_bwd(const at::Tensor& grad_out, const at::Tensor& o_swa,
                                const at::Tensor& o_rla, const at::Tensor& swa_weight,
@@ -153,6 +166,7 @@ struct DecodePrepared {
   DecodeParams params;
   at::Tensor out;
   std::vector<at::Tensor> keep;  // inputs/copies the params point into
+  bool run_kernel = true;  // false: empty inputs, the outputs are already final
 };
 DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& k_cache, const at::Tensor& v_cache,

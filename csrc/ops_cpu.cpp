@@ -3,6 +3,7 @@
 
 #include "cpu/kernels.h"
 #include "op_common.h"
+#include "op_guard.h"
 
 namespace rattention {
 namespace {
@@ -15,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
                                                const c10::optional<at::Tensor>& cu_seqlens) {
   auto r = prepare_swa_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, false,
                            cu_seqlens);
-  cpu::swa_fwd(r.params);
+  if (r.run_kernel) cpu::swa_fwd(r.params);
   return {r.out, r.lse};
 }
 
@@ -32,8 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cpu(
   auto r = prepare_swa_mix_fwd(q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
                                swa_weight, rla_weight, eps, out_dtype, save_for_backward, false,
                                cu_seqlens);
-  cpu::swa_fwd(r.swa.params);
-  cpu::mix_fwd(r.mix);
+  if (r.swa.run_kernel) {
+    cpu::swa_fwd(r.swa.params);
+    cpu::mix_fwd(r.mix);
+  }
   if (!save_for_backward) return {r.out, r.swa.out.new_empty({0}), r.swa.lse.new_empty({0})};
   return {r.out, r.swa.out, r.swa.lse};
 }
@@ -46,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(
     const c10::optional<at::Tensor>& cu_seqlens) {
   auto r = prepare_swa_bwd(grad_out, grad_lse, q, k, v, out, lse, window_size, softmax_scale,
                            rotary_cos, rotary_sin, deterministic, false, cu_seqlens);
-  cpu::swa_bwd(r.params);
+  if (r.run_kernel) cpu::swa_bwd(r.params);
   return {r.grad_q, r.grad_k, r.grad_v};
 }
 
@@ -57,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cpu(
     const c10::optional<at::Tensor>& carried_state) {
   auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
                            chunk_size, checkpoint_every, false, cu_seqlens, carried_state);
-  cpu::rla_fwd(r.params);
+  if (r.run_kernel) cpu::rla_fwd(r.params);
   return {r.out, r.final_state, r.checkpoints};
 }
 
@@ -71,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_c
   auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
                            window_size, std::string(feature_map), chunk_size, checkpoint_every,
                            false, cu_seqlens, carried_state);
-  cpu::rla_bwd(r.params);
+  if (r.run_kernel) cpu::rla_bwd(r.params);
   return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
           r.grad_carried};
 }
@@ -81,7 +84,7 @@ at::Tensor mix_fwd_cpu(const at::Tensor& o_swa, const at::Tensor& o_rla,
                        at::ScalarType out_dtype) {
   TORCH_CHECK(out_dtype != at::kHalf, "out_dtype float16 is not supported on CPU");
   auto r = prepare_mix_fwd(o_swa, o_rla, swa_weight, rla_weight, eps, out_dtype);
-  cpu::mix_fwd(r.params);
+  if (r.run_kernel) cpu::mix_fwd(r.params);
   return r.out;
 }
 
@@ -90,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_bwd_cpu(
     const at::Tensor& swa_weight, const at::Tensor& rla_weight, double eps) {
   TORCH_CHECK(grad_out.scalar_type() != at::kHalf, "grad_out float16 is not supported on CPU");
   auto r = prepare_mix_bwd(grad_out, o_swa, o_rla, swa_weight, rla_weight, eps);
-  cpu::mix_bwd(r.params);
+  if (r.run_kernel) cpu::mix_bwd(r.params);
   return {r.grad_o_swa, r.grad_o_rla, r.grad_swa_weight, r.grad_rla_weight};
 }
 
@@ -111,21 +114,21 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                       r.params.rotary_positions, " positions but a sequence is at position ",
                       max_pos);
   }
-  cpu::decode_step(r.params);
+  if (r.run_kernel) cpu::decode_step(r.params);
   return r.out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rattention_ext, CPU, m) {
-  m.impl("swa_fwd", &swa_fwd_cpu);
-  m.impl("swa_mix_fwd", &swa_mix_fwd_cpu);
-  m.impl("swa_bwd", &swa_bwd_cpu);
-  m.impl("rla_fwd", &rla_fwd_cpu);
-  m.impl("rla_bwd", &rla_bwd_cpu);
-  m.impl("mix_fwd", &mix_fwd_cpu);
-  m.impl("mix_bwd", &mix_bwd_cpu);
-  m.impl("decode_step", &decode_step_cpu);
+  m.impl("swa_fwd", RATT_GUARDED(swa_fwd_cpu));
+  m.impl("swa_mix_fwd", RATT_GUARDED(swa_mix_fwd_cpu));
+  m.impl("swa_bwd", RATT_GUARDED(swa_bwd_cpu));
+  m.impl("rla_fwd", RATT_GUARDED(rla_fwd_cpu));
+  m.impl("rla_bwd", RATT_GUARDED(rla_bwd_cpu));
+  m.impl("mix_fwd", RATT_GUARDED(mix_fwd_cpu));
+  m.impl("mix_bwd", RATT_GUARDED(mix_bwd_cpu));
+  m.impl("decode_step", RATT_GUARDED(decode_step_cpu));
 }
 
 }  // namespace rattention

@@ -300,7 +300,7 @@ def test_empty_cache_bad_args():
     with pytest.raises(ValueError, match="window_size"):
         RAttentionCache.empty(2, -1, 2, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="batch_size"):
-        RAttentionCache.empty(0, 4, 2, 8, dtype=torch.float32)
+        RAttentionCache.empty(-1, 4, 2, 8, dtype=torch.float32)
 
 
 def test_cache_properties():
@@ -504,8 +504,9 @@ class _ReferenceBranchOps:
 def test_prefill_cache_logic_reference_branches(monkeypatch, seq_lens, w):
     import rattention_ext.decode as dec
     import rattention_ext.api as api
-    monkeypatch.setattr(dec, "ops", _ReferenceBranchOps())
-    monkeypatch.setattr(api, "ops", _ReferenceBranchOps())
+    ref_ops = _ReferenceBranchOps()
+    monkeypatch.setattr(dec, "call", lambda name, *args: getattr(ref_ops, name)(*args))
+    monkeypatch.setattr(api, "call", lambda name, *args: getattr(ref_ops, name)(*args))
     B, T, Hq, Hkv, D, n_new = 3, 23, 4, 2, 8, 4
     q, k, v = _inputs(B, T + n_new, Hq, Hkv, D, seed=17)
     kw = _extras(B, Hq, D, torch.float64, h0_batch=B, rotary_P=T + n_new)

@@ -478,7 +478,8 @@ def test_layer_packed_prefill_then_step():
     y = layer.prefill(x, cache, cu_seqlens=cu)
     assert (y - layer(x, cu_seqlens=cu)).abs().max().item() < F64_TOL
     nxt = torch.randn(3, 1, 32, generator=g, dtype=torch.float64)
-    step = layer.step(nxt, cache)
+    with torch.no_grad():  # decoding is inference only
+        step = layer.step(nxt, cache)
     offs = cu.tolist()
     for b, (s, e) in enumerate(zip(offs[:-1], offs[1:])):
         full = layer(torch.cat([x[s:e], nxt[b]])[None])[0, -1]

@@ -9,6 +9,7 @@
 #include "cuda/ops_cuda_common.h"
 #include "cuda/rla_launch.h"
 #include "op_common.h"
+#include "op_guard.h"
 
 namespace rattention {
 namespace {
@@ -36,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cuda(
   auto r = prepare_rla_fwd(q, k, v, window_size, std::string(feature_map), initial_state,
                            chunk_size, checkpoint_every, /*cuda_backend=*/true, cu_seqlens,
                            carried_state);
+  if (!r.run_kernel) return {r.out, r.final_state, r.checkpoints};  // empty inputs
   check_smem_fits(cuda::rla_fwd_smem_bytes(r.params), "rla_fwd", r.params.dims.head_dim);
   check_launch(cuda::rla_fwd(r.params, at::cuda::getCurrentCUDAStream()), "rla_fwd");
   return {r.out, r.final_state, r.checkpoints};
@@ -53,6 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_c
   auto r = prepare_rla_bwd(grad_out, grad_final_state, q, k, v, initial_state, checkpoints,
                            window_size, std::string(feature_map), chunk_size, checkpoint_every,
                            /*cuda_backend=*/true, cu_seqlens, carried_state);
+  if (!r.run_kernel)
+    return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
+            r.grad_carried};
   check_smem_fits(cuda::rla_bwd_smem_bytes(r.params), "rla_bwd", r.params.dims.head_dim);
   at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params)}, q.options().dtype(at::kFloat));
   check_launch(cuda::rla_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
@@ -71,6 +76,7 @@ at::Tensor mix_fwd_cuda(const at::Tensor& o_swa, const at::Tensor& o_rla,
                     "o_swa: the CUDA mixing kernels support head dim <= ", cuda::kMixMaxHeadDim);
   const c10::cuda::CUDAGuard guard(o_swa.device());
   auto r = prepare_mix_fwd(o_swa, o_rla, swa_weight, rla_weight, eps, out_dtype);
+  if (!r.run_kernel) return r.out;
   check_launch(cuda::mix_fwd(r.params, at::cuda::getCurrentCUDAStream()), "mix_fwd");
   return r.out;
 }
@@ -85,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_bwd_cuda(
                     "o_swa: the CUDA mixing kernels support head dim <= ", cuda::kMixMaxHeadDim);
   const c10::cuda::CUDAGuard guard(o_swa.device());
   auto r = prepare_mix_bwd(grad_out, o_swa, o_rla, swa_weight, rla_weight, eps);
+  if (!r.run_kernel) return {r.grad_o_swa, r.grad_o_rla, r.grad_swa_weight, r.grad_rla_weight};
   at::Tensor ws = at::empty({cuda::mix_bwd_workspace_floats(r.params)},
                             o_swa.options().dtype(at::kFloat));
   check_launch(cuda::mix_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
@@ -106,6 +113,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                                rla_weight, eps, /*cuda_backend=*/true);
   // No position check on the host (it would synchronise): the kernel writes NaN outputs for
   // a sequence whose position is past the rotary table.
+  if (!r.run_kernel) return r.out;
   check_smem_fits(cuda::decode_smem_bytes(r.params), "decode_step", r.params.head_dim);
   check_launch(cuda::decode_step(r.params, at::cuda::getCurrentCUDAStream()), "decode_step");
   return r.out;
@@ -114,11 +122,11 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rattention_ext, CUDA, m) {
-  m.impl("rla_fwd", &rla_fwd_cuda);
-  m.impl("rla_bwd", &rla_bwd_cuda);
-  m.impl("mix_fwd", &mix_fwd_cuda);
-  m.impl("mix_bwd", &mix_bwd_cuda);
-  m.impl("decode_step", &decode_step_cuda);
+  m.impl("rla_fwd", RATT_GUARDED(rla_fwd_cuda));
+  m.impl("rla_bwd", RATT_GUARDED(rla_bwd_cuda));
+  m.impl("mix_fwd", RATT_GUARDED(mix_fwd_cuda));
+  m.impl("mix_bwd", RATT_GUARDED(mix_bwd_cuda));
+  m.impl("decode_step", RATT_GUARDED(decode_step_cuda));
 }
 
 }  // namespace rattention

@@ -7,6 +7,7 @@
 #include "cuda/ops_cuda_common.h"
 #include "cuda/swa_launch.h"
 #include "op_common.h"
+#include "op_guard.h"
 
 namespace rattention {
 namespace {
@@ -40,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::T
   auto r = prepare_swa_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v), window_size,
                            softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true,
                            cu_seqlens);
+  if (!r.run_kernel) return {r.out, r.lse};  // empty inputs: outputs already final
   check_smem_fits(cuda::swa_fwd_smem_bytes(r.params), "swa_fwd", r.params.dims.head_dim);
   check_swa_launch(cuda::swa_fwd(r.params, at::cuda::getCurrentCUDAStream()), "swa_fwd_kernel");
   return {r.out, r.lse};
@@ -60,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cuda(
                                window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
                                swa_weight, rla_weight, eps, out_dtype, save_for_backward,
                                /*cuda_backend=*/true, cu_seqlens);
+  if (!r.swa.run_kernel) return {r.out, r.swa.out, r.swa.lse};
   check_smem_fits(cuda::swa_fwd_smem_bytes(r.swa.params), "swa_mix_fwd",
                   r.swa.params.dims.head_dim);
   check_swa_launch(cuda::swa_fwd(r.swa.params, at::cuda::getCurrentCUDAStream()),
@@ -79,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
   auto r = prepare_swa_bwd(grad_out, grad_lse, cp_async_ready(q), cp_async_ready(k),
                            cp_async_ready(v), out, lse, window_size, softmax_scale, rotary_cos,
                            rotary_sin, deterministic, /*cuda_backend=*/true, cu_seqlens);
+  if (!r.run_kernel) return {r.grad_q, r.grad_k, r.grad_v};
   check_smem_fits(cuda::swa_bwd_smem_bytes(r.params), "swa_bwd", r.params.dims.head_dim);
   at::Tensor ws = at::empty({cuda::swa_bwd_workspace_floats(r.params)},
                             q.options().dtype(at::kFloat));
@@ -90,9 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rattention_ext, CUDA, m) {
-  m.impl("swa_fwd", &swa_fwd_cuda);
-  m.impl("swa_mix_fwd", &swa_mix_fwd_cuda);
-  m.impl("swa_bwd", &swa_bwd_cuda);
+  m.impl("swa_fwd", RATT_GUARDED(swa_fwd_cuda));
+  m.impl("swa_mix_fwd", RATT_GUARDED(swa_mix_fwd_cuda));
+  m.impl("swa_bwd", RATT_GUARDED(swa_bwd_cuda));
 }
 
 }  // namespace rattention

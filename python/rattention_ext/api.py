@@ -8,13 +8,13 @@ Semantics: SPEC.md (window = left context ``w``; RLA sees exactly keys ``t - s >
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Optional
+from typing import Literal, Optional, Tuple, overload
 
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from . import _validate as check
+from ._ops import call
 from .varlen import check_cu_seqlens, check_packed_qkv, check_packed_state
 
 # RLA chunk length and how often the forward saves a state for the backward to restart
@@ -40,8 +40,47 @@ def _nvtx(name: str, t: Tensor):
         yield
 
 
-def _scale(q: Tensor, softmax_scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+def _scale(q: Tensor, softmax_scale: Optional[float], what: str = "forward") -> float:
+    return check.softmax_scale(what, softmax_scale, q.shape[-1])
+
+
+_UNUSED = object()  # an argument the function does not take
+
+
+def _check_common(what: str, q, k, v, window_size, packed: bool, *, feature_map=_UNUSED,
+                  norm_eps=_UNUSED, rotary=(None, None), tiling=None, tensors=()):
+    """Validate the Python scalars and optional tensors of a public call (the op layer checks
+    tensor shapes, dtypes and devices). Returns (window_size, norm_eps, tiling)."""
+    if not packed:
+        check.qkv(what, q, k, v)
+    window_size = check.window(what, window_size)
+    if feature_map is not _UNUSED:
+        check.feature_map(what, feature_map)
+    if norm_eps is not _UNUSED:
+        norm_eps = check.norm_eps(what, norm_eps)
+    check.no_grad_tensor(what, "rotary_cos", rotary[0])
+    check.no_grad_tensor(what, "rotary_sin", rotary[1])
+    for name, t in tensors:
+        check.optional_tensor(what, name, t)
+    if tiling is not None:
+        tiling = check.tiling(what, *tiling)
+    return window_size, norm_eps, tiling
+
+
+@overload
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                             softmax_scale: Optional[float] = ..., return_lse: Literal[False] = ...,
+                             rotary_cos: Optional[Tensor] = ..., rotary_sin: Optional[Tensor] = ...,
+                             cu_seqlens: Optional[Tensor] = ...,
+                             max_seqlen: Optional[int] = ...) -> Tensor: ...
+
+
+@overload
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                             softmax_scale: Optional[float] = ..., return_lse: Literal[True],
+                             rotary_cos: Optional[Tensor] = ..., rotary_sin: Optional[Tensor] = ...,
+                             cu_seqlens: Optional[Tensor] = ...,
+                             max_seqlen: Optional[int] = ...) -> Tuple[Tensor, Tensor]: ...
 
 
 def sliding_window_attention(
@@ -75,15 +114,35 @@ def sliding_window_attention(
     Returns:
         ``o [B, T, Hq, D]`` in q's dtype, or ``(o, lse)``.
     """
+    what = "sliding_window_attention"
+    window_size, _, _ = _check_common(what, q, k, v, window_size, cu_seqlens is not None,
+                                      rotary=(rotary_cos, rotary_sin))
+    scale = _scale(q, softmax_scale, what)
     if cu_seqlens is not None:
         with _nvtx("rattention.sliding_window_attention", q):
-            out, lse = _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size,
-                                   _scale(q, softmax_scale), rotary_cos, rotary_sin)
+            out, lse = _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size, scale,
+                                   rotary_cos, rotary_sin)
         return (out, lse) if return_lse else out
     with _nvtx("rattention.sliding_window_attention", q):
-        out, lse = ops.swa_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos, rotary_sin)
+        out, lse = call("swa_fwd", q, k, v, window_size, scale, rotary_cos, rotary_sin)
         out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+@overload
+def residual_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                              feature_map: str = ..., initial_state: Optional[Tensor] = ...,
+                              return_final_state: Literal[False] = ..., chunk_size: int = ...,
+                              checkpoint_every: int = ..., cu_seqlens: Optional[Tensor] = ...,
+                              max_seqlen: Optional[int] = ...) -> Tensor: ...
+
+
+@overload
+def residual_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: int,
+                              feature_map: str = ..., initial_state: Optional[Tensor] = ...,
+                              return_final_state: Literal[True], chunk_size: int = ...,
+                              checkpoint_every: int = ..., cu_seqlens: Optional[Tensor] = ...,
+                              max_seqlen: Optional[int] = ...) -> Tuple[Tensor, Tensor]: ...
 
 
 def residual_linear_attention(
@@ -121,6 +180,10 @@ def residual_linear_attention(
     Returns:
         ``o [B, T, Hq, D]`` in q's dtype, or ``(o, final_state)``.
     """
+    what = "residual_linear_attention"
+    window_size, _, (chunk_size, checkpoint_every) = _check_common(
+        what, q, k, v, window_size, cu_seqlens is not None, feature_map=feature_map,
+        tiling=(chunk_size, checkpoint_every), tensors=(("initial_state", initial_state),))
     if cu_seqlens is not None:
         with _nvtx("rattention.residual_linear_attention", q):
             out, state = _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
@@ -128,8 +191,8 @@ def residual_linear_attention(
         out = out.to(q.dtype)
         return (out, state) if return_final_state else out
     with _nvtx("rattention.residual_linear_attention", q):
-        out, state, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
-                                    checkpoint_every)
+        out, state, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state,
+                             chunk_size, checkpoint_every)
         out = out.to(q.dtype)
     return (out, state) if return_final_state else out
 
@@ -167,7 +230,7 @@ def forward(
         feature_map: ``"softmax"`` (default) or ``"relu"`` for the RLA branch.
         softmax_scale: SWA scale, default ``1/sqrt(D)``.
         swa_norm_weight, rla_norm_weight: learned RMS-norm scales ``[Hq, D]`` (default ones).
-        norm_eps: RMS-norm epsilon.
+        norm_eps: RMS-norm epsilon, a finite number > 0.
         initial_state: optional learned RLA prefix state ``[B or 1, Hq, 2D, D]``.
         rotary_cos, rotary_sin: optional ``[P >= T, D/2]`` rotary tables (SWA branch only).
         chunk_size, checkpoint_every: RLA tiling and state-saving interval.
@@ -183,6 +246,13 @@ def forward(
         ``[B, T, Hq, D]`` in q's dtype. Differentiable in q, k, v, initial_state and both
         norm weights. Branch outputs and mixing are computed in float32 (float64 for float64).
     """
+    what = "forward"
+    window_size, norm_eps, (chunk_size, checkpoint_every) = _check_common(
+        what, q, k, v, window_size, cu_seqlens is not None, feature_map=feature_map,
+        norm_eps=norm_eps, rotary=(rotary_cos, rotary_sin), tiling=(chunk_size, checkpoint_every),
+        tensors=(("swa_norm_weight", swa_norm_weight), ("rla_norm_weight", rla_norm_weight),
+                 ("initial_state", initial_state)))
+    softmax_scale = _scale(q, softmax_scale, what)
     if cu_seqlens is not None:
         with _nvtx("rattention.forward", q):
             out, _ = _forward_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map,
@@ -191,8 +261,8 @@ def forward(
                                      checkpoint_every)
         return out
     with _nvtx("rattention.forward", q):
-        o_rla, _, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
-                                  checkpoint_every)
+        o_rla, _, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state,
+                           chunk_size, checkpoint_every)
         return _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
                             swa_norm_weight, rla_norm_weight, norm_eps)
 
@@ -200,14 +270,14 @@ def forward(
 def _swa_and_mix(q, k, v, o_rla, window_size, softmax_scale, rotary_cos, rotary_sin,
                  swa_norm_weight, rla_norm_weight, norm_eps, cu_seqlens=None) -> Tensor:
     """SWA branch and the mixing in one op (``swa_mix_fwd``; fused into the SWA kernel's
-    epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for."""
+    epilogue on CUDA). The SWA output and lse are kept only when a gradient may be asked for.
+    ``softmax_scale`` is already resolved to a float and the arguments validated."""
     g_swa = _norm_weight(swa_norm_weight, q)
     g_rla = _norm_weight(rla_norm_weight, q)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, o_rla, g_swa, g_rla))
-    out, _, _ = ops.swa_mix_fwd(q, k, v, window_size, _scale(q, softmax_scale), rotary_cos,
-                                rotary_sin, o_rla, g_swa, g_rla, norm_eps, q.dtype, save,
-                                cu_seqlens)
+    out, _, _ = call("swa_mix_fwd", q, k, v, window_size, softmax_scale, rotary_cos, rotary_sin,
+                     o_rla, g_swa, g_rla, norm_eps, q.dtype, save, cu_seqlens)
     return out
 
 
@@ -223,7 +293,7 @@ def _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, what) -> None:
 
 def _swa_packed(q, k, v, cu_seqlens, max_seqlen, window_size, scale, cos, sin):
     _check_packed(q, k, v, cu_seqlens, max_seqlen, None, "sliding_window_attention")
-    out, lse = ops.swa_fwd(q, k, v, window_size, scale, cos, sin, cu_seqlens)
+    out, lse = call("swa_fwd", q, k, v, window_size, scale, cos, sin, cu_seqlens)
     return out.to(q.dtype), lse
 
 
@@ -231,8 +301,8 @@ def _rla_packed(q, k, v, cu_seqlens, max_seqlen, window_size, feature_map, initi
                 chunk_size, checkpoint_every):
     """Packed RLA output (accumulation dtype) and final states ``[N, Hkv, 2D, D]``."""
     _check_packed(q, k, v, cu_seqlens, max_seqlen, initial_state, "residual_linear_attention")
-    out, state, _ = ops.rla_fwd(q, k, v, window_size, feature_map, initial_state, chunk_size,
-                                checkpoint_every, cu_seqlens)
+    out, state, _ = call("rla_fwd", q, k, v, window_size, feature_map, initial_state, chunk_size,
+                              checkpoint_every, cu_seqlens)
     return out, state
 
 

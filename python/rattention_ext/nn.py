@@ -111,16 +111,23 @@ class RAttention(nn.Module):
                  norm_eps: float = 1e-8, bias: bool = False, context_parallel_group=None,
                  device=None, dtype=None):
         super().__init__()
-        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of "
-                             f"num_kv_heads ({num_kv_heads})")
-        if window_size < 0:
-            raise ValueError(f"window_size must be >= 0, got {window_size}")
-        if feature_map not in ("softmax", "relu"):
-            raise ValueError(f"feature_map must be 'softmax' or 'relu', got {feature_map!r}")
+        from . import _validate as check
+
+        what = "nn.RAttention"
+        check.check_int(what, "hidden_size", hidden_size, 1)
+        check.check_int(what, "num_heads", num_heads, 1)
+        check.check_int(what, "num_kv_heads", num_kv_heads, 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"rattention_ext.{what}: num_heads ({num_heads}) must be a positive "
+                             f"multiple of num_kv_heads ({num_kv_heads})")
+        window_size = check.window(what, window_size)
+        check.feature_map(what, feature_map)
+        norm_eps = check.norm_eps(what, norm_eps)
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        if head_dim < 2 or head_dim % 2:
-            raise ValueError(f"head_dim must be even and >= 2, got {head_dim}")
+        check.check_int(what, "head_dim", head_dim, 2)
+        if head_dim % 2:
+            raise ValueError(f"rattention_ext.{what}: head_dim must be even and >= 2, got "
+                             f"{head_dim}")
         fk = dict(device=device, dtype=dtype)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -166,7 +173,8 @@ class RAttention(nn.Module):
 
     def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+            raise ValueError(f"rattention_ext.nn.RAttention: x must be [B, T, hidden_size="
+                             f"{self.hidden_size}], got {tuple(x.shape)}")
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -256,8 +264,9 @@ class RAttention(nn.Module):
 
     @staticmethod
     def _next_positions(cache) -> int:
-        # Largest position any sequence of the cache will reach after this call.
-        return int(cache.positions.max().item()) if cache.positions.numel() else 0
+        # Largest position any sequence of the cache has reached: the cache's host-side
+        # bound (no device sync, so a decode step can be captured in a CUDA graph).
+        return cache.max_position
 
     def _no_context_parallel(self, what: str) -> None:
         if self.context_parallel_group is not None:
@@ -289,7 +298,8 @@ class RAttention(nn.Module):
         """One decoding step: ``x [B, 1, hidden_size]`` is the next token of every sequence;
         updates ``cache`` in place and returns ``[B, 1, hidden_size]``."""
         if x.dim() != 3 or x.shape[1] != 1:
-            raise ValueError(f"x must be [B, 1, hidden_size] for step, got {tuple(x.shape)}")
+            raise ValueError(f"rattention_ext.nn.RAttention.step: x must be [B, 1, hidden_size], "
+                             f"got {tuple(x.shape)}")
         self._no_context_parallel("step")
         q, k, v = self._project(x)
         n = self._next_positions(cache) + 1

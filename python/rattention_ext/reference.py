@@ -10,6 +10,11 @@ Precision: the feature map, the RLA state and the mixing are computed in float32
 the input dtype promoted to at least float32.
 
 All functions are differentiable with plain autograd (``gradcheck`` runs on them).
+
+NaN and Inf (SPEC.md): a masked score never multiplies anything. When a block holds a
+non-finite q, k or v, its products are evaluated with the mask applied to both operands
+(``_masked_products``), so a NaN in a later token or outside the window reaches neither the
+outputs nor the gradients of the tokens that cannot see it; finite blocks take the matmul.
 """
 from __future__ import annotations
 
@@ -58,6 +63,40 @@ def feature_map(x: Tensor, kind: str = "softmax") -> Tensor:
     raise ValueError(f"feature_map must be 'softmax' or 'relu', got {kind!r}")
 
 
+_SUB = 8  # query rows per step of the exact masked evaluation
+
+
+def _all_finite(*ts: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def _masked_matmul_qk(a: Tensor, b: Tensor, visible: Tensor) -> Tensor:
+    """``(a @ b^T)`` at visible entries, 0 elsewhere, without a masked pair ever meeting:
+    a [..., bq, F], b [..., bk, F], visible [bq, bk] -> [..., bq, bk]. Both operands are
+    masked before the product, so neither value nor gradient carries a non-finite entry
+    across the mask."""
+    outs = []
+    zero = a.new_zeros(())
+    for i0 in range(0, a.shape[-2], _SUB):
+        vis = visible[i0:i0 + _SUB][..., None]  # [sq, bk, 1]
+        am = torch.where(vis, a[..., i0:i0 + _SUB, None, :], zero)  # [..., sq, bk, F]
+        bm = torch.where(vis, b[..., None, :, :], zero)
+        outs.append((am * bm).sum(-1))
+    return torch.cat(outs, dim=-2) if outs else a.new_zeros(*a.shape[:-1], b.shape[-2])
+
+
+def _masked_matmul_pv(p: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+    """``p @ v`` summing only visible pairs: p [..., bq, bk], v [..., bk, D] -> [..., bq, D]."""
+    outs = []
+    zero = p.new_zeros(())
+    for i0 in range(0, p.shape[-2], _SUB):
+        vis = visible[i0:i0 + _SUB]  # [sq, bk]
+        pm = torch.where(vis, p[..., i0:i0 + _SUB, :], zero)[..., None]  # [..., sq, bk, 1]
+        vm = torch.where(vis[..., None], v[..., None, :, :], zero)  # [..., sq, bk, D]
+        outs.append((pm * vm).sum(-2))
+    return torch.cat(outs, dim=-2) if outs else p.new_zeros(*p.shape[:-1], v.shape[-1])
+
+
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
     # [B, T, Hkv, D] -> [B, T, Hkv * G, D]; query head h reads kv head h // G.
     return x.repeat_interleave(groups, dim=2) if groups > 1 else x
@@ -90,7 +129,7 @@ def sliding_window_attention(
             window_size=window_size, softmax_scale=softmax_scale, rotary_cos=rotary_cos,
             rotary_sin=rotary_sin))
     B, T, Hq, D = q.shape
-    G = Hq // k.shape[2]
+    G = Hq // k.shape[2] if k.shape[2] else 1  # Hq = Hkv = 0: empty
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     acc = _acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
@@ -105,14 +144,22 @@ def sliding_window_attention(
         qb = qf[:, t0:t1].transpose(1, 2)  # [B, Hq, bq, D]
         kb = kf[:, s0:t1].transpose(1, 2)
         vb = vf[:, s0:t1].transpose(1, 2)
-        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [B, Hq, bq, bk]
         tq = torch.arange(t0, t1, device=q.device)[:, None]
         sk = torch.arange(s0, t1, device=q.device)[None, :]
         visible = (tq - sk >= 0) & (tq - sk <= window_size)
+        exact = not _all_finite(qb, kb, vb)  # keep non-finite values off masked pairs
+        if exact:
+            scores = _masked_matmul_qk(qb, kb, visible) * scale
+        else:
+            scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [B, Hq, bq, bk]
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, bq]
         p = torch.exp(scores - lse[..., None])
-        outs.append(torch.matmul(p, vb).transpose(1, 2))
+        if exact:
+            p = p.masked_fill(~visible, 0.0)  # exp(-inf - NaN) would be NaN
+            outs.append(_masked_matmul_pv(p, vb, visible).transpose(1, 2))
+        else:
+            outs.append(torch.matmul(p, vb).transpose(1, 2))
         lses.append(lse)
     if T == 0:  # empty sequence: empty outputs
         outs, lses = [qf.new_zeros(B, 0, Hq, v.shape[-1])], [qf.new_zeros(B, Hq, 0)]
@@ -160,7 +207,7 @@ def _rla(q, k, v, window_size, fm, initial_state):
     """RLA output in float32 (float64) and the final state."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
-    G = Hq // Hkv
+    G = Hq // Hkv if Hkv else 1  # Hq = Hkv = 0: empty
     acc = _acc_dtype(q.dtype)
     shift = window_size + 1
     phi_q = feature_map(q, fm)  # [B, T, Hq, 2D]
@@ -184,11 +231,16 @@ def _rla(q, k, v, window_size, fm, initial_state):
         if s1 > s0:
             pk = _expand_kv(phi_k[:, s0:s1], G).transpose(1, 2)  # [B, Hq, bk, 2D]
             vb = _expand_kv(vf[:, s0:s1], G).transpose(1, 2)
-            a = torch.matmul(pq, pk.transpose(-1, -2))  # [B, Hq, bq, bk]
             tq = torch.arange(t0, t1, device=q.device)[:, None]
             sk = torch.arange(s0, s1, device=q.device)[None, :]
-            a = a * ((tq - sk) >= shift).to(acc)
-            ob = ob + torch.matmul(a, vb)
+            visible = (tq - sk) >= shift
+            if _all_finite(pq, pk, vb):
+                a = torch.matmul(pq, pk.transpose(-1, -2))  # [B, Hq, bq, bk]
+                a = a * visible.to(acc)
+                ob = ob + torch.matmul(a, vb)
+            else:  # a masked pair never meets a non-finite operand
+                a = _masked_matmul_qk(pq, pk, visible)
+                ob = ob + _masked_matmul_pv(a, vb, visible)
             state = state + torch.matmul(
                 phi_k[:, s0:s1].transpose(1, 2).transpose(-1, -2), vf[:, s0:s1].transpose(1, 2)
             )
