@@ -43,7 +43,9 @@ bench: build
 	$(PY) -m benchmarks --cpu-quick
 
 # Compile gate for machines without a GPU: every CUDA kernel for sm_80 and sm_90a, ptxas
-# resource report, SASS tensor-core count; writes build/cuda-check/report.json.
+# resource report, static SASS counts (HMMA, LDSM, LDG, LDS, ...); writes
+# build/cuda-check/report.json, and build/cuda-check/launch.json (every kernel launch at the
+# reference shapes, from the launchers' plan functions, with H200 occupancy).
 $(VENV)/.cuda-tools-stamp: $(VENV)/.deps-stamp
 	$(PY) -m pip install -q nvidia-cutlass nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 	@touch $@

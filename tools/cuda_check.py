@@ -12,10 +12,16 @@ Dynamic shared memory is not visible to ptxas; kernels that use it carry a
 demangled name shows, and smem_bytes = static + N.
 
 Writes build/cuda-check/report.json (a list of rows {kernel, arch, registers, spill_bytes,
-smem_bytes, mma, ...}), prints a table, exits non-zero on any spill, any compile error, a
-main swa/rla fwd/bwd kernel without tensor-core MMA, or a layout-check mismatch.
+smem_bytes, mma, and the static SASS counts ldsm, hmma, ldg, lds, sts, stg, ldgsts, ...}),
+prints a table, exits non-zero on any spill, any compile error, a main swa/rla fwd/bwd kernel
+without tensor-core MMA, or a layout-check mismatch.
 
-    python tools/cuda_check.py [--jobs 2] [--archs 80,90a] [--files swa_fwd.cu ...]
+It also writes build/cuda-check/launch.json (tools/launch_plan.py): every kernel launch of
+forward / backward / decode_step at the reference shapes, from the launch-plan functions the
+launchers call (csrc/cuda/*_plan.h, compiled into tools/launch_plan_dump.cu), with CTAs per SM
+on an H200 from the registers above; and prints it as a table.
+
+    python tools/cuda_check.py [--jobs 2] [--archs 80,90a] [--files swa_fwd.cu ...] [--plan-only]
 """
 import argparse
 import concurrent.futures as cf
@@ -30,6 +36,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "cuda-check"
+sys.path.insert(0, str(ROOT / "tools"))
+import launch_plan  # noqa: E402
+
+
+def default_nvcc():
+    return shutil.which("nvcc") or "nvcc"
 
 
 def find_cutlass():
@@ -137,16 +149,28 @@ def parse_ptxas(text):
     return kernels
 
 
-def count_mma(sass):
+# Static SASS instruction counts per kernel (instructions in the code, not executed ones):
+# tensor-core MMAs, shared -> register matrix loads, and the plain global / shared memory
+# traffic, so the shared-memory-per-MMA balance of a kernel is visible without a GPU.
+SASS_OPS = ("HMMA", "HGMMA", "LDSM", "LDG", "LDS", "STS", "STG", "LDGSTS")
+SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[.\s;]")
+
+
+def count_sass(sass):
+    """{function: {op: count}} for the opcodes in SASS_OPS (LDS does not count LDSM/LDGSTS:
+    opcodes are compared whole, before the first '.')."""
     counts, cur = {}, None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
             cur = m.group(1)
-            counts.setdefault(cur, 0)
+            counts.setdefault(cur, {op: 0 for op in SASS_OPS})
             continue
-        if cur and re.search(r"\b(HMMA|HGMMA)\.", line):
-            counts[cur] += 1
+        if cur is None:
+            continue
+        m = SASS_INSN.search(line)
+        if m and m.group(1) in counts[cur]:
+            counts[cur][m.group(1)] += 1
     return counts
 
 
@@ -173,7 +197,7 @@ def compile_one(src, arch, cutlass, nvcc, cuobjdump, extra):
             return {"src": src.name, "arch": f"sm_{arch}", "ok": False, "seconds": dt,
                     "log": f"cuobjdump failed (pip install nvidia-cuda-nvdisasm?): {s.stderr}"}
         (OUT / f"{src.stem}.sm_{arch}.sass").write_text(s.stdout)
-        mma = count_mma(s.stdout)
+        mma = count_sass(s.stdout)
     return {"src": src.name, "arch": f"sm_{arch}", "ok": True, "kernels": kernels, "mma": mma,
             "seconds": dt}
 
@@ -227,12 +251,17 @@ def main():
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("CUDA_CHECK_JOBS", "2")))
     ap.add_argument("--archs", default="80,90a")
     ap.add_argument("--files", nargs="*", help="only these csrc/cuda/*.cu files")
-    ap.add_argument("--nvcc", default=shutil.which("nvcc") or "nvcc")
+    ap.add_argument("--nvcc", default=default_nvcc())
+    ap.add_argument("--plan-only", action="store_true",
+                    help="only rebuild launch.json from the existing build/cuda-check/report.json")
     ap.add_argument("--skip-layout-check", action="store_true",
                     help="skip tools/ldsm_check.cu (the host replay of the ldmatrix copies)")
     args = ap.parse_args()
 
     cutlass = find_cutlass()
+    if args.plan_only:
+        return write_launch_plan(json.loads((OUT / "report.json").read_text()),
+                                 launch_plan.build_dump(args.nvcc, cutlass), [])
     cuobjdump = find_cuobjdump()
     srcs = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     if args.files:
@@ -251,6 +280,7 @@ def main():
     with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         if not args.skip_layout_check:
             layout = ex.submit(run_layout_check, cutlass, args.nvcc)
+        plan_dump = ex.submit(launch_plan.build_dump, args.nvcc, cutlass)
         jax_handlers = ex.submit(compile_jax_handlers, args.nvcc)
         futs = {ex.submit(compile_one, s, a, cutlass, args.nvcc, cuobjdump, []): (s, a)
                 for s, a in jobs}
@@ -273,13 +303,16 @@ def main():
             dyn = re.search(r"DynSmem<(\d+)", full)
             dyn_bytes = int(dyn.group(1)) if dyn else 0
             spill = k["spill_stores"] + k["spill_loads"]
+            sass = r["mma"].get(mangled, {op: 0 for op in SASS_OPS}) if cuobjdump else None
             row = {
                 "kernel": readable(full),
                 "arch": r["arch"],
                 "registers": k["registers"],
                 "spill_bytes": spill,
                 "smem_bytes": k["static_smem"] + dyn_bytes,
-                "mma": r["mma"].get(mangled) if cuobjdump else None,
+                "mma": sass["HMMA"] + sass["HGMMA"] if sass else None,
+                **{op.lower(): (sass[op] if sass else None) for op in SASS_OPS if op != "HGMMA"},
+                "hgmma": sass["HGMMA"] if sass else None,
                 "stack_bytes": k["stack"],
                 "static_smem_bytes": k["static_smem"],
                 "dynamic_smem_bytes": dyn_bytes,
@@ -315,17 +348,41 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "report.json").write_text(json.dumps(rows, indent=1))
     w = max([len(r["kernel"]) for r in rows] + [6])
-    print(f"\n{'kernel':{w}s}  arch    regs  spill   smem    mma")
+    counts = ("mma", "ldsm", "hmma", "ldg", "lds", "sts", "stg", "ldgsts")
+    print(f"\n{'kernel':{w}s}  arch    regs  spill   smem " + " ".join(f"{c:>6s}" for c in counts))
     for r in rows:
         print(f"{r['kernel']:{w}s}  {r['arch']:6s} {r['registers']:5d} {r['spill_bytes']:6d} "
-              f"{r['smem_bytes']:6d} {r['mma'] if r['mma'] is not None else '-':>6}")
+              f"{r['smem_bytes']:6d} " + " ".join(f"{r[c] if r[c] is not None else '-':>6}"
+                                                 for c in counts))
     print(f"\n{len(rows)} kernel builds, {time.time() - t0:.0f}s; report: "
-          f"{(OUT / 'report.json').relative_to(ROOT)}")
+          f"{(OUT / 'report.json').relative_to(ROOT)} (SASS counts: static instructions)")
+    if args.files:  # a partial report cannot serve every launch of the plan
+        print("launch plan skipped (--files: not every kernel was compiled)")
+    else:
+        write_launch_plan(rows, plan_dump.result(), failures)
     if failures:
         print("cuda_check FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print("cuda_check OK: no spills, every main kernel uses tensor-core MMA")
+    print("cuda_check OK: no spills, every main kernel uses tensor-core MMA, launch plan written")
     return 0
+
+
+def write_launch_plan(report_rows, dump, failures):
+    """launch.json + its table from the plan dump program; problems go to `failures`.
+    Returns 0 / 1 (for --plan-only)."""
+    exe, log = dump
+    if exe is None:
+        print(log[-4000:], file=sys.stderr)
+        failures.append("launch plan: tools/launch_plan_dump.cu did not build (see above)")
+    else:
+        plan_rows, problems = launch_plan.write(exe, report_rows)
+        failures.extend(problems)
+        print(f"\nlaunch plan on an {launch_plan.H200['name']} "
+              f"({launch_plan.H200['arch']} registers; {(OUT / 'launch.json').relative_to(ROOT)}):")
+        print(launch_plan.format_table(plan_rows))
+    if failures:
+        print("launch plan FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@
 #include "core/window.h"
 #include "cuda/launch.cuh"
 #include "decode_launch.h"
+#include "decode_plan.h"
 
 namespace rattention::cuda {
 // Named (not anonymous) so the kernel names stay readable in tools/cuda_check.py.
 namespace decode_impl {
 
-constexpr int kDecodeThreads = 256;
-constexpr int kDecodeWarps = kDecodeThreads / 32;
-constexpr int kHeadBlock = 8;  // query heads accumulated together in the state sweep
+constexpr int kHeadBlock = kDecodeHeadBlock;  // query heads accumulated together in the state sweep
 
 __device__ __forceinline__ float dec_warp_sum(float x) {
 #pragma unroll
@@ -87,13 +86,7 @@ __device__ void warp_phi(FeatureMap fm, const float* x, float* y) {
   }
 }
 
-// Dynamic shared memory (fp32): sQ [G, D] rotated queries, sPhiQ [G, 2D], sOs [G, D],
-// sOr [G, D], sKold [D], sVold [D], sPhiK [2D], sRed [kDecodeWarps, D + 2] (merges).
-template <int D>
-constexpr int decode_smem_floats_fixed() {
-  return D + D + 2 * D + kDecodeWarps * (D + 2);
-}
-
+// Dynamic shared memory: decode_step_smem_floats (decode_plan.h) has the carving.
 template <typename Element, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_step_kernel(const DecodeParams p) {
   RATT_DYNAMIC_SMEM(float, smem);
@@ -327,24 +320,16 @@ __global__ void decode_pos_kernel(int64_t* pos, int64_t batch) {
   if (b < batch && pos[b] >= 0) pos[b] += 1;
 }
 
-// Dynamic smem of decode_step_kernel: per query head of the group q, 2D phi(q), out, o_rla
-// (5 D floats), plus the fixed part.
-template <int D>
-size_t decode_smem_bytes_for(int64_t G) {
-  return sizeof(float) * (G * (D + 2 * D + D + D) + decode_smem_floats_fixed<D>());
-}
-
 template <typename Element, int D>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  const int64_t G = p.heads_q / p.heads_kv;
-  const size_t smem = decode_smem_bytes_for<D>(G);
+  const DecodePlan plan = decode_plan(p);
   auto kernel = &decode_step_kernel<Element, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+                                         static_cast<int>(plan.step.smem_bytes));
   if (err != cudaSuccess) return err;
-  RATT_LAUNCH(static_cast<unsigned>(p.batch * p.heads_kv), kDecodeThreads, smem, stream, kernel)(p);
+  RATT_LAUNCH_PLANNED(plan.step, stream, kernel)(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  RATT_LAUNCH(static_cast<unsigned>(ceil_div(p.batch, 128)), 128, 0, stream, decode_pos_kernel)(p.pos, p.batch);
+  RATT_LAUNCH_PLANNED(plan.pos, stream, decode_pos_kernel)(p.pos, p.batch);
   return cudaGetLastError();
 }
 
@@ -361,12 +346,7 @@ cudaError_t dispatch_head_dim(const DecodeParams& p, cudaStream_t stream) {
 using namespace decode_impl;
 
 int64_t decode_smem_bytes(const DecodeParams& p) {
-  const int64_t G = p.heads_q / p.heads_kv;
-  switch (p.head_dim) {
-    case 64: return int64_t(decode_smem_bytes_for<64>(G));
-    case 128: return int64_t(decode_smem_bytes_for<128>(G));
-    default: return 0;
-  }
+  return p.head_dim == 64 || p.head_dim == 128 ? decode_plan(p).step.smem_bytes : 0;
 }
 
 cudaError_t decode_step(const DecodeParams& p, cudaStream_t stream) {

@@ -10,6 +10,7 @@
 #include "core/window.h"
 #include "cuda/launch.cuh"
 #include "mix_launch.h"
+#include "mix_plan.h"
 
 namespace rattention::cuda {
 // Named (not anonymous) so the kernel names stay readable in tools/cuda_check.py.
@@ -66,8 +67,6 @@ __global__ void __launch_bounds__(256) mix_fwd_kernel(const MixParams p) {
     if (d < D) o[d] = from_f<OutT>(xa[e] * ra * ga[d] + xb[e] * rb * gb[d]);
   }
 }
-
-constexpr int kMixBwdWarps = 4;
 
 // CTA (split, h): rows r = h + Hq * j for j in the split's range; warp w takes j = j0 + w,
 // j0 + w + 4, ... . Per row: dx = r (dy g - xh mean(dy g xh)), dg += dy xh (xh = x r).
@@ -174,45 +173,35 @@ cudaError_t mix_fwd(const MixParams& p, cudaStream_t stream) {
   if (p.acc_dtype != DType::kFloat32 || p.head_dim > kMixMaxHeadDim || p.head_dim < 1)
     return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
-  constexpr int kRowsPerBlock = 8;  // 8 warps of 256 threads
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kRowsPerBlock)));
+  const KernelLaunch l = mix_fwd_plan(p).fwd;
   switch (p.out_dtype) {
-    case DType::kFloat32: RATT_LAUNCH(grid, 256, 0, stream, mix_fwd_kernel<float>)(p); break;
-    case DType::kBFloat16: RATT_LAUNCH(grid, 256, 0, stream, mix_fwd_kernel<__nv_bfloat16>)(p); break;
-    case DType::kFloat16: RATT_LAUNCH(grid, 256, 0, stream, mix_fwd_kernel<__half>)(p); break;
+    case DType::kFloat32: RATT_LAUNCH_PLANNED(l, stream, mix_fwd_kernel<float>)(p); break;
+    case DType::kBFloat16: RATT_LAUNCH_PLANNED(l, stream, mix_fwd_kernel<__nv_bfloat16>)(p); break;
+    case DType::kFloat16: RATT_LAUNCH_PLANNED(l, stream, mix_fwd_kernel<__half>)(p); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
-int64_t mix_bwd_splits(const MixBwdParams& p) {
-  const int64_t per_head = p.heads_q > 0 ? p.rows / p.heads_q : 0;
-  // Enough CTAs to fill a large GPU (~1k), at least 64 rows per CTA.
-  const int64_t want = imax(1, ceil_div(1024, imax(1, p.heads_q)));
-  return imax(1, imin(want, ceil_div(per_head, 64)));
-}
+int64_t mix_bwd_splits(const MixBwdParams& p) { return mix_bwd_plan(p).n_splits; }
 
-int64_t mix_bwd_workspace_floats(const MixBwdParams& p) {
-  return mix_bwd_splits(p) * 2 * p.heads_q * p.head_dim;
-}
+int64_t mix_bwd_workspace_floats(const MixBwdParams& p) { return mix_bwd_plan(p).workspace_floats; }
 
 cudaError_t mix_bwd(const MixBwdParams& p, float* workspace, cudaStream_t stream) {
   if (p.acc_dtype != DType::kFloat32 || p.head_dim > kMixMaxHeadDim || p.head_dim < 1)
     return cudaErrorInvalidValue;
   if (p.heads_q == 0) return cudaSuccess;
-  const int64_t n_splits = mix_bwd_splits(p);
-  const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(p.heads_q));
-  const int threads = kMixBwdWarps * 32;
+  const MixBwdPlan plan = mix_bwd_plan(p);
+  const int64_t n_splits = plan.n_splits;
   switch (p.grad_dtype) {
-    case DType::kFloat32: RATT_LAUNCH(grid, threads, 0, stream, mix_bwd_kernel<float>)(p, workspace, n_splits); break;
-    case DType::kBFloat16: RATT_LAUNCH(grid, threads, 0, stream, mix_bwd_kernel<__nv_bfloat16>)(p, workspace, n_splits); break;
-    case DType::kFloat16: RATT_LAUNCH(grid, threads, 0, stream, mix_bwd_kernel<__half>)(p, workspace, n_splits); break;
+    case DType::kFloat32: RATT_LAUNCH_PLANNED(plan.bwd, stream, mix_bwd_kernel<float>)(p, workspace, n_splits); break;
+    case DType::kBFloat16: RATT_LAUNCH_PLANNED(plan.bwd, stream, mix_bwd_kernel<__nv_bfloat16>)(p, workspace, n_splits); break;
+    case DType::kFloat16: RATT_LAUNCH_PLANNED(plan.bwd, stream, mix_bwd_kernel<__half>)(p, workspace, n_splits); break;
     default: return cudaErrorInvalidValue;
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t n = 2 * p.heads_q * p.head_dim;
-  RATT_LAUNCH(static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream, mix_bwd_reduce_kernel)(p, workspace, n_splits);
+  RATT_LAUNCH_PLANNED(plan.reduce, stream, mix_bwd_reduce_kernel)(p, workspace, n_splits);
   return cudaGetLastError();
 }
 

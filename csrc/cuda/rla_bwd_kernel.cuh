@@ -28,17 +28,6 @@
 
 namespace rattention::cuda {
 
-template <class Tr>
-struct RlaBwdSmem {
-  static constexpr int kS = Tr::kSmemS;      // sS / sdS fp32 [2D, BV]
-  static constexpr int kPhi = Tr::kSmemPhi;  // sPhiK, sPhiQ
-  static constexpr int kV = Tr::kSmemV;      // sV, sdO (same shape [C, BV])
-  static constexpr int kP = Tr::kSmemP;
-  static constexpr int kDq = kS + kPhi + 2 * kV + kP;
-  static constexpr int kDkv = kS + 2 * kPhi + 2 * kV + kP;
-  static_assert(kDkv <= 163 * 1024, "dkv kernel must fit sm_80 shared memory");
-};
-
 // dO rows [C, BV] (fp32 global) -> sdO in the MMA type; invalid rows zero.
 template <class Tr>
 __device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,

@@ -1,6 +1,8 @@
-// Instantiations and launcher of the RLA forward kernel: (bf16, fp16) x (D = 64, 128).
+// Instantiations and launcher of the RLA forward kernels: (bf16, fp16) x (D = 64, 128).
+// Grids, blocks and shared memory: rla_fwd_plan.
 #include "rla_fwd_kernel.cuh"
 #include "rla_launch.h"
+#include "rla_plan.h"
 
 namespace rattention::cuda {
 namespace {
@@ -13,26 +15,24 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
     return cudaMemsetAsync(p.final_state, 0, sizeof(float) * bh * 2 * p.dims.head_dim * p.dims.head_dim,
                            stream);
   }
-  const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, Tr::kChunk), p.checkpoint_every);
-  const dim3 grid(Tr::kNVBlocks, static_cast<unsigned>(bh), static_cast<unsigned>(n_ckpt));
+  const RlaFwdPlan plan = rla_fwd_plan<Tr>(p);
   cudaError_t err;
   // 1. local state sum per segment
   auto state = &rla_fwd_state_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  Tr::kSmemState)) != cudaSuccess)
+                                  static_cast<int>(plan.state.smem_bytes))) != cudaSuccess)
     return err;
-  RATT_LAUNCH(grid, Tr::kNThreads, Tr::kSmemState, stream, state)(p);
+  RATT_LAUNCH_PLANNED(plan.state, stream, state)(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 2. prefix over segments -> checkpoints, final state
-  const int64_t n = bh * 2 * p.dims.head_dim * p.dims.head_dim;
-  RATT_LAUNCH(static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream, rla_fwd_prefix_reduce_kernel)(p);
+  RATT_LAUNCH_PLANNED(plan.prefix, stream, rla_fwd_prefix_reduce_kernel)(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 3. outputs, every segment from its checkpoint
   auto kernel = &rla_fwd_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  Tr::kSmemFwd)) != cudaSuccess)
+                                  static_cast<int>(plan.fwd.smem_bytes))) != cudaSuccess)
     return err;
-  RATT_LAUNCH(grid, Tr::kNThreads, Tr::kSmemFwd, stream, kernel)(p);
+  RATT_LAUNCH_PLANNED(plan.fwd, stream, kernel)(p);
   return cudaGetLastError();
 }
 
@@ -48,15 +48,8 @@ cudaError_t dispatch_head_dim(const RlaFwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t rla_fwd_smem_bytes(const RlaFwdParams& p) {
-  auto need = [](auto traits) {
-    using Tr = decltype(traits);
-    return int64_t(Tr::kSmemState > Tr::kSmemFwd ? Tr::kSmemState : Tr::kSmemFwd);
-  };
-  switch (p.dims.head_dim) {  // bf16 and fp16 need the same
-    case 64: return need(RlaTraits<cutlass::bfloat16_t, 64, 64>{});
-    case 128: return need(RlaTraits<cutlass::bfloat16_t, 128, 64>{});
-    default: return 0;
-  }
+  const RlaFwdPlan plan = rla_fwd_plan(p);
+  return imax(plan.state.smem_bytes, plan.fwd.smem_bytes);
 }
 
 cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {

@@ -76,6 +76,18 @@ struct RlaTraits {
                 "shared-memory buffers must start 16-byte aligned");
 };
 
+// Dynamic shared memory of the backward kernels (rla_bwd_dq_kernel, rla_bwd_dkv_kernel).
+template <class Tr>
+struct RlaBwdSmem {
+  static constexpr int kS = Tr::kSmemS;      // sS / sdS fp32 [2D, BV]
+  static constexpr int kPhi = Tr::kSmemPhi;  // sPhiK, sPhiQ
+  static constexpr int kV = Tr::kSmemV;      // sV, sdO (same shape [C, BV])
+  static constexpr int kP = Tr::kSmemP;
+  static constexpr int kDq = kS + kPhi + 2 * kV + kP;
+  static constexpr int kDkv = kS + 2 * kPhi + 2 * kV + kP;
+  static_assert(kDkv <= 163 * 1024, "dkv kernel must fit sm_80 shared memory");
+};
+
 // ---- layouts (CuTe views on shared memory) ----------------------------------------------
 // (rows, cols) row-major with a padded row stride.
 template <int R, int Cc, int Ld>

@@ -24,8 +24,6 @@
 
 namespace rattention::cuda {
 
-constexpr int kBwdDSlice = 64;  // dK/dV output columns per dkdv CTA
-
 // dO as the MMAs see it: the dkdv / dq kernels stage the fp32 dO in the input dtype.
 __device__ __forceinline__ float round_like_staged(float x, DType dtype) {
   return dtype == DType::kBFloat16 ? float(cutlass::bfloat16_t(x)) : float(cutlass::half_t(x));

@@ -1,7 +1,8 @@
 // Host launcher of the SWA forward: picks the (dtype, head dim) instantiation; T, window,
-// GQA group, scale and rotary are runtime.
+// GQA group, scale and rotary are runtime. Grid, block and shared memory: swa_fwd_plan.
 #include "cuda/swa_fwd_kernel.cuh"
 #include "cuda/swa_launch.h"
+#include "cuda/swa_plan.h"
 
 namespace rattention::cuda {
 namespace {
@@ -9,27 +10,19 @@ namespace {
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const SwaFwdParams& p, cudaStream_t stream) {
   using Traits = SwaTraits<Element, kHeadDim>;
-  const int64_t T = p.dims.seqlen;
-  if (T == 0 || p.dims.batch == 0 || p.dims.heads_q == 0) return cudaSuccess;
+  if (p.dims.seqlen == 0 || p.dims.batch == 0 || p.dims.heads_q == 0) return cudaSuccess;
+  const SwaFwdPlan plan = swa_fwd_plan<Traits>(p);
   auto kernel = swa_fwd_kernel<Traits>;
-  constexpr int smem = Traits::kSmemFwd;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(plan.fwd.smem_bytes));
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(ceil_div(T, Traits::kBlockM)), unsigned(p.dims.batch),
-                  unsigned(p.dims.heads_q));
-  RATT_LAUNCH(grid, Traits::kNThreads, smem, stream, kernel)(p);
+  RATT_LAUNCH_PLANNED(plan.fwd, stream, kernel)(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int64_t swa_fwd_smem_bytes(const SwaFwdParams& p) {
-  switch (p.dims.head_dim) {  // bf16 and fp16 need the same
-    case 64: return SwaTraits<cutlass::bfloat16_t, 64>::kSmemFwd;
-    case 128: return SwaTraits<cutlass::bfloat16_t, 128>::kSmemFwd;
-    default: return 0;
-  }
-}
+int64_t swa_fwd_smem_bytes(const SwaFwdParams& p) { return swa_fwd_plan(p).fwd.smem_bytes; }
 
 cudaError_t swa_fwd(const SwaFwdParams& p, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBFloat16;

@@ -23,6 +23,8 @@ struct SwaMmaAtom<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
+constexpr int kBwdDSlice = 64;  // dK/dV output columns per swa_bwd_dkdv_kernel CTA
+
 template <typename Element_, int kHeadDim_>
 struct SwaTraits {
   using Element = Element_;

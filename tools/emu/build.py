@@ -79,7 +79,11 @@ def kernel_wrappers(out: Path) -> list[Path]:
 # kernels with deliberate bugs, one per check (compiled like the kernels)
 SELFTEST_SOURCES = [ROOT / "tools" / "emu" / "emu_selftest.cpp"]
 HOST_SOURCES = [ROOT / "tools" / "emu" / "emu_runtime.cpp", ROOT / "tools" / "emu" / "emu_memory.cpp",
-                ROOT / "tools" / "emu" / "emu_ops.cpp", ROOT / "csrc" / "op_common.cpp"]
+                ROOT / "tools" / "emu" / "emu_ops.cpp", ROOT / "tools" / "emu" / "emu_plan_ops.cpp",
+                ROOT / "csrc" / "op_common.cpp"]
+# host sources that include the kernels' CuTe traits (the launch plans): CUTLASS's headers name
+# device intrinsics in templates, which g++ accepts only with -fpermissive (as for the kernels)
+HOST_CUTE_SOURCES = {ROOT / "tools" / "emu" / "emu_plan_ops.cpp"}
 
 
 def asan() -> bool:
@@ -128,7 +132,7 @@ def ninja_file(out: Path, cutlass: Path, cuda: Path) -> str:
         "ninja_required_version = 1.3",
         f"rule kernel\n  command = {cxx} -MMD -MF $out.d {' '.join(kernel_flags)} -c $in -o $out\n"
         "  depfile = $out.d\n  deps = gcc\n  description = emu kernel $in",
-        f"rule host\n  command = {cxx} -MMD -MF $out.d {' '.join(host_flags)} -c $in -o $out\n"
+        f"rule host\n  command = {cxx} -MMD -MF $out.d {' '.join(host_flags)} $extra -c $in -o $out\n"
         "  depfile = $out.d\n  deps = gcc\n  description = emu host $in",
         f"rule link\n  command = {cxx} -shared {' '.join(check)} $in {libs} -o $out\n"
         "  description = emu link $out",
@@ -145,6 +149,8 @@ def ninja_file(out: Path, cutlass: Path, cuda: Path) -> str:
     for src in HOST_SOURCES:
         obj = f"obj/{src.stem}.o"
         lines.append(f"build {obj}: host {src}")
+        if src in HOST_CUTE_SOURCES:
+            lines.append("  extra = -fpermissive")
         objs.append(obj)
     lines.append(f"build rattention_emu{sysconfig.get_config_var('EXT_SUFFIX')}: link {' '.join(objs)}")
     return "\n".join(lines) + "\n"

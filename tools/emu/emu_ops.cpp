@@ -275,6 +275,8 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }  // namespace
 }  // namespace rattention
 
+void add_launch_plan_bindings(pybind11::module& m);  // emu_plan_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rattention_ext CUDA kernels run by the host emulator (tools/emu), CPU tensors";
   m.def("swa_fwd", &rattention::swa_fwd);
@@ -285,6 +287,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mix_fwd", &rattention::mix_fwd);
   m.def("mix_bwd", &rattention::mix_bwd);
   m.def("decode_step", &rattention::decode_step);
+  add_launch_plan_bindings(m);
 
   m.def("set_schedule", [](const std::string& order, uint64_t seed) {
     if (order == "asc") emu::set_schedule(emu::Order::kAscending, seed);

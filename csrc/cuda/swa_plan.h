@@ -1,0 +1,107 @@
+// Launch plans of the SWA forward (with or without the fused mixing epilogue) and backward:
+// the one place their grids, blocks, shared memory and workspace are computed (see
+// launch_plan.h). swa_fwd.cu / swa_bwd.cu launch what these return.
+#pragma once
+#include "core/params.h"
+#include "cuda/launch_plan.h"
+#include "cuda/swa_traits.cuh"
+
+namespace rattention::cuda {
+
+// Forward: one CTA per (query tile, b, q head); the fused mixing (p.mix.out set) runs in the
+// same kernel's epilogue and changes nothing here.
+struct SwaFwdPlan {
+  KernelLaunch fwd;  // swa_fwd_kernel
+  int64_t workspace_bytes = 0;
+  template <class F>
+  void for_each(F&& f) const {
+    f(fwd);
+  }
+};
+
+template <class Tr>
+SwaFwdPlan swa_fwd_plan(const SwaFwdParams& p) {
+  const AttnDims& d = p.dims;
+  SwaFwdPlan plan;
+  plan.fwd = make_launch("swa_fwd_kernel", {ceil_div(d.seqlen, Tr::kBlockM), d.batch, d.heads_q},
+                         Tr::kNThreads, Tr::kSmemFwd,
+                         swa_max_key_tiles(d.seqlen, Tr::kBlockM, Tr::kBlockN, p.window_size));
+  return plan;
+}
+
+// Backward: preprocess (Di), dK/dV, dQ, then two fp32 -> dtype conversions. The fp32
+// workspace holds Di [B, Hq, T], dQ [B, T, Hq, D], dK [B, T, Hkv, D] (offsets in floats);
+// every entry that is read is written first, so it needs no zeroing.
+struct SwaBwdPlan {
+  KernelLaunch preprocess, dkdv, dq, convert_dq, convert_dk;
+  int64_t ws_di = 0, ws_dq = 0, ws_dk = 0;
+  int64_t workspace_floats = 0;
+  int64_t workspace_bytes = 0;
+  template <class F>
+  void for_each(F&& f) const {
+    f(preprocess);
+    f(dkdv);
+    f(dq);
+    f(convert_dq);
+    f(convert_dk);
+  }
+};
+
+constexpr int kSwaRowsPerPreprocessCta = 8;  // swa_bwd_preprocess_kernel: a warp per row
+constexpr int kSwaElementwiseThreads = 256;  // preprocess and convert kernels
+
+template <class Tr>
+SwaBwdPlan swa_bwd_plan(const SwaBwdParams& p) {
+  const AttnDims& d = p.dims;
+  const int64_t B = d.batch, T = d.seqlen, Hq = d.heads_q, Hkv = d.heads_kv, D = Tr::kHeadDim;
+  const int64_t w = p.window_size;
+  SwaBwdPlan plan;
+  plan.ws_di = 0;
+  plan.ws_dq = B * Hq * T;
+  plan.ws_dk = plan.ws_dq + B * T * Hq * D;
+  plan.workspace_floats = plan.ws_dk + B * T * Hkv * D;
+  plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
+  plan.preprocess = make_launch("swa_bwd_preprocess_kernel",
+                                {ceil_div(B * Hq * T, kSwaRowsPerPreprocessCta)},
+                                kSwaElementwiseThreads, 0, 1);
+  // dK/dV: per key tile and D slice, the G query heads one after another, each over the
+  // query tiles that see the key tile.
+  plan.dkdv = make_launch("swa_bwd_dkdv_kernel",
+                          {ceil_div(T, Tr::kBlockN) * (D / kBwdDSlice), B, Hkv}, Tr::kNThreads,
+                          Tr::kSmemBwdDkdv,
+                          d.group() * swa_max_query_tiles(T, Tr::kBlockM, Tr::kBlockN, w));
+  plan.dq = make_launch("swa_bwd_dq_kernel", {ceil_div(T, Tr::kBlockM), B, Hq}, Tr::kNThreads,
+                        Tr::kSmemBwdDq, swa_max_key_tiles(T, Tr::kBlockM, Tr::kBlockN, w));
+  // a thread per rotary pair (D / 2 per row)
+  plan.convert_dq = make_launch("swa_bwd_convert_kernel",
+                                {ceil_div(B * T * Hq * D / 2, kSwaElementwiseThreads)},
+                                kSwaElementwiseThreads, 0, 1);
+  plan.convert_dk = make_launch("swa_bwd_convert_kernel",
+                                {ceil_div(B * T * Hkv * D / 2, kSwaElementwiseThreads)},
+                                kSwaElementwiseThreads, 0, 1);
+  return plan;
+}
+
+// Calls f(SwaTraits<Element, D>{}) for the instantiation that serves (dtype, head_dim) and
+// returns its result; R{} when there is none.
+template <class R, class F>
+R with_swa_traits(DType dtype, int64_t head_dim, F&& f) {
+  const bool bf16 = dtype == DType::kBFloat16;
+  if (!bf16 && dtype != DType::kFloat16) return R{};
+  if (head_dim == 64)
+    return bf16 ? f(SwaTraits<cutlass::bfloat16_t, 64>{}) : f(SwaTraits<cutlass::half_t, 64>{});
+  if (head_dim == 128)
+    return bf16 ? f(SwaTraits<cutlass::bfloat16_t, 128>{}) : f(SwaTraits<cutlass::half_t, 128>{});
+  return R{};
+}
+
+inline SwaFwdPlan swa_fwd_plan(const SwaFwdParams& p) {
+  return with_swa_traits<SwaFwdPlan>(p.dtype, p.dims.head_dim,
+                                     [&](auto tr) { return swa_fwd_plan<decltype(tr)>(p); });
+}
+inline SwaBwdPlan swa_bwd_plan(const SwaBwdParams& p) {
+  return with_swa_traits<SwaBwdPlan>(p.dtype, p.dims.head_dim,
+                                     [&](auto tr) { return swa_bwd_plan<decltype(tr)>(p); });
+}
+
+}  // namespace rattention::cuda

@@ -1,0 +1,139 @@
+// The launch plans of whole op calls, as rows (one per kernel launch), for the reports:
+// tools/launch_plan_dump.cu (build/cuda-check/launch.json via tools/cuda_check.py) and the
+// emulator (tools/emu, whose tests compare them with the launches the launchers make).
+//
+// A "call" is one CUDA op as the Python layer issues it (rla_fwd, swa_mix_fwd, ...); the
+// composite ops follow python/rattention_ext: forward = rla_fwd then swa_mix_fwd (the SWA
+// forward with the mixing in its epilogue); backward (autograd order) = mix_bwd, swa_bwd,
+// rla_bwd; decode_step = the decode kernel and the position bump. The params carry only the
+// sizes (no tensors): the plans read nothing else.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cuda/decode_plan.h"
+#include "cuda/mix_plan.h"
+#include "cuda/rla_plan.h"
+#include "cuda/swa_plan.h"
+
+namespace rattention::cuda {
+
+struct PlanShape {
+  int64_t batch = 1, seqlen = 1, heads_q = 1, heads_kv = 1, head_dim = 64, window = 0;
+  int64_t checkpoint_every = 4;  // python/rattention_ext/api.py DEFAULT_CHECKPOINT_EVERY
+  DType dtype = DType::kBFloat16;
+};
+
+struct PlanRow {
+  std::string call;  // the op whose launcher issues it
+  KernelLaunch launch;
+  int64_t workspace_bytes;  // the scratch that call allocates (the same on each of its rows)
+};
+
+// Dense batches without a halo (what the CUDA kernels take): seqlen_k = seqlen.
+inline AttnDims plan_dims(const PlanShape& s) {
+  return AttnDims{s.batch, s.seqlen, s.heads_q, s.heads_kv, s.head_dim, s.seqlen};
+}
+
+template <class Plan>
+void append_plan_rows(std::vector<PlanRow>& rows, const char* call, const Plan& plan) {
+  plan.for_each([&](const KernelLaunch& l) { rows.push_back(PlanRow{call, l, plan.workspace_bytes}); });
+}
+
+inline SwaFwdParams plan_swa_fwd_params(const PlanShape& s) {
+  SwaFwdParams p{};
+  p.dims = plan_dims(s);
+  p.dtype = s.dtype;
+  p.window_size = s.window;
+  return p;
+}
+inline SwaBwdParams plan_swa_bwd_params(const PlanShape& s) {
+  SwaBwdParams p{};
+  p.dims = plan_dims(s);
+  p.dtype = s.dtype;
+  p.window_size = s.window;
+  return p;
+}
+inline RlaFwdParams plan_rla_fwd_params(const PlanShape& s) {
+  RlaFwdParams p{};
+  p.dims = plan_dims(s);
+  p.dtype = s.dtype;
+  p.window_size = s.window;
+  p.chunk_size = kRlaChunk;
+  p.checkpoint_every = s.checkpoint_every;
+  return p;
+}
+inline RlaBwdParams plan_rla_bwd_params(const PlanShape& s) {
+  RlaBwdParams p{};
+  p.dims = plan_dims(s);
+  p.dtype = s.dtype;
+  p.window_size = s.window;
+  p.chunk_size = kRlaChunk;
+  p.checkpoint_every = s.checkpoint_every;
+  return p;
+}
+inline MixBwdParams plan_mix_bwd_params(const PlanShape& s) {
+  MixBwdParams p{};
+  p.rows = s.batch * s.seqlen * s.heads_q;
+  p.heads_q = s.heads_q;
+  p.head_dim = s.head_dim;
+  p.acc_dtype = DType::kFloat32;
+  p.grad_dtype = s.dtype;  // the gradient of forward's output, in q's dtype
+  return p;
+}
+inline MixParams plan_mix_fwd_params(const PlanShape& s) {
+  MixParams p{};
+  p.rows = s.batch * s.seqlen * s.heads_q;
+  p.heads_q = s.heads_q;
+  p.head_dim = s.head_dim;
+  p.acc_dtype = DType::kFloat32;
+  p.out_dtype = s.dtype;
+  return p;
+}
+inline DecodeParams plan_decode_params(const PlanShape& s) {
+  DecodeParams p{};
+  p.batch = s.batch;
+  p.heads_q = s.heads_q;
+  p.heads_kv = s.heads_kv;
+  p.head_dim = s.head_dim;
+  p.dtype = s.dtype;
+  p.window_size = s.window;
+  return p;
+}
+
+// Rows of `op`: one of the single ops (swa_fwd, swa_mix_fwd, swa_bwd, rla_fwd, rla_bwd,
+// mix_fwd, mix_bwd, decode_step) or the composites forward / backward. Empty for an
+// unknown op.
+inline std::vector<PlanRow> plan_rows(const std::string& op, const PlanShape& s) {
+  std::vector<PlanRow> rows;
+  auto add = [&](const std::string& one) {
+    if (one == "swa_fwd" || one == "swa_mix_fwd")
+      append_plan_rows(rows, one == "swa_fwd" ? "swa_fwd" : "swa_mix_fwd", swa_fwd_plan(plan_swa_fwd_params(s)));
+    else if (one == "swa_bwd")
+      append_plan_rows(rows, "swa_bwd", swa_bwd_plan(plan_swa_bwd_params(s)));
+    else if (one == "rla_fwd")
+      append_plan_rows(rows, "rla_fwd", rla_fwd_plan(plan_rla_fwd_params(s)));
+    else if (one == "rla_bwd")
+      append_plan_rows(rows, "rla_bwd", rla_bwd_plan(plan_rla_bwd_params(s)));
+    else if (one == "mix_fwd")
+      append_plan_rows(rows, "mix_fwd", mix_fwd_plan(plan_mix_fwd_params(s)));
+    else if (one == "mix_bwd")
+      append_plan_rows(rows, "mix_bwd", mix_bwd_plan(plan_mix_bwd_params(s)));
+    else if (one == "decode_step")
+      append_plan_rows(rows, "decode_step", decode_plan(plan_decode_params(s)));
+  };
+  if (op == "forward") {
+    add("rla_fwd");
+    add("swa_mix_fwd");
+  } else if (op == "backward") {
+    add("mix_bwd");
+    add("swa_bwd");
+    add("rla_bwd");
+  } else {
+    add(op);
+  }
+  return rows;
+}
+
+}  // namespace rattention::cuda
