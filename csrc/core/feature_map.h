@@ -16,9 +16,10 @@ enum class FeatureMap : int32_t { kSoftmax = 0, kRelu = 1 };
 template <typename acc_t>
 RATT_HD void feature_map_forward(FeatureMap fm, const acc_t* x, acc_t* y, int D) {
   if (fm == FeatureMap::kRelu) {
+    // Written so that NaN maps to NaN in both halves (as torch.relu does).
     for (int i = 0; i < D; ++i) {
-      y[i] = x[i] > acc_t(0) ? x[i] : acc_t(0);
-      y[D + i] = x[i] < acc_t(0) ? -x[i] : acc_t(0);
+      y[i] = x[i] <= acc_t(0) ? acc_t(0) : x[i];
+      y[D + i] = x[i] >= acc_t(0) ? acc_t(0) : -x[i];
     }
     return;
   }

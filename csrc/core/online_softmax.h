@@ -4,8 +4,14 @@
 // acc = sum exp(s - m) v. A new block with max m_blk rescales the old terms by
 // exp(m_old - m_new). Rows that have seen no key keep m = -inf; the rescale is then 0
 // and the -inf - -inf NaN is avoided.
+//
+// NaN (SPEC.md): a row with a NaN score has a NaN softmax. With a finite running max,
+// exp(NaN - m) already makes l NaN; a block seen while m is still -inf (no finite score yet)
+// is checked with online_softmax_mark_nan. l = NaN then stays NaN through every rescale and
+// sum, and the row's output and lse come out NaN (never zeros).
 #pragma once
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "macros.h"
@@ -38,6 +44,24 @@ RATT_HD acc_t online_softmax_rescale(OnlineSoftmaxRow<acc_t>& r, acc_t block_max
 template <typename acc_t>
 RATT_HD acc_t online_softmax_prob(const OnlineSoftmaxRow<acc_t>& r, acc_t score) {
   return (r.m == neg_inf<acc_t>()) ? acc_t(0) : std::exp(score - r.m);
+}
+
+// A block seen while the row max is still -inf: set l = NaN if it holds a NaN score.
+template <typename acc_t>
+RATT_HD void online_softmax_mark_nan(OnlineSoftmaxRow<acc_t>& r, const acc_t* s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (s[j] != s[j]) {
+      r.l = std::numeric_limits<acc_t>::quiet_NaN();
+      return;
+    }
+  }
+}
+
+// 1 / l for the output, NaN for a row without a positive sum (every SWA row sees at least
+// itself, so l = 0 means every visible score was -inf or NaN: 0/0).
+template <typename acc_t>
+RATT_HD acc_t online_softmax_inv_sum(const OnlineSoftmaxRow<acc_t>& r) {
+  return (r.l > acc_t(0)) ? acc_t(1) / r.l : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // log-sum-exp of the row once every block is seen (-inf for an empty row, which the

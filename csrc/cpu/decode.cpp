@@ -141,6 +141,7 @@ void decode_impl(const DecodeParams& p) {
           acc_t mx = neg_inf<acc_t>();
           for (int64_t j = 0; j < nb; ++j) mx = pr[j] > mx ? pr[j] : mx;
           const acc_t factor = online_softmax_rescale(rows[g], mx);
+          if (rows[g].m == neg_inf<acc_t>()) online_softmax_mark_nan(rows[g], pr, nb);
           acc_t* os = sOs.data() + g * D;
           for (int i = 0; i < D; ++i) os[i] *= factor;
           for (int64_t j = 0; j < nb; ++j) {
@@ -153,7 +154,8 @@ void decode_impl(const DecodeParams& p) {
                     sOs.data(), D);
       }
       for (int64_t g = 0; g < G; ++g) {
-        const acc_t inv_l = acc_t(1) / rows[g].l;  // l >= 1: the row max contributes exp(0)
+        // l >= 1 (the row max contributes exp(0)) unless the row is NaN: then NaN out
+        const acc_t inv_l = online_softmax_inv_sum(rows[g]);
         for (int i = 0; i < D; ++i) sOs[g * D + i] *= inv_l;
       }
 

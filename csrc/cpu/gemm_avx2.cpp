@@ -252,7 +252,8 @@ void softmax_tile(float* S, int64_t lds, int64_t R, int64_t bn, OnlineSoftmaxRow
     const float bmax = hmax(vmax);
     const float m_old = st[r].m;
     const float m_new = bmax > m_old ? bmax : m_old;
-    if (m_new == ninf) {  // no visible key yet: p = 0, nothing to rescale
+    if (m_new == ninf) {  // no visible finite score yet: p = 0, nothing to rescale
+      online_softmax_mark_nan(st[r], srow, bn);
       for (int64_t v = 0; v < nv; ++v)
         _mm256_maskstore_ps(srow + 8 * v, tail_mask(bn - 8 * v), _mm256_setzero_ps());
       continue;

@@ -143,6 +143,11 @@ struct RlaBwd {
       feature_rows(fm, sXk, sPk, r.nk, D);
       load_rows(v(), p.v_stride, p.k_offset(p.v_stride, b, r.s0, g), r.nk, 0, D, sV, D);
     };
+    // The masked products below multiply a masked matrix by a whole tile; a non-finite
+    // phi(k~), phi(q) or dO row there takes the exact masked product (masked_products.h).
+    auto vis_of = [&](const ChunkRange& r) {
+      return [&r, w](int64_t i) { return chunk_visible_cols(r, w, i); };
+    };
 
     for (int64_t sg = sg_end - 1; sg >= sg_begin; --sg) {
       const int64_t cb = geo.seg_first_chunk(sg), ce = geo.seg_end_chunk(sg);
@@ -162,8 +167,10 @@ struct RlaBwd {
         const ChunkRange r = chunk_range(geo, c);
         // U below chunk 0 is needed only as the carried state's gradient.
         const bool need_dU = c > 0 || has_carried();
+        bool pk_finite = true;
         if (r.nk > 0) {
           load_keys(r);
+          pk_finite = all_finite(sPk, r.nk, F, F);
           std::fill(sdPk, sdPk + r.nk * F, acc_t(0));
           std::fill(sdV, sdV + r.nk * D, acc_t(0));
         }
@@ -186,13 +193,23 @@ struct RlaBwd {
             // sdP[nq, nk] = dO @ V~^T, masked
             gemm<acc_t>(false, true, r.nq, r.nk, D, acc_t(1), sdO, D, sV, D, acc_t(0), sdP, r.nk);
             mask_chunk(sdP, r.nk, r, w);
+            const auto vis = vis_of(r);
             // dphi(Q) += sdP @ phi(K~); dphi(K~) += sdP^T @ phi(Q)
-            gemm<acc_t>(false, false, r.nq, F, r.nk, acc_t(1), sdP, r.nk, sPk, F, acc_t(1), sdPq, F);
-            gemm<acc_t>(true, false, r.nk, F, r.nq, acc_t(1), sdP, r.nk, sPq, F, acc_t(1), sdPk, F);
+            if (pk_finite)
+              gemm<acc_t>(false, false, r.nq, F, r.nk, acc_t(1), sdP, r.nk, sPk, F, acc_t(1), sdPq, F);
+            else
+              masked_gemm_nn<acc_t>(r.nq, F, acc_t(1), sdP, r.nk, sPk, F, sdPq, F, vis);
+            if (all_finite(sPq, r.nq, F, F))
+              gemm<acc_t>(true, false, r.nk, F, r.nq, acc_t(1), sdP, r.nk, sPq, F, acc_t(1), sdPk, F);
+            else
+              masked_gemm_tn<acc_t>(r.nq, F, acc_t(1), sdP, r.nk, sPq, F, sdPk, F, vis);
             // sA = phi(Q) phi(K~)^T masked; dV~ += sA^T @ dO
             gemm<acc_t>(false, true, r.nq, r.nk, F, acc_t(1), sPq, F, sPk, F, acc_t(0), sA, r.nk);
             mask_chunk(sA, r.nk, r, w);
-            gemm<acc_t>(true, false, r.nk, D, r.nq, acc_t(1), sA, r.nk, sdO, D, acc_t(1), sdV, D);
+            if (all_finite(sdO, r.nq, D, D))
+              gemm<acc_t>(true, false, r.nk, D, r.nq, acc_t(1), sA, r.nk, sdO, D, acc_t(1), sdV, D);
+            else
+              masked_gemm_tn<acc_t>(r.nq, D, acc_t(1), sA, r.nk, sdO, D, sdV, D, vis);
           }
           for (int64_t i = 0; i < r.nq; ++i) {
             feature_map_backward<acc_t>(fm, sXq + i * D, sPq + i * F, sdPq + i * F, sdx,

@@ -24,6 +24,7 @@
 #include "../core/params.h"
 #include "../core/window.h"
 #include "gemm.h"
+#include "masked_products.h"
 #include "parallel.h"
 
 namespace rattention::cpu::rla_detail {
@@ -61,10 +62,14 @@ inline ChunkRange chunk_range(const Geometry& g, int64_t c) {
 
 // Zero M[i, j] (row-major [nq, nk], leading dim ld) where query t0 + i cannot see key
 // s0 + j, i.e. s0 + j > t0 + i - w - 1. Row i keeps j < t0 + i - w - s0 (clamped to [0, nk]).
+inline ColumnRange chunk_visible_cols(const ChunkRange& r, int64_t w, int64_t i) {
+  return ColumnRange{0, imax(0, imin(r.nk, r.t0 + i - w - r.s0))};
+}
+
 template <typename acc_t>
 inline void mask_chunk(acc_t* M, int64_t ld, const ChunkRange& r, int64_t w) {
   for (int64_t i = 0; i < r.nq; ++i) {
-    const int64_t keep = imax(0, imin(r.nk, r.t0 + i - w - r.s0));
+    const int64_t keep = chunk_visible_cols(r, w, i).hi;
     acc_t* row = M + i * ld;
     for (int64_t j = keep; j < r.nk; ++j) row[j] = acc_t(0);
   }

@@ -85,10 +85,12 @@ struct RlaFwd {
         copy_block(sS, nc, ckpt(b, g, c / geo.every) + j0, D, F, nc);
       }
       const ChunkRange r = chunk_range(geo, c);
+      bool v_finite = true;
       if (r.nk > 0) {
         load_rows(k(), p.k_stride, p.k_offset(p.k_stride, b, r.s0, g), r.nk, 0, D, sXk, D);
         feature_rows(p.feature_map, sXk, sPk, r.nk, D);
         load_rows(v(), p.v_stride, p.k_offset(p.v_stride, b, r.s0, g), r.nk, j0, nc, sV, nc);
+        if (outputs) v_finite = all_finite(sV, r.nk, nc, nc);
       }
       if (outputs) {
         for (int64_t hh = 0; hh < geo.G; ++hh) {
@@ -108,7 +110,12 @@ struct RlaFwd {
             // sA[nq, nk] = phi(Q) @ phi(K~)^T, masked; sO += sA @ V~
             gemm<acc_t>(false, true, r.nq, r.nk, F, acc_t(1), sPq, F, sPk, F, acc_t(0), sA, r.nk);
             mask_chunk(sA, r.nk, r, geo.w);
-            gemm<acc_t>(false, false, r.nq, nc, r.nk, acc_t(1), sA, r.nk, sV, nc, acc_t(1), sO, nc);
+            if (v_finite) {
+              gemm<acc_t>(false, false, r.nq, nc, r.nk, acc_t(1), sA, r.nk, sV, nc, acc_t(1), sO, nc);
+            } else {  // a non-finite v~ row must not meet the zeros of earlier queries
+              masked_gemm_nn<acc_t>(r.nq, nc, acc_t(1), sA, r.nk, sV, nc, sO, nc,
+                                    [&](int64_t i) { return chunk_visible_cols(r, geo.w, i); });
+            }
           }
           for (int64_t i = 0; i < r.nq; ++i) {
             acc_t* dst = out + p.q_offset(os, b, r.t0 + i, h) + j0 * os.d;

@@ -98,6 +98,8 @@ struct BwdCtx {
       acc_t* prow = sP + r * kBlockN;
       if (need_mask) mask_row(prow, m0 + r % bm + sq.off, n0, bn, w);
       exp_sub_sum(prow, bn, rlse[r]);
+      // exp(-inf - lse) is NaN when the row's lse is: masked P stays exactly 0
+      if (need_mask) zero_outside(prow, bn, swa_visible_cols(m0 + r % bm + sq.off, n0, bn, w));
     }
     // dP = dO @ V^T   [R, bn]
     gemm<acc_t>(false, true, R, bn, D, acc_t(1), sdO, D, sV, D, acc_t(0), sdS, kBlockN);
@@ -106,6 +108,38 @@ struct BwdCtx {
       acc_t* drow = sdS + r * kBlockN;
       const acc_t di = rDi[r];
       for (int64_t j = 0; j < bn; ++j) drow[j] = prow[j] * (drow[j] - di);
+      // 0 * (NaN - Di) from a non-finite V row or Di: masked dS stays exactly 0
+      if (need_mask) zero_outside(drow, bn, swa_visible_cols(m0 + r % bm + sq.off, n0, bn, w));
+    }
+  }
+
+  // The products of one (query tile, key tile) pair that multiply a masked matrix (P or dS)
+  // by a whole tile: accV += P^T dO, accK += scale dS^T Q', dq += scale dS K' (each skipped
+  // when its accumulator is null). At a window edge a non-finite dO / Q' / K' row outside a
+  // pair's window must not meet its zero: those tiles take the exact masked product.
+  void tile_products(const Seq& sq, int64_t mt, int64_t n, int64_t m0, int64_t bm, int64_t n0,
+                     int64_t bn, const acc_t* sQ, const acc_t* sK, const acc_t* sdO, const acc_t* sP,
+                     const acc_t* sdS, acc_t* accV, acc_t* accK, acc_t* dq) const {
+    const int64_t R = G * bm;
+    const bool edge = swa_tile_needs_mask(mt, n, kBlockM, kBlockN, sq.Tq, sq.Tk, sq.off, w);
+    auto vis = [&](int64_t r) { return swa_visible_cols(m0 + r % bm + sq.off, n0, bn, w); };
+    if (accV != nullptr) {
+      if (edge && !all_finite(sdO, R, D, D))
+        masked_gemm_tn<acc_t>(R, D, acc_t(1), sP, kBlockN, sdO, D, accV, D, vis);
+      else
+        gemm<acc_t>(true, false, bn, D, R, acc_t(1), sP, kBlockN, sdO, D, acc_t(1), accV, D);
+    }
+    if (accK != nullptr) {
+      if (edge && !all_finite(sQ, R, D, D))
+        masked_gemm_tn<acc_t>(R, D, scale, sdS, kBlockN, sQ, D, accK, D, vis);
+      else
+        gemm<acc_t>(true, false, bn, D, R, scale, sdS, kBlockN, sQ, D, acc_t(1), accK, D);
+    }
+    if (dq != nullptr) {
+      if (edge && !all_finite(sK, bn, D, D))
+        masked_gemm_nn<acc_t>(R, D, scale, sdS, kBlockN, sK, D, dq, D, vis);
+      else
+        gemm<acc_t>(false, false, R, D, bn, scale, sdS, kBlockN, sK, D, acc_t(1), dq, D);
     }
   }
 };
@@ -247,15 +281,13 @@ void swa_bwd_impl(const SwaBwdParams& p) {
     const TileRange qr =
         swa_query_tiles_for_key_tile(n, kBlockM, kBlockN, sq.Tq, sq.Tk, sq.off, c.w);
     for (int64_t mt = qr.begin; mt < qr.end; ++mt) {
-      const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, sq.Tq - m0), R = G * bm;
+      const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, sq.Tq - m0);
       c.pack_query_block(sq, hkv, m0, bm, sQ.data(), sdO.data(), rlse.data(), rDi.data());
       c.probs_and_dscores(sq, mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sV.data(),
                           sdO.data(), rlse.data(), rDi.data(), sP.data(), sdS.data());
       // accV += P^T dO   [bn, D];   accK += scale * dS^T Q'   [bn, D]
-      gemm<acc_t>(true, false, bn, D, R, acc_t(1), sP.data(), kBlockN, sdO.data(), D, acc_t(1),
-                  accV.data(), D);
-      gemm<acc_t>(true, false, bn, D, R, c.scale, sdS.data(), kBlockN, sQ.data(), D, acc_t(1),
-                  accK.data(), D);
+      c.tile_products(sq, mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sdO.data(), sP.data(),
+                      sdS.data(), accV.data(), accK.data(), nullptr);
     }
     store_dkv(sq, hkv, n0, bn, accK.data(), accV.data());
   };
@@ -299,7 +331,7 @@ void swa_bwd_impl(const SwaBwdParams& p) {
             swa_key_tiles_for_query_tile(mt, kBlockM, kBlockN, sq.Tq, sq.off, c.w);
         const int64_t nb = imax(kr.begin, n_first), ne = imin(kr.end, n_end);
         if (nb >= ne) continue;
-        const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, sq.Tq - m0), R = G * bm;
+        const int64_t m0 = mt * kBlockM, bm = imin(kBlockM, sq.Tq - m0);
         c.pack_query_block(sq, hkv, m0, bm, s.sQ.data(), s.sdO.data(), s.rlse.data(),
                            s.rDi.data());
         acc_t* dq_blk = buf + (mt - ch.mt_lo) * rows_max * D;
@@ -311,12 +343,8 @@ void swa_bwd_impl(const SwaBwdParams& p) {
           acc_t* accV = s.accV.data() + (n - n_first) * tileKD;
           c.probs_and_dscores(sq, mt, n, m0, bm, n0, bn, s.sQ.data(), sK, sV, s.sdO.data(),
                               s.rlse.data(), s.rDi.data(), s.sP.data(), s.sdS.data());
-          gemm<acc_t>(true, false, bn, D, R, acc_t(1), s.sP.data(), kBlockN, s.sdO.data(), D,
-                      acc_t(1), accV, D);
-          gemm<acc_t>(true, false, bn, D, R, c.scale, s.sdS.data(), kBlockN, s.sQ.data(), D,
-                      acc_t(1), accK, D);
-          gemm<acc_t>(false, false, R, D, bn, c.scale, s.sdS.data(), kBlockN, sK, D, acc_t(1),
-                      dq_blk, D);
+          c.tile_products(sq, mt, n, m0, bm, n0, bn, s.sQ.data(), sK, s.sdO.data(),
+                          s.sP.data(), s.sdS.data(), accV, accK, dq_blk);
         }
       }
       for (int64_t n = n_first; n < n_end; ++n) {
@@ -367,8 +395,8 @@ void swa_bwd_impl(const SwaBwdParams& p) {
       c.probs_and_dscores(sq, mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sV.data(),
                           sdO.data(), rlse.data(), rDi.data(), sP.data(), sdS.data());
       // accQ += scale * dS @ K'   [R, D]
-      gemm<acc_t>(false, false, R, D, bn, c.scale, sdS.data(), kBlockN, sK.data(), D,
-                  acc_t(1), accQ.data(), D);
+      c.tile_products(sq, mt, n, m0, bm, n0, bn, sQ.data(), sK.data(), sdO.data(), sP.data(),
+                      sdS.data(), nullptr, nullptr, accQ.data());
     }
     store_dq(sq, hkv, mt, accQ.data());
   });

@@ -123,18 +123,25 @@ void swa_fwd_impl(const SwaFwdParams& p) {
         }
         // online softmax: sS <- P, running max/sum per row, accO rows rescaled
         softmax_tile(sS.data(), kBlockN, R, bn, st.data(), accO.data(), D, D);
-        // accO += P @ sV   [R, D]
-        gemm<acc_t>(false, false, R, D, bn, acc_t(1), sS.data(), kBlockN, gV, ldv,
-                    acc_t(1), accO.data(), D);
+        // accO += P @ sV   [R, D]; at a window edge a non-finite value outside a row's window
+        // must not meet its zero probability (masked_products.h)
+        if (need_mask && !all_finite(gV, bn, D, ldv)) {
+          masked_gemm_nn<acc_t>(R, D, acc_t(1), sS.data(), kBlockN, gV, ldv, accO.data(), D,
+                                [&](int64_t r) { return swa_visible_cols(m0 + r % bm + off, n0, bn, w); });
+        } else {
+          gemm<acc_t>(false, false, R, D, bn, acc_t(1), sS.data(), kBlockN, gV, ldv,
+                      acc_t(1), accO.data(), D);
+        }
       }
 
       for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r / bm, i = r % bm, t = m0 + i, hq = hkv * G + g;
-        const acc_t inv_l = st[r].l > acc_t(0) ? acc_t(1) / st[r].l : acc_t(0);
+        const acc_t inv_l = online_softmax_inv_sum(st[r]);  // NaN for a NaN row
         const acc_t* orow = accO.data() + r * D;
         acc_t* dst = out + p.q_offset(p.out_stride, b, t, hq);
         for (int64_t c = 0; c < D; ++c) dst[c * p.out_stride.d] = orow[c] * inv_l;
-        lse[p.lse_index(b, hq, t)] = online_softmax_lse(st[r]);
+        lse[p.lse_index(b, hq, t)] =
+            st[r].l > acc_t(0) ? online_softmax_lse(st[r]) : std::numeric_limits<acc_t>::quiet_NaN();
       }
     }
   });

@@ -17,6 +17,7 @@
 #include "../core/params.h"
 #include "../core/rotary.h"
 #include "../core/window.h"
+#include "masked_products.h"
 #include "parallel.h"
 
 namespace rattention::cpu {
@@ -67,12 +68,17 @@ void parallel_items(int64_t n, MakeScratch make, Fn fn) {
   });
 }
 
+// Columns j of key tile [n0, n0 + bn) that query t sees: t - window <= n0 + j <= t.
+inline ColumnRange swa_visible_cols(int64_t t, int64_t n0, int64_t bn, int64_t window) {
+  const int64_t lo = imin(bn, imax(0, t - window - n0));
+  return ColumnRange{lo, imax(lo, imin(bn, t - n0 + 1))};
+}
+
 // Set the scores of keys n0 .. n0+bn-1 that query t does not see (SWA window) to -inf.
 template <typename acc_t>
 inline void mask_row(acc_t* srow, int64_t t, int64_t n0, int64_t bn, int64_t window) {
-  // visible: t - window <= n0 + j <= t
-  const int64_t lo = imin(bn, imax(0, t - window - n0));
-  const int64_t hi = imax(lo, imin(bn, t - n0 + 1));
+  const ColumnRange cr = swa_visible_cols(t, n0, bn, window);
+  const int64_t lo = cr.lo, hi = cr.hi;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < lo; ++j) srow[j] = ninf;
   for (int64_t j = hi; j < bn; ++j) srow[j] = ninf;
@@ -111,7 +117,8 @@ inline void softmax_tile_generic(acc_t* S, int64_t lds, int64_t R, int64_t bn,
     acc_t* srow = S + r * lds;
     const acc_t factor = online_softmax_rescale(st[r], row_max(srow, bn));
     if (st[r].m == neg_inf<acc_t>()) {
-      // No visible key yet for this row: p = 0 (avoids -inf - -inf).
+      // No visible finite score yet for this row: p = 0 (avoids -inf - -inf).
+      online_softmax_mark_nan(st[r], srow, bn);
       for (int64_t j = 0; j < bn; ++j) srow[j] = acc_t(0);
     } else {
       st[r].l += exp_sub_sum(srow, bn, st[r].m);

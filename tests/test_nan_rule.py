@@ -1,0 +1,296 @@
+"""The NaN / Inf rule (SPEC.md): a non-finite input makes exactly the outputs (and gradients)
+that depend on it non-finite; outputs it cannot influence (earlier tokens, tokens outside
+the window, other documents, padding) are unchanged, bit for bit where the kernel path is
+the same. Kernels (SWA fwd/bwd, RLA fwd/bwd, decode), the float64 reference and the padded
+prefill all follow it."""
+import math
+
+import pytest
+import torch
+
+import rattention_ext
+from helpers import make_qkv, nan_at
+from rattention_ext import RAttentionCache, reference as ref
+
+NAN, INF = float("nan"), float("inf")
+# (T, w): one tile, window edges inside a tile, several tiles, w >= T
+SHAPES = [(9, 3), (70, 5), (150, 64), (130, 200)]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _fn(name, w, **kw):
+    if name == "forward":
+        return lambda q, k, v: rattention_ext.forward(q, k, v, window_size=w, **kw)
+    if name == "swa":
+        return lambda q, k, v: rattention_ext.sliding_window_attention(q, k, v, window_size=w,
+                                                                       **kw)
+    if name == "rla":
+        return lambda q, k, v: rattention_ext.residual_linear_attention(q, k, v, window_size=w,
+                                                                        **kw)
+    if name == "ref_forward":
+        return lambda q, k, v: ref.forward(q, k, v, window_size=w, **kw)
+    raise ValueError(name)
+
+
+def _fwd_bwd(fn, q, k, v, go):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad((out * go).sum(), leaves, allow_unused=True)
+    return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def _maxdiff(a, b):
+    """max |a - b| relative to max(1, max |b|) (0 for empty selections)."""
+    if not a.numel():
+        return 0.0
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def _seen(name, T, w, t):
+    """Positions a query row t depends on (SWA: t-w .. t; RLA: .. t-w-1; both: .. t)."""
+    u = torch.arange(T)
+    if name == "swa":
+        return (u <= t) & (u >= t - w)
+    if name == "rla":
+        return u <= t - w - 1
+    return u <= t
+
+
+def _finite_positions(name, T, w, s, which):
+    """(output rows, q-gradient rows, k/v-gradient rows) that must stay finite when token s
+    of input ``which`` is non-finite: those that no non-finite output row depends on."""
+    t = torch.arange(T)
+    if which == "q":
+        bad_rows = t == s  # q[s] only reaches row s
+    else:
+        bad_rows = torch.stack([_seen(name, T, w, r)[s] for r in range(T)])
+    kv_seen = torch.zeros(T, dtype=torch.bool)
+    for r in range(T):
+        if bad_rows[r]:
+            kv_seen |= _seen(name, T, w, r)
+    if which != "q":
+        kv_seen[s] = True
+    return ~bad_rows, ~bad_rows, ~kv_seen
+
+
+@pytest.mark.parametrize("fm", ["softmax", "relu"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("name", ["forward", "swa", "rla", "ref_forward"])
+@pytest.mark.parametrize("T,w", SHAPES)
+def test_nonfinite_token_reaches_only_what_depends_on_it(T, w, name, which, value, fm):
+    if name == "swa" and fm == "relu":
+        pytest.skip("the feature map does not apply to SWA")
+    dtype = torch.float64 if name == "ref_forward" else torch.float32
+    q, k, v = make_qkv(1, T, 4, 2, 8, dtype, seed=T + w)
+    s = T // 2 + 1  # the poisoned token
+    x = dict(q=q, k=k, v=v)
+    x[which] = nan_at(x[which], (0, s, 0 if which == "q" else 1, 3), value)
+    kw = {} if name == "swa" else dict(feature_map=fm)
+    fn = _fn(name, w, **kw)
+    go = torch.randn(1, T, 4, 8, dtype=dtype)
+    out0, g0 = _fwd_bwd(fn, q, k, v, go)
+    out1, g1 = _fwd_bwd(fn, x["q"], x["k"], x["v"], go)
+    rows, q_rows, kv_rows = _finite_positions(name.replace("ref_", ""), T, w, s, which)
+    assert torch.isfinite(out1[:, rows]).all()
+    assert _maxdiff(out1[:, rows], out0[:, rows]) < 1e-5
+    if value != value and (~rows).any():  # NaN: the dependent rows do see it
+        assert not torch.isfinite(out1[:, ~rows]).all()
+    for g, g_ok, keep in zip(g1, g0, (q_rows, kv_rows, kv_rows)):
+        assert torch.isfinite(g[:, keep]).all()
+        assert _maxdiff(g[:, keep], g_ok[:, keep]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["forward", "swa", "rla"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_padding_keeps_real_tokens_bit_identical(name, dtype):
+    """Right padding filled with NaN (e.g. torch.empty) changes nothing for the real tokens'
+    outputs, nor any gradient of the other sequence; real tokens' gradients stay finite up to
+    the last w + 1 of them (which padding rows see: 0 * NaN there, as in plain PyTorch)."""
+    T, L, w = 100, 61, 7
+    q, k, v = make_qkv(2, T, 4, 2, 8, dtype, seed=3)
+    qn, kn, vn = [x.clone() for x in (q, k, v)]
+    for x in (qn, kn, vn):
+        x[0, L:] = NAN
+    fn = _fn(name, w)
+    go = torch.randn(2, T, 4, 8, dtype=dtype)
+    out0, g0 = _fwd_bwd(fn, q, k, v, go)
+    out1, g1 = _fwd_bwd(fn, qn, kn, vn, go)
+    # the edge tile holding the padding takes the exact masked product (another summation
+    # order): equal to rounding, and bit for bit everywhere else
+    assert torch.isfinite(out1[0, :L]).all()
+    assert _maxdiff(out1[0, :L], out0[0, :L]) < 1e-6
+    assert torch.equal(out1[1], out0[1])
+    for a, b in zip(g0, g1):
+        assert torch.equal(b[1], a[1])
+
+
+def test_prefill_with_nan_padding_then_decode():
+    B, T, w = 2, 40, 5
+    lens = torch.tensor([23, 40])
+    q, k, v = make_qkv(B, T + 3, 4, 2, 8, torch.float32, seed=4)
+    qp, kp, vp = [x[:, :T].clone() for x in (q, k, v)]
+    for x in (qp, kp, vp):
+        x[0, 23:] = NAN  # torch.empty-like garbage in the padding
+    cache = RAttentionCache.empty(B, w, 2, 8, dtype=torch.float32)
+    out = rattention_ext.prefill(qp, kp, vp, cache, seq_lens=lens)
+    assert torch.isfinite(out[0, :23]).all() and torch.isfinite(out[1]).all()
+    assert torch.isfinite(cache.state).all() and torch.isfinite(cache.keys).all()
+    ar = torch.arange(B)
+    for i in range(3):
+        idx = lens + i
+        idx = idx.clamp(max=T + 2)
+        with torch.no_grad():
+            o = rattention_ext.decode_step(q[ar, idx][:, None], k[ar, idx][:, None],
+                                           v[ar, idx][:, None], cache)
+        full = rattention_ext.forward(q[:1, :24 + i], k[:1, :24 + i], v[:1, :24 + i],
+                                      window_size=w)
+        assert torch.isfinite(o).all()
+        assert (o[0, 0] - full[0, 23 + i]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("how", ["q", "k", "scale"])
+@pytest.mark.parametrize("name", ["swa_kernel", "swa_ref", "decode"])
+def test_all_nan_scores_give_nan_not_zero(name, how):
+    """A query row whose visible scores are all NaN has a NaN softmax: output and lse NaN."""
+    T, w = 12, 3
+    dtype = torch.float64
+    q, k, v = make_qkv(1, T, 2, 1, 8, dtype, seed=5)
+    t = 6
+    if how == "q":
+        q = nan_at(q, (0, t, 0, 2))
+    elif how == "k":
+        for s in range(t - w, t + 1):
+            k = nan_at(k, (0, s, 0, 1))
+    if how == "scale":
+        pytest.skip("a NaN softmax_scale is refused at the boundary (test_validation)")
+    if name == "decode":
+        cache = RAttentionCache.empty(1, w, 1, 8, dtype=dtype)
+        outs = []
+        with torch.no_grad():
+            for i in range(T):
+                outs.append(rattention_ext.decode_step(
+                    q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], cache))
+        o = torch.cat(outs, 1)
+        assert torch.isnan(o[0, t, 0]).all()
+        assert torch.isfinite(o[0, :t - w if how == "k" else t]).all()
+        return
+    if name == "swa_kernel":
+        o, lse = rattention_ext.sliding_window_attention(q, k, v, window_size=w, return_lse=True)
+    else:
+        o, lse = ref.sliding_window_attention(q, k, v, window_size=w, return_lse=True)
+    assert torch.isnan(o[0, t, 0]).all() and torch.isnan(lse[0, 0, t])
+    first = t - w if how == "k" else t  # rows before the poisoned keys never see them
+    assert torch.isfinite(o[0, :first]).all() and torch.isfinite(lse[0, :, :first]).all()
+    if how == "q":
+        assert torch.isfinite(o[0, t, 1]).all()  # the other head of that token is clean
+
+
+def test_nan_key_in_first_tile_then_finite_tiles_stays_nan():
+    """The running max is -inf while only a NaN score has been seen; later finite tiles must
+    not wash the NaN out (the NaN stays sticky through the online softmax)."""
+    T, w = 140, 70
+    q, k, v = make_qkv(1, T, 2, 1, 8, torch.float32, seed=6)
+    k = nan_at(k, (0, 63, 0, 0))  # last key of tile 0: the only tile-0 key row 133 sees
+    o = rattention_ext.sliding_window_attention(q, k, v, window_size=w)
+    r = ref.sliding_window_attention(q.double(), k.double(), v.double(), window_size=w)
+    t = torch.arange(T)
+    sees = (t >= 63) & (t <= 63 + w)
+    assert torch.isnan(o[0, sees]).all() and torch.isnan(r[0, sees]).all()
+    assert torch.isfinite(o[0, ~sees]).all()
+    assert (o[0, ~sees].double() - r[0, ~sees]).abs().max() < 1e-5
+
+
+def test_relu_feature_map_maps_nan_to_nan():
+    q, k, v = make_qkv(1, 8, 2, 1, 4, torch.float64, seed=7)
+    q = nan_at(q, (0, 5, 0, 1))
+    o = rattention_ext.residual_linear_attention(q, k, v, window_size=1, feature_map="relu")
+    r = ref.residual_linear_attention(q, k, v, window_size=1, feature_map="relu")
+    assert torch.isnan(o[0, 5, 0]).all() and torch.isnan(r[0, 5, 0]).all()
+    mask = torch.ones_like(o, dtype=torch.bool)
+    mask[0, 5, 0] = False
+    assert torch.isfinite(o[mask]).all()
+    assert (o[mask] - r[mask]).abs().max() < 1e-12
+    phi = ref.feature_map(torch.tensor([[math.nan, 1.0]]), "relu")
+    assert torch.isnan(phi[0, 0]) and torch.isnan(phi[0, 2])
+
+
+@pytest.mark.parametrize("fm", ["softmax", "relu"])
+def test_decode_and_forward_agree_on_nan(fm):
+    T, w = 20, 4
+    q, k, v = make_qkv(1, T, 2, 1, 8, torch.float64, seed=8)
+    v = nan_at(v, (0, 9, 0, 0))
+    full = rattention_ext.forward(q, k, v, window_size=w, feature_map=fm)
+    cache = RAttentionCache.empty(1, w, 1, 8, dtype=torch.float64)
+    with torch.no_grad():
+        dec = torch.cat([rattention_ext.decode_step(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
+                                                    cache, feature_map=fm)
+                         for i in range(T)], 1)
+    assert torch.equal(torch.isnan(full), torch.isnan(dec))
+    fin = torch.isfinite(full)
+    assert (full[fin] - dec[fin]).abs().max() < 1e-10
+    assert torch.isfinite(full[0, :9]).all() and torch.isnan(full[0, 9:]).all()
+
+
+def test_reference_gradients_follow_the_rule():
+    T, w = 30, 4
+    q, k, v = make_qkv(1, T, 2, 1, 4, torch.float64, seed=9)
+    k = nan_at(k, (0, 20, 0, 0))
+    go = torch.randn(1, T, 2, 4, dtype=torch.float64)
+    out, grads = _fwd_bwd(_fn("ref_forward", w), q, k, v, go)
+    out_k, grads_k = _fwd_bwd(_fn("forward", w), q, k, v, go)
+    assert torch.isfinite(out[0, :20]).all()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(out_k))
+    for g, gk in zip(grads, grads_k):
+        assert torch.equal(torch.isfinite(g), torch.isfinite(gk))
+        fin = torch.isfinite(g)
+        assert _maxdiff(gk[fin], g[fin]) < 1e-10
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("name", ["forward", "swa", "rla"])
+def test_nan_in_one_packed_document_leaves_the_others_unchanged(name, which):
+    """Packed batch: a non-finite token of document 1 reaches only document 1's rows at or
+    after it (within its window for SWA); documents 0 and 2 and every gradient of theirs are
+    bit-identical to the clean run, and the poisoned document's earlier rows stay finite."""
+    lens = [70, 90, 0, 33]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    total, w = int(cu[-1]), 6
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(total, 4, 8, generator=g)
+    k = torch.randn(total, 2, 8, generator=g)
+    v = torch.randn(total, 2, 8, generator=g)
+    go = torch.randn(total, 4, 8, generator=g)
+    s = int(cu[1]) + 40  # token 40 of document 1
+    x = dict(q=q.clone(), k=k.clone(), v=v.clone())
+    x[which][s, 1 if which != "q" else 0, 2] = NAN
+    fn = _fn(name, w, cu_seqlens=cu)
+    out0, g0 = _fwd_bwd(fn, q, k, v, go)
+    out1, g1 = _fwd_bwd(fn, x["q"], x["k"], x["v"], go)
+    others = torch.ones(total, dtype=torch.bool)
+    others[int(cu[1]):int(cu[2])] = False
+    assert torch.equal(out1[others], out0[others])
+    for a, b in zip(g0, g1):
+        assert torch.equal(b[others], a[others])
+    earlier = slice(int(cu[1]), s)  # rows of document 1 before the poisoned token
+    assert torch.isfinite(out1[earlier]).all()
+    assert _maxdiff(out1[earlier], out0[earlier]) < 1e-5
+    if name != "rla":  # SWA sees token s at row s itself (RLA only w + 1 rows later)
+        assert not torch.isfinite(out1[s]).all()
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_nan_in_halo_reaches_only_rows_that_see_it(which):
+    """A continued sequence (k/v longer than q: a halo of w + 1 rows, then the carried state):
+    a NaN in the halo row reaches only the query rows whose window covers it."""
+    B, T, Hq, Hkv, D, w = 1, 20, 2, 1, 8, 4
+    q, k, v = make_qkv(B, T, Hq, Hkv, D, torch.float64, seed=12)
+    kk, vv = make_qkv(B, w + 1, Hq, Hkv, D, torch.float64, seed=13)[1:]
+    k_full, v_full = torch.cat([kk, k], 1), torch.cat([vv, v], 1)
+    x = dict(k=k_full.clone(), v=v_full.clone())
+    x[which] = nan_at(x[which], (0, w, 0, 1))  # the halo row just before q's first row
+    out0 = rattention_ext.sliding_window_attention(q, k_full, v_full, window_size=w)
+    out1 = rattention_ext.sliding_window_attention(q, x["k"], x["v"], window_size=w)
+    sees = torch.arange(T) <= w - 1  # query t (position w+1+t) sees positions t+1 .. t+w+1
+    assert not torch.isfinite(out1[0, sees]).all(dim=(-1, -2)).any()
+    assert torch.equal(out1[0, ~sees], out0[0, ~sees])
