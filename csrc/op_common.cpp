@@ -338,17 +338,23 @@ void check_checkpoint_args(int64_t chunk_size, int64_t checkpoint_every) {
                     chunk_size);
   TORCH_CHECK_VALUE(checkpoint_every >= 1, "checkpoint_every must be >= 1, got ", checkpoint_every);
 }
-// Shape of the checkpoint buffer (RlaCheckpointLayout in core/params.h).
+// Shape of the checkpoint buffer (RlaCheckpointLayout in core/params.h): the [2D, D] states
+// of the slots stacked along rows, [B (1 packed), Hkv, slots * 2D, D]. Stacked rather than a
+// separate slots dimension because the slot count is 1 for short sequences: a size that may
+// be 1 makes a traced (symbolic) shape guard on it, and torch.export / compile(dynamic=True)
+// would specialise on T. The memory layout is the same either way.
 std::vector<int64_t> checkpoint_shape(const QkvPrepared& qkv, int64_t chunk_size,
                                       int64_t every) {
   const auto& d = qkv.params.dims;
   if (qkv.packed()) {
     return {1, d.heads_kv,
-            RlaCheckpointLayout::packed_slots(d.seqlen, d.batch, chunk_size, every),
-            2 * d.head_dim, d.head_dim};
+            RlaCheckpointLayout::packed_slots(d.seqlen, d.batch, chunk_size, every) * 2 *
+                d.head_dim,
+            d.head_dim};
   }
-  return {d.batch, d.heads_kv, RlaCheckpointLayout::per_seq(d.seqlen, chunk_size, every),
-          2 * d.head_dim, d.head_dim};
+  return {d.batch, d.heads_kv,
+          RlaCheckpointLayout::per_seq(d.seqlen, chunk_size, every) * 2 * d.head_dim,
+          d.head_dim};
 }
 // carried_state: [B, Hkv, 2D, D] (one per sequence and kv head); contiguous acc type.
 at::Tensor prepare_carried_state(const c10::optional<at::Tensor>& cs, const AttnDims& d,

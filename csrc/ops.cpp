@@ -29,28 +29,28 @@ TORCH_LIBRARY(rattention_ext, m) {
   //   starts S, so final_state = carried_state + sum over k/v rows s <= T_k - w - 2;
   //   rla_bwd returns its gradient (empty [0] when carried_state is None).
   m.def(
-      "swa_fwd(Tensor q, Tensor k, Tensor v, int window_size, float softmax_scale, "
+      "swa_fwd(Tensor q, Tensor k, Tensor v, SymInt window_size, float softmax_scale, "
       "Tensor? rotary_cos, Tensor? rotary_sin, Tensor? cu_seqlens=None) "
       "-> (Tensor out, Tensor lse)");
   // swa_fwd + mix_fwd in one op: the CUDA kernel mixes in the SWA epilogue. o_swa and lse
   // are returned for the backward when save_for_backward is true (empty otherwise).
   m.def(
-      "swa_mix_fwd(Tensor q, Tensor k, Tensor v, int window_size, float softmax_scale, "
+      "swa_mix_fwd(Tensor q, Tensor k, Tensor v, SymInt window_size, float softmax_scale, "
       "Tensor? rotary_cos, Tensor? rotary_sin, Tensor o_rla, Tensor swa_weight, "
       "Tensor rla_weight, float eps, ScalarType out_dtype, bool save_for_backward, "
       "Tensor? cu_seqlens=None) -> (Tensor out, Tensor o_swa, Tensor lse)");
   m.def(
       "swa_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, int window_size, float softmax_scale, Tensor? rotary_cos, "
+      "Tensor lse, SymInt window_size, float softmax_scale, Tensor? rotary_cos, "
       "Tensor? rotary_sin, bool deterministic, Tensor? cu_seqlens=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
-      "rla_fwd(Tensor q, Tensor k, Tensor v, int window_size, str feature_map, "
+      "rla_fwd(Tensor q, Tensor k, Tensor v, SymInt window_size, str feature_map, "
       "Tensor? initial_state, int chunk_size, int checkpoint_every, Tensor? cu_seqlens=None, "
       "Tensor? carried_state=None) -> (Tensor out, Tensor final_state, Tensor checkpoints)");
   m.def(
       "rla_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
-      "Tensor? initial_state, Tensor checkpoints, int window_size, str feature_map, "
+      "Tensor? initial_state, Tensor checkpoints, SymInt window_size, str feature_map, "
       "int chunk_size, int checkpoint_every, Tensor? cu_seqlens=None, "
       "Tensor? carried_state=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
       "Tensor grad_initial_state, Tensor grad_carried_state)");

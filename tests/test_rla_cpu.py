@@ -192,6 +192,7 @@ def test_checkpoints_are_states():
     q, k, v = (x.detach() for x in (q, k, v))
     C, every, w = 8, 3, 2
     _, _, ck = ops.rla_fwd(q, k, v, w, "relu", None, C, every)
+    ck = ck.unflatten(2, (-1, 2 * q.shape[-1]))  # [B, Hkv, slots, 2D, D]
     for i in range(ck.shape[2]):
         t0 = i * every * C
         if t0 == 0:

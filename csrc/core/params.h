@@ -156,10 +156,11 @@ struct SwaBwdParams : QkvParams {
 };
 
 // RLA state checkpoints: the state (carried state included) at the start of every
-// `checkpoint_every`-th chunk of each sequence. Dense: [B, Hkv, n, 2D, D] with
-// n = ceil(T / (C * every)). Packed: [1, Hkv, total / (C * every) + N, 2D, D]; document b's
+// `checkpoint_every`-th chunk of each sequence. Dense: n slots of [2D, D] per (b, kv head),
+// n = ceil(T / (C * every)). Packed: total / (C * every) + N slots per kv head; document b's
 // checkpoints start at slot cu[b] / (C * every) + b (an O(1) rule that never overlaps:
-// the next document starts at least ceil(len_b / (C * every)) slots later).
+// the next document starts at least ceil(len_b / (C * every)) slots later). The tensor is
+// [B (1 packed), Hkv, slots * 2D, D] (op_common.cpp checkpoint_shape says why).
 struct RlaCheckpointLayout {
   RATT_HD static int64_t per_seq(int64_t T, int64_t chunk, int64_t every) {
     return (T + chunk * every - 1) / (chunk * every);

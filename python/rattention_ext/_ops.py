@@ -41,13 +41,16 @@ def _num_seqs(q, cu_seqlens):
 
 
 def _checkpoint_shape(q, k, cu_seqlens, chunk, every):
+    """[B (1 packed), Hkv, slots * 2D, D]: the slots' [2D, D] states stacked along rows, so
+    no dimension is the slot count alone (which is 1 for short T and would make tracing
+    guard on it: csrc/op_common.cpp checkpoint_shape)."""
     D, Hkv = q.shape[-1], k.shape[-2]
     if cu_seqlens is None:
         B, T = q.shape[0], q.shape[1]
-        return (B, Hkv, _num_checkpoints(T, chunk, every), 2 * D, D)
+        return (B, Hkv, _num_checkpoints(T, chunk, every) * 2 * D, D)
     # csrc/core/params.h RlaCheckpointLayout: document b starts at slot cu[b] // (C*every) + b.
     total = q.shape[0]
-    return (1, Hkv, total // (chunk * every) + _num_seqs(q, cu_seqlens), 2 * D, D)
+    return (1, Hkv, (total // (chunk * every) + _num_seqs(q, cu_seqlens)) * 2 * D, D)
 
 
 def _same_device(op: str, q, **tensors) -> None:

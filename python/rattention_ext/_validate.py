@@ -29,6 +29,12 @@ def _is_real(x) -> bool:
     return isinstance(x, (numbers.Real, torch.SymFloat)) and not isinstance(x, bool)
 
 
+def _finite_positive(x) -> bool:
+    """``0 < x < inf`` (NaN fails both). Comparisons only, not ``math.isfinite``, so that it
+    also traces when ``torch.compile(dynamic=True)`` makes a Python float symbolic."""
+    return x > 0 and x < math.inf
+
+
 def check_int(what: str, name: str, value, lo: int, hi: int = _INT64_MAX) -> int:
     """``value`` must be an int (not a bool, not a float) in ``[lo, hi]``."""
     if not _is_int(value):
@@ -62,7 +68,7 @@ def softmax_scale(what: str, scale, head_dim: int) -> float:
     if isinstance(scale, torch.SymFloat):
         return scale
     scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
+    if not _finite_positive(scale):
         raise ValueError(f"rattention_ext.{what}: softmax_scale must be a finite number > 0, "
                          f"got {scale}")
     return scale
@@ -76,7 +82,7 @@ def norm_eps(what: str, eps) -> float:
     if isinstance(eps, torch.SymFloat):
         return eps
     eps = float(eps)
-    if not (math.isfinite(eps) and eps > 0):
+    if not _finite_positive(eps):
         raise ValueError(f"rattention_ext.{what}: norm_eps must be a finite number > 0 (with 0 an "
                          f"all-zero branch output would mix in as NaN), got {eps}")
     return eps
