@@ -4,12 +4,15 @@
 // token, a key outside the window, padding) would turn 0 * NaN into NaN in rows that cannot
 // see it. Kernels therefore check the other operand of each masked product (cheap: one pass
 // over a tile that the GEMM reads anyway) and, only when it holds a non-finite value, run the
-// product below instead, which sums visible pairs only. Finite tiles keep the fast GEMM.
+// product below instead. Finite tiles keep the fast GEMM.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
+
+#include "gemm.h"
 
 namespace rattention::cpu {
 
@@ -36,32 +39,60 @@ struct ColumnRange {
   int64_t lo, hi;
 };
 
-// C[r, 0:D] += alpha * sum_{j in vis(r)} A[r, j] * B[j, 0:D]      (A [R, *], B [*, D])
+namespace masked_detail {
+// B [rows, D] (row stride ldb) with its non-finite entries set to 0, into a dense [rows, D]
+// scratch; returns whether any entry was non-finite.
+template <typename acc_t>
+inline const acc_t* finite_copy(const acc_t* B, int64_t rows, int64_t D, int64_t ldb,
+                                std::vector<acc_t>& buf) {
+  buf.resize(static_cast<size_t>(rows * D));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t x = B[i * ldb + d];
+      buf[i * D + d] = (x - x == acc_t(0)) ? x : acc_t(0);  // x - x is NaN for NaN and +-Inf
+    }
+  return buf.data();
+}
+}  // namespace masked_detail
+
+// The products below are the tile GEMMs of the fast path, run on B with its non-finite
+// entries replaced by 0 (the same GEMM call, so every output that cannot see them comes out
+// bit for bit as with finite inputs: fma(0, 0, c) = fma(0, b, c) = c), followed by the terms
+// of the non-finite entries for the rows that see them, which makes exactly those outputs
+// non-finite. A masked entry of A is exactly 0 and never meets a non-finite B entry.
+
+// C[R, D] += alpha * A[R, n] @ B[n, D], non-finite B[j, d] reaching row r iff j in vis(r).
 template <typename acc_t, typename Visible>
-inline void masked_gemm_nn(int64_t R, int64_t D, acc_t alpha, const acc_t* A, int64_t lda,
-                           const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc, Visible vis) {
+inline void masked_gemm_nn(int64_t R, int64_t n, int64_t D, acc_t alpha, const acc_t* A,
+                           int64_t lda, const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc,
+                           Visible vis) {
+  thread_local std::vector<acc_t> buf;
+  const acc_t* Bz = masked_detail::finite_copy(B, n, D, ldb, buf);
+  gemm<acc_t>(false, false, R, D, n, alpha, A, lda, Bz, D, acc_t(1), C, ldc);
   for (int64_t r = 0; r < R; ++r) {
     const ColumnRange cr = vis(r);
-    acc_t* c = C + r * ldc;
-    for (int64_t j = cr.lo; j < cr.hi; ++j) {
-      const acc_t a = alpha * A[r * lda + j];
-      const acc_t* b = B + j * ldb;
-      for (int64_t d = 0; d < D; ++d) c[d] += a * b[d];
-    }
+    for (int64_t j = cr.lo; j < cr.hi; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t b = B[j * ldb + d];
+        if (!(b - b == acc_t(0))) C[r * ldc + d] += alpha * A[r * lda + j] * b;
+      }
   }
 }
 
-// C[j, 0:D] += alpha * sum_{r : j in vis(r)} A[r, j] * B[r, 0:D]  (A [R, *], B [R, D])
+// C[n, D] += alpha * A[R, n]^T @ B[R, D], non-finite B[r, d] reaching row j iff j in vis(r).
 template <typename acc_t, typename Visible>
-inline void masked_gemm_tn(int64_t R, int64_t D, acc_t alpha, const acc_t* A, int64_t lda,
-                           const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc, Visible vis) {
+inline void masked_gemm_tn(int64_t R, int64_t n, int64_t D, acc_t alpha, const acc_t* A,
+                           int64_t lda, const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc,
+                           Visible vis) {
+  thread_local std::vector<acc_t> buf;
+  const acc_t* Bz = masked_detail::finite_copy(B, R, D, ldb, buf);
+  gemm<acc_t>(true, false, n, D, R, alpha, A, lda, Bz, D, acc_t(1), C, ldc);
   for (int64_t r = 0; r < R; ++r) {
     const ColumnRange cr = vis(r);
-    const acc_t* b = B + r * ldb;
-    for (int64_t j = cr.lo; j < cr.hi; ++j) {
-      const acc_t a = alpha * A[r * lda + j];
-      acc_t* c = C + j * ldc;
-      for (int64_t d = 0; d < D; ++d) c[d] += a * b[d];
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t b = B[r * ldb + d];
+      if (b - b == acc_t(0)) continue;
+      for (int64_t j = cr.lo; j < cr.hi; ++j) C[j * ldc + d] += alpha * A[r * lda + j] * b;
     }
   }
 }

@@ -71,12 +71,13 @@ struct RlaBwd {
   void reverse_scan(const Geometry& geo, int64_t b, int64_t g, int64_t j0, int64_t nc,
                     acc_t* gUck) const {
     const int64_t C = geo.C;
-    std::vector<acc_t> scratch(F * nc + C * D + C * F + C * nc + F * nc);
+    std::vector<acc_t> scratch(F * nc + C * D + C * F + C * nc + 2 * F * nc);
     acc_t* sU = scratch.data();  // [F, nc]
     acc_t* sXq = sU + F * nc;    // [C, D]
     acc_t* sPq = sXq + C * D;    // [C, F]
     acc_t* sdO = sPq + C * F;    // [C, nc]
     acc_t* sT = sdO + C * nc;    // [F, nc] one head's phi(Q)^T dO
+    acc_t* sdU = sT + F * nc;    // [F, nc] the chunk's sum over the group's heads
     if (p.grad_final_state != nullptr) {
       copy_block(grad_final(b, g) + j0, D, sU, nc, F, nc);
     } else {
@@ -90,6 +91,9 @@ struct RlaBwd {
       const int64_t c_stop = (has_h0() || has_carried()) ? 0 : geo.seg_first_chunk(1);
       for (int64_t c = ce - 1; c >= cb && c >= c_stop; --c) {
         const ChunkRange r = chunk_range(geo, c);
+        // The same additions in the same order as run() (the heads' sum first, then into U),
+        // so results do not depend on which path the thread count chose.
+        std::fill(sdU, sdU + F * nc, acc_t(0));
         for (int64_t hh = 0; hh < geo.G; ++hh) {
           const int64_t h = g * geo.G + hh;
           load_rows(q(), p.q_stride, p.q_offset(p.q_stride, b, r.t0, h), r.nq, 0, D, sXq, D);
@@ -99,11 +103,12 @@ struct RlaBwd {
           if (has_h0()) {
             gemm<acc_t>(true, false, F, nc, r.nq, acc_t(1), sPq, F, sdO, nc, acc_t(0), sT, nc);
             add_block(sT, nc, dh0(b, h) + j0, D, F, nc);
-            add_block(sT, nc, sU, nc, F, nc);
+            add_block(sT, nc, sdU, nc, F, nc);
           } else {
-            gemm<acc_t>(true, false, F, nc, r.nq, acc_t(1), sPq, F, sdO, nc, acc_t(1), sU, nc);
+            gemm<acc_t>(true, false, F, nc, r.nq, acc_t(1), sPq, F, sdO, nc, acc_t(1), sdU, nc);
           }
         }
+        add_block(sdU, nc, sU, nc, F, nc);
       }
     }
     if (has_carried()) copy_block(sU, nc, grad_carried(b, g) + j0, D, F, nc);
@@ -198,18 +203,18 @@ struct RlaBwd {
             if (pk_finite)
               gemm<acc_t>(false, false, r.nq, F, r.nk, acc_t(1), sdP, r.nk, sPk, F, acc_t(1), sdPq, F);
             else
-              masked_gemm_nn<acc_t>(r.nq, F, acc_t(1), sdP, r.nk, sPk, F, sdPq, F, vis);
+              masked_gemm_nn<acc_t>(r.nq, r.nk, F, acc_t(1), sdP, r.nk, sPk, F, sdPq, F, vis);
             if (all_finite(sPq, r.nq, F, F))
               gemm<acc_t>(true, false, r.nk, F, r.nq, acc_t(1), sdP, r.nk, sPq, F, acc_t(1), sdPk, F);
             else
-              masked_gemm_tn<acc_t>(r.nq, F, acc_t(1), sdP, r.nk, sPq, F, sdPk, F, vis);
+              masked_gemm_tn<acc_t>(r.nq, r.nk, F, acc_t(1), sdP, r.nk, sPq, F, sdPk, F, vis);
             // sA = phi(Q) phi(K~)^T masked; dV~ += sA^T @ dO
             gemm<acc_t>(false, true, r.nq, r.nk, F, acc_t(1), sPq, F, sPk, F, acc_t(0), sA, r.nk);
             mask_chunk(sA, r.nk, r, w);
             if (all_finite(sdO, r.nq, D, D))
               gemm<acc_t>(true, false, r.nk, D, r.nq, acc_t(1), sA, r.nk, sdO, D, acc_t(1), sdV, D);
             else
-              masked_gemm_tn<acc_t>(r.nq, D, acc_t(1), sA, r.nk, sdO, D, sdV, D, vis);
+              masked_gemm_tn<acc_t>(r.nq, r.nk, D, acc_t(1), sA, r.nk, sdO, D, sdV, D, vis);
           }
           for (int64_t i = 0; i < r.nq; ++i) {
             feature_map_backward<acc_t>(fm, sXq + i * D, sPq + i * F, sdPq + i * F, sdx,

@@ -113,7 +113,7 @@ struct RlaFwd {
             if (v_finite) {
               gemm<acc_t>(false, false, r.nq, nc, r.nk, acc_t(1), sA, r.nk, sV, nc, acc_t(1), sO, nc);
             } else {  // a non-finite v~ row must not meet the zeros of earlier queries
-              masked_gemm_nn<acc_t>(r.nq, nc, acc_t(1), sA, r.nk, sV, nc, sO, nc,
+              masked_gemm_nn<acc_t>(r.nq, r.nk, nc, acc_t(1), sA, r.nk, sV, nc, sO, nc,
                                     [&](int64_t i) { return chunk_visible_cols(r, geo.w, i); });
             }
           }

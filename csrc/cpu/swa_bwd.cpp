@@ -125,19 +125,19 @@ struct BwdCtx {
     auto vis = [&](int64_t r) { return swa_visible_cols(m0 + r % bm + sq.off, n0, bn, w); };
     if (accV != nullptr) {
       if (edge && !all_finite(sdO, R, D, D))
-        masked_gemm_tn<acc_t>(R, D, acc_t(1), sP, kBlockN, sdO, D, accV, D, vis);
+        masked_gemm_tn<acc_t>(R, bn, D, acc_t(1), sP, kBlockN, sdO, D, accV, D, vis);
       else
         gemm<acc_t>(true, false, bn, D, R, acc_t(1), sP, kBlockN, sdO, D, acc_t(1), accV, D);
     }
     if (accK != nullptr) {
       if (edge && !all_finite(sQ, R, D, D))
-        masked_gemm_tn<acc_t>(R, D, scale, sdS, kBlockN, sQ, D, accK, D, vis);
+        masked_gemm_tn<acc_t>(R, bn, D, scale, sdS, kBlockN, sQ, D, accK, D, vis);
       else
         gemm<acc_t>(true, false, bn, D, R, scale, sdS, kBlockN, sQ, D, acc_t(1), accK, D);
     }
     if (dq != nullptr) {
       if (edge && !all_finite(sK, bn, D, D))
-        masked_gemm_nn<acc_t>(R, D, scale, sdS, kBlockN, sK, D, dq, D, vis);
+        masked_gemm_nn<acc_t>(R, bn, D, scale, sdS, kBlockN, sK, D, dq, D, vis);
       else
         gemm<acc_t>(false, false, R, D, bn, scale, sdS, kBlockN, sK, D, acc_t(1), dq, D);
     }

@@ -126,7 +126,7 @@ void swa_fwd_impl(const SwaFwdParams& p) {
         // accO += P @ sV   [R, D]; at a window edge a non-finite value outside a row's window
         // must not meet its zero probability (masked_products.h)
         if (need_mask && !all_finite(gV, bn, D, ldv)) {
-          masked_gemm_nn<acc_t>(R, D, acc_t(1), sS.data(), kBlockN, gV, ldv, accO.data(), D,
+          masked_gemm_nn<acc_t>(R, bn, D, acc_t(1), sS.data(), kBlockN, gV, ldv, accO.data(), D,
                                 [&](int64_t r) { return swa_visible_cols(m0 + r % bm + off, n0, bn, w); });
         } else {
           gemm<acc_t>(false, false, R, D, bn, acc_t(1), sS.data(), kBlockN, gV, ldv,

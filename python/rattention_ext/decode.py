@@ -45,6 +45,7 @@ __all__ = ["RAttentionCache", "prefill", "decode_step", "cache_bytes"]
 # dtypes and head dims the cache can hold per backend (those of the kernels).
 _CACHE_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                  "cuda": (torch.bfloat16, torch.float16)}
+_ANY_CACHE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _CUDA_HEAD_DIMS = (64, 128)
 _MAX_HEAD_DIM = 256
 
@@ -99,8 +100,9 @@ class RAttentionCache:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"rattention_ext.{what}: dtype must be a torch.dtype, got {dtype!r}")
-        allowed = _CACHE_DTYPES.get(dev.type)
-        if allowed is not None and dtype not in allowed:
+        # devices without kernels of ours (meta, ...): at least a floating dtype some backend has
+        allowed = _CACHE_DTYPES.get(dev.type, _ANY_CACHE_DTYPES)
+        if dtype not in allowed:
             raise ValueError(f"rattention_ext.{what}: dtype {dtype} is not supported on "
                              f"{dev.type}; the {dev.type} kernels take "
                              f"{', '.join(str(d) for d in allowed)}")
@@ -391,11 +393,13 @@ def _fill_cache(cache: RAttentionCache, k: Tensor, v: Tensor, lens: Optional[Ten
         # selected away (torch.where), never multiplied by zero, so NaN/Inf padding (e.g. from
         # torch.empty) cannot reach it. The same computation for every length keeps this
         # free of data-dependent branches.
-        n = max(0, T - W1)  # no sequence has a state token at or beyond T - W1
         state = torch.zeros_like(cache.state)
-        chunk = 4096  # bound the [B, chunk, Hkv, 2D] feature map's memory
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
+        # Blocks of rows bound the [B, block, Hkv, 2D] feature map's memory; traced, one
+        # block of all T rows (a loop over a symbolic T would specialise the graph on it).
+        block = 4096
+        bounds = ([(0, T)] if torch.compiler.is_compiling() else
+                  [(c0, min(T, c0 + block)) for c0 in range(0, T, block)])
+        for c0, c1 in bounds:
             keep = (torch.arange(c0, c1, device=dev)[None, :] < (L[:, None] - W1))  # [B, c]
             keep = keep[:, :, None, None]
             phi = _phi(k[:, c0:c1], feature_map)  # [B, c, Hkv, 2D] acc

@@ -21,7 +21,7 @@ __all__ = ["cu_seqlens_from_position_ids", "seqlens"]
 
 
 def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, *,
-                     max_seqlen: Optional[int] = None, what: str = "rattention_ext") -> None:
+                     max_seqlen: Optional[int] = None, what: str = "forward") -> None:
     """Raise a ``ValueError``/``TypeError`` naming ``cu_seqlens`` (or ``max_seqlen``) unless
     it describes a packed batch of ``total`` tokens on ``device``.
 
@@ -31,45 +31,45 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, *,
     does not depend on the document lengths; the metadata checks always run.
     """
     if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"{what}: cu_seqlens must be an int32 tensor [N+1], got "
+        raise TypeError(f"rattention_ext.{what}: cu_seqlens must be an int32 tensor [N+1], got "
                         f"{type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{what}: cu_seqlens must have dtype torch.int32, got {cu_seqlens.dtype}")
+        raise ValueError(f"rattention_ext.{what}: cu_seqlens must have dtype torch.int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"{what}: cu_seqlens must be 1-d [N+1] with N >= 1 documents, got "
+        raise ValueError(f"rattention_ext.{what}: cu_seqlens must be 1-d [N+1] with N >= 1 documents, got "
                          f"shape {list(cu_seqlens.shape)}")
     if cu_seqlens.device != torch.device(device):
-        raise ValueError(f"{what}: cu_seqlens must be on the inputs' device {device}, got "
+        raise ValueError(f"rattention_ext.{what}: cu_seqlens must be on the inputs' device {device}, got "
                          f"{cu_seqlens.device}")
     if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool)
                                    or max_seqlen < 0):
-        raise ValueError(f"{what}: max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+        raise ValueError(f"rattention_ext.{what}: max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return
     offs = cu_seqlens.tolist()
     if offs[0] != 0:
-        raise ValueError(f"{what}: cu_seqlens[0] must be 0, got {offs[0]}")
+        raise ValueError(f"rattention_ext.{what}: cu_seqlens[0] must be 0, got {offs[0]}")
     lens = [b - a for a, b in zip(offs[:-1], offs[1:])]
     bad = next((i for i, n in enumerate(lens) if n < 0), None)
     if bad is not None:
-        raise ValueError(f"{what}: cu_seqlens must be non-decreasing, got cu_seqlens[{bad}] = "
+        raise ValueError(f"rattention_ext.{what}: cu_seqlens must be non-decreasing, got cu_seqlens[{bad}] = "
                          f"{offs[bad]} > cu_seqlens[{bad + 1}] = {offs[bad + 1]}")
     if offs[-1] != total:
-        raise ValueError(f"{what}: cu_seqlens[-1] must equal the number of packed tokens "
+        raise ValueError(f"rattention_ext.{what}: cu_seqlens[-1] must equal the number of packed tokens "
                          f"total = {total} (q.shape[0]), got {offs[-1]}")
     if max_seqlen is not None and max_seqlen < max(lens):
-        raise ValueError(f"{what}: max_seqlen = {max_seqlen} is shorter than the longest "
+        raise ValueError(f"rattention_ext.{what}: max_seqlen = {max_seqlen} is shorter than the longest "
                          f"document ({max(lens)} tokens); pass None or at least that")
 
 
 def check_packed_qkv(q: Tensor, k: Tensor, v: Tensor, what: str) -> None:
     """Shapes of a packed batch: ``q [total, Hq, D]``, ``k, v [total, Hkv, D]``."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"{what}: with cu_seqlens, q must be [total, Hq, D] and k, v "
+        raise ValueError(f"rattention_ext.{what}: with cu_seqlens, q must be [total, Hq, D] and k, v "
                          f"[total, Hkv, D], got q {list(q.shape)}, k {list(k.shape)}, "
                          f"v {list(v.shape)}")
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"{what}: q, k, v must hold the same number of packed tokens, got "
+        raise ValueError(f"rattention_ext.{what}: q, k, v must hold the same number of packed tokens, got "
                          f"{q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
 
 
@@ -77,7 +77,7 @@ def check_packed_state(initial_state: Optional[Tensor], n_docs: int, what: str) 
     """``initial_state`` of a packed batch is ``[N or 1, Hq, 2D, D]``."""
     if initial_state is not None and (initial_state.dim() != 4
                                       or initial_state.shape[0] not in (1, n_docs)):
-        raise ValueError(f"{what}: with cu_seqlens of N = {n_docs} documents, initial_state "
+        raise ValueError(f"rattention_ext.{what}: with cu_seqlens of N = {n_docs} documents, initial_state "
                          f"must be [N or 1, Hq, 2D, D], got {list(initial_state.shape)}")
 
 
