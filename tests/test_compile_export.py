@@ -125,3 +125,18 @@ def test_layer_step_traces_as_one_graph():
             b = step(x[:, t:t + 1], c_c)
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), t
     assert cc.frame_count <= 2, f"{cc.frame_count} compilations"
+
+
+def test_padded_prefill_compiles_once_as_length_varies():
+    f, cc = _compiled(lambda q, k, v, c, n: rattention_ext.prefill(q, k, v, c, seq_lens=n),
+                      dynamic=True)
+    for T in (7, 70, 130, 200):
+        q, k, v = make_qkv(2, T, 2, 1, 8, torch.float32, seed=T)
+        lens = torch.tensor([T, T // 2])
+        c_e = RAttentionCache.empty(2, 5, 1, 8, dtype=torch.float32)
+        c_c = RAttentionCache.empty(2, 5, 1, 8, dtype=torch.float32)
+        out_e = rattention_ext.prefill(q, k, v, c_e, seq_lens=lens)
+        out_c = f(q, k, v, c_c, lens)
+        assert torch.equal(out_e[0], out_c[0]) and torch.equal(out_e[1, :T // 2], out_c[1, :T // 2])
+        assert torch.allclose(c_e.state, c_c.state, rtol=1e-6, atol=1e-6)
+    assert cc.frame_count == 1, f"{cc.frame_count} compilations"

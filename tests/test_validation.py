@@ -238,3 +238,18 @@ def test_raw_op_errors_name_the_package(op_args):
     q, k, v = _qkv()
     with pytest.raises((ValueError, RuntimeError), match=f"^rattention_ext.*{word}"):
         getattr(torch.ops.rattention_ext, op)(*make(q, k, v))
+
+
+def test_cache_on_meta_needs_a_floating_dtype():
+    with pytest.raises(ValueError, match=r"rattention_ext\.RAttentionCache.*dtype torch\.int64"):
+        rattention_ext.RAttentionCache.empty(1, 3, 1, 8, dtype=torch.int64, device="meta")
+    c = rattention_ext.RAttentionCache.empty(1, 3, 1, 8, dtype=torch.float16, device="meta")
+    assert c.keys.is_meta
+
+
+@pytest.mark.parametrize("cu", [torch.tensor([0], dtype=torch.int32), torch.tensor([0, 5])])
+def test_bad_cu_seqlens_errors_name_the_package(cu):
+    n = 0 if cu.numel() == 1 else 5
+    q, k, v = torch.randn(n, 2, 8), torch.randn(n, 1, 8), torch.randn(n, 1, 8)
+    with pytest.raises((TypeError, ValueError), match=r"^rattention_ext\.\w+: cu_seqlens"):
+        rattention_ext.forward(q, k, v, window_size=3, cu_seqlens=cu)
