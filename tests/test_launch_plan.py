@@ -94,6 +94,36 @@ def test_emulated_launches_are_the_plans(emu, B, T, Hq, Hkv, D, w, dtype, every)
     assert launched(emu) == plan("decode_step", seqlen=W1)
 
 
+def test_emulated_packed_launches_are_the_plans(emu):
+    """Packed batches (cu_seqlens): the grids over the documents' tile slots are the plans'
+    (which see only the total rows and the document count)."""
+    lens, Hq, Hkv, D, w, dtype = [5, 0, 70, 1], 4, 2, 64, 9, torch.bfloat16
+    total, N = sum(lens), len(lens)
+    cu = torch.tensor([0, 5, 5, 75, 76], dtype=torch.int32)
+    q, k, v = (rnd(total, H, D, dtype=dtype, seed=i) for i, H in enumerate((Hq, Hkv, Hkv)))
+    go = rnd(total, Hq, D, seed=5)
+    ga, gb = rnd(Hq, D, seed=6), rnd(Hq, D, seed=7)
+    o_rla = rnd(total, Hq, D, seed=8)
+    emu.take_launch_records()
+    name = "bf16"
+    plan = lambda op: [(tuple(r["grid"]), r["threads"], r["smem_bytes"])  # noqa: E731
+                       for r in emu.plan_rows(op, 1, total, Hq, Hkv, D, w, name, 4,
+                                              packed_seqs=N)]
+    o, lse = emu.swa_fwd(q, k, v, w, D ** -0.5, None, None, cu_seqlens=cu)
+    assert launched(emu) == plan("swa_fwd")
+    emu.swa_mix_fwd(q, k, v, w, D ** -0.5, None, None, o_rla, ga, gb, 1e-6, dtype, True,
+                    cu_seqlens=cu)
+    assert launched(emu) == plan("swa_mix_fwd")
+    emu.swa_bwd(go, None, q, k, v, o, lse, w, D ** -0.5, None, None, cu_seqlens=cu)
+    assert launched(emu) == plan("swa_bwd")
+    emu.mix_fwd(o, o_rla, ga, gb, 1e-6, dtype)
+    assert launched(emu) == plan("mix_fwd")
+    emu.mix_bwd(go.to(dtype), o, o_rla, ga, gb, 1e-6)
+    assert launched(emu) == plan("mix_bwd")
+    # the forward grid: total // 64 + N tile slots, not N x the longest document's tiles
+    assert plan("swa_fwd")[0][0] == (total // 64 + N, 1, Hq)
+
+
 def test_composite_ops_are_their_calls(emu):
     """forward / backward are the op calls python/rattention_ext makes, in that order."""
     args = (1, 300, 8, 2, 128, 64, "bf16", 4)

@@ -21,6 +21,8 @@ namespace rattention::cuda {
 
 struct PlanShape {
   int64_t batch = 1, seqlen = 1, heads_q = 1, heads_kv = 1, head_dim = 64, window = 0;
+  // > 0: a packed batch of this many documents in `seqlen` rows in all (batch is ignored)
+  int64_t packed_seqs = 0;
   int64_t checkpoint_every = 4;  // python/rattention_ext/api.py DEFAULT_CHECKPOINT_EVERY
   DType dtype = DType::kBFloat16;
 };
@@ -31,9 +33,25 @@ struct PlanRow {
   int64_t workspace_bytes;  // the scratch that call allocates (the same on each of its rows)
 };
 
-// Dense batches without a halo (what the CUDA kernels take): seqlen_k = seqlen.
+// Batches without a halo (what the CUDA kernels take): seqlen_k = seqlen.
 inline AttnDims plan_dims(const PlanShape& s) {
-  return AttnDims{s.batch, s.seqlen, s.heads_q, s.heads_kv, s.head_dim, s.seqlen};
+  const int64_t batch = s.packed_seqs > 0 ? s.packed_seqs : s.batch;
+  return AttnDims{batch, s.seqlen, s.heads_q, s.heads_kv, s.head_dim, s.seqlen};
+}
+
+// The q/k/v description of a plan-only call: the plans read whether the batch is packed,
+// never the offsets themselves (on a GPU they are device memory), so any non-null pointer
+// marks it packed.
+inline QkvParams plan_qkv(const PlanShape& s) {
+  static const int32_t kPlanOnlyOffsets[1] = {0};
+  QkvParams p{};
+  p.dims = plan_dims(s);
+  p.dtype = s.dtype;
+  p.cu_seqlens = s.packed_seqs > 0 ? kPlanOnlyOffsets : nullptr;
+  return p;
+}
+inline int64_t plan_tokens(const PlanShape& s) {
+  return s.packed_seqs > 0 ? s.seqlen : s.batch * s.seqlen;
 }
 
 template <class Plan>
@@ -43,22 +61,19 @@ void append_plan_rows(std::vector<PlanRow>& rows, const char* call, const Plan& 
 
 inline SwaFwdParams plan_swa_fwd_params(const PlanShape& s) {
   SwaFwdParams p{};
-  p.dims = plan_dims(s);
-  p.dtype = s.dtype;
+  static_cast<QkvParams&>(p) = plan_qkv(s);
   p.window_size = s.window;
   return p;
 }
 inline SwaBwdParams plan_swa_bwd_params(const PlanShape& s) {
   SwaBwdParams p{};
-  p.dims = plan_dims(s);
-  p.dtype = s.dtype;
+  static_cast<QkvParams&>(p) = plan_qkv(s);
   p.window_size = s.window;
   return p;
 }
 inline RlaFwdParams plan_rla_fwd_params(const PlanShape& s) {
   RlaFwdParams p{};
-  p.dims = plan_dims(s);
-  p.dtype = s.dtype;
+  static_cast<QkvParams&>(p) = plan_qkv(s);
   p.window_size = s.window;
   p.chunk_size = kRlaChunk;
   p.checkpoint_every = s.checkpoint_every;
@@ -66,8 +81,7 @@ inline RlaFwdParams plan_rla_fwd_params(const PlanShape& s) {
 }
 inline RlaBwdParams plan_rla_bwd_params(const PlanShape& s) {
   RlaBwdParams p{};
-  p.dims = plan_dims(s);
-  p.dtype = s.dtype;
+  static_cast<QkvParams&>(p) = plan_qkv(s);
   p.window_size = s.window;
   p.chunk_size = kRlaChunk;
   p.checkpoint_every = s.checkpoint_every;
@@ -75,7 +89,7 @@ inline RlaBwdParams plan_rla_bwd_params(const PlanShape& s) {
 }
 inline MixBwdParams plan_mix_bwd_params(const PlanShape& s) {
   MixBwdParams p{};
-  p.rows = s.batch * s.seqlen * s.heads_q;
+  p.rows = plan_tokens(s) * s.heads_q;
   p.heads_q = s.heads_q;
   p.head_dim = s.head_dim;
   p.acc_dtype = DType::kFloat32;
@@ -84,7 +98,7 @@ inline MixBwdParams plan_mix_bwd_params(const PlanShape& s) {
 }
 inline MixParams plan_mix_fwd_params(const PlanShape& s) {
   MixParams p{};
-  p.rows = s.batch * s.seqlen * s.heads_q;
+  p.rows = plan_tokens(s) * s.heads_q;
   p.heads_q = s.heads_q;
   p.head_dim = s.head_dim;
   p.acc_dtype = DType::kFloat32;

@@ -70,14 +70,26 @@ struct QkvParams {
 
   RATT_HD bool packed() const { return cu_seqlens != nullptr; }
   RATT_HD int64_t num_seqs() const { return dims.batch; }
+  // Document b's rows [doc_begin(b), doc_end(b)). The values are clamped to [0, total] and
+  // to each other: on the host the op layer has checked cu_seqlens, but on a GPU it is not
+  // read back (that would synchronise), so a bad one gives wrong rows, never an access out
+  // of bounds.
+  RATT_HD int64_t doc_begin(int64_t b) const {
+    const int64_t x = cu_seqlens[b];
+    return x < 0 ? 0 : (x > dims.seqlen ? dims.seqlen : x);
+  }
+  RATT_HD int64_t doc_end(int64_t b) const {
+    const int64_t lo = doc_begin(b), x = cu_seqlens[b + 1];
+    return x < lo ? lo : (x > dims.seqlen ? dims.seqlen : x);
+  }
   // First row of sequence b in the row dimension of q (and of k/v: seq_start_k).
-  RATT_HD int64_t seq_start_q(int64_t b) const { return packed() ? cu_seqlens[b] : 0; }
-  RATT_HD int64_t seq_start_k(int64_t b) const { return packed() ? cu_seqlens[b] : 0; }
+  RATT_HD int64_t seq_start_q(int64_t b) const { return packed() ? doc_begin(b) : 0; }
+  RATT_HD int64_t seq_start_k(int64_t b) const { return packed() ? doc_begin(b) : 0; }
   RATT_HD int64_t seqlen_q(int64_t b) const {
-    return packed() ? int64_t(cu_seqlens[b + 1]) - cu_seqlens[b] : dims.seqlen;
+    return packed() ? doc_end(b) - doc_begin(b) : dims.seqlen;
   }
   RATT_HD int64_t seqlen_k(int64_t b) const {
-    return packed() ? int64_t(cu_seqlens[b + 1]) - cu_seqlens[b] : dims.seqlen_k;
+    return packed() ? doc_end(b) - doc_begin(b) : dims.seqlen_k;
   }
   // k/v rows before q's first token: q row t is the token at k/v row t + halo(b).
   RATT_HD int64_t halo(int64_t b) const { return seqlen_k(b) - seqlen_q(b); }
@@ -91,10 +103,10 @@ struct QkvParams {
   // Flat row of token t (k/v row s) of sequence b in a contiguous q-shaped ([B*T | total,
   // Hq, D]) or k-shaped tensor: its element offset is (row * H + h) * D.
   RATT_HD int64_t q_row(int64_t b, int64_t t) const {
-    return packed() ? cu_seqlens[b] + t : b * dims.seqlen + t;
+    return packed() ? doc_begin(b) + t : b * dims.seqlen + t;
   }
   RATT_HD int64_t k_row(int64_t b, int64_t s) const {
-    return packed() ? cu_seqlens[b] + s : b * dims.seqlen_k + s;
+    return packed() ? doc_begin(b) + s : b * dims.seqlen_k + s;
   }
   // Element offset of (sequence b, row t, head h) in a strided q-shaped / k-shaped tensor
   // (strides with .b == 0 when packed).
@@ -107,8 +119,39 @@ struct QkvParams {
   // Index of (sequence b, query head h, row t) in lse-shaped tensors ([B, Hq, T] dense,
   // [Hq, total] packed).
   RATT_HD int64_t lse_index(int64_t b, int64_t h, int64_t t) const {
-    return packed() ? h * dims.seqlen + cu_seqlens[b] + t
+    return packed() ? h * dims.seqlen + doc_begin(b) + t
                     : (b * dims.heads_q + h) * dims.seqlen + t;
+  }
+
+  // Packed work lists of the CUDA kernels: the tiles of `rows` rows of every document in one
+  // grid dimension, document b's first tile at slot cu[b] / rows + b. The same O(1) rule as
+  // the RLA checkpoints (RlaCheckpointLayout): documents never overlap (the next one starts
+  // at least ceil(len_b / rows) slots later) and there are at most total / rows + N slots, so
+  // a short document costs its own tiles, never the longest document's. A slot past its
+  // document's last tile (at most one per document) has no work.
+  RATT_HD static int64_t packed_tile_slots(int64_t total, int64_t n_seqs, int64_t rows) {
+    return total / rows + n_seqs;
+  }
+  RATT_HD int64_t tile_slot0(int64_t b, int64_t rows) const { return doc_begin(b) / rows + b; }
+  // The document whose tiles hold `slot`: the last b with tile_slot0(b) <= slot (O(log N)).
+  RATT_HD int64_t seq_of_tile_slot(int64_t slot, int64_t rows) const {
+    int64_t lo = 0, hi = dims.batch - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (tile_slot0(mid, rows) <= slot) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+  // The document holding packed row r: the last b with doc_begin(b) <= r (O(log N)).
+  RATT_HD int64_t seq_of_row(int64_t r) const {
+    int64_t lo = 0, hi = dims.batch - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (doc_begin(mid) <= r) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
   }
 };
 
@@ -180,7 +223,7 @@ struct RlaCommonParams : QkvParams {
 
   // First checkpoint slot of sequence b, and the slots per (kv head) row of the buffer.
   RATT_HD int64_t ckpt_slot0(int64_t b) const {
-    return packed() ? cu_seqlens[b] / (chunk_size * checkpoint_every) + b : 0;
+    return packed() ? doc_begin(b) / (chunk_size * checkpoint_every) + b : 0;
   }
   RATT_HD int64_t ckpt_slots() const {
     return packed() ? RlaCheckpointLayout::packed_slots(dims.seqlen, dims.batch, chunk_size,

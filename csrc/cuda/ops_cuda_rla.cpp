@@ -72,7 +72,8 @@ at::Tensor mix_fwd_cuda(const at::Tensor& o_swa, const at::Tensor& o_rla,
   check_cuda_tensor(o_swa, "o_swa");
   TORCH_CHECK(o_swa.scalar_type() == at::kFloat,
               "o_swa: the CUDA mixing kernels take float32 branch outputs, got ", o_swa.scalar_type());
-  TORCH_CHECK_VALUE(o_swa.dim() == 4 && o_swa.size(3) <= cuda::kMixMaxHeadDim,
+  // other ranks: prepare_mix_* names the expected shapes
+  TORCH_CHECK_VALUE(o_swa.dim() < 3 || o_swa.size(-1) <= cuda::kMixMaxHeadDim,
                     "o_swa: the CUDA mixing kernels support head dim <= ", cuda::kMixMaxHeadDim);
   const c10::cuda::CUDAGuard guard(o_swa.device());
   auto r = prepare_mix_fwd(o_swa, o_rla, swa_weight, rla_weight, eps, out_dtype);
@@ -87,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_bwd_cuda(
   check_cuda_tensor(o_swa, "o_swa");
   TORCH_CHECK(o_swa.scalar_type() == at::kFloat,
               "o_swa: the CUDA mixing kernels take float32 branch outputs, got ", o_swa.scalar_type());
-  TORCH_CHECK_VALUE(o_swa.dim() == 4 && o_swa.size(3) <= cuda::kMixMaxHeadDim,
+  // other ranks: prepare_mix_* names the expected shapes
+  TORCH_CHECK_VALUE(o_swa.dim() < 3 || o_swa.size(-1) <= cuda::kMixMaxHeadDim,
                     "o_swa: the CUDA mixing kernels support head dim <= ", cuda::kMixMaxHeadDim);
   const c10::cuda::CUDAGuard guard(o_swa.device());
   auto r = prepare_mix_bwd(grad_out, o_swa, o_rla, swa_weight, rla_weight, eps);

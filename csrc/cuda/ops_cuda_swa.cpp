@@ -17,12 +17,14 @@ void check_swa_launch(cudaError_t err, const char* what) {
 }
 
 // The kernels move q/k/v with 16-byte cp.async: rows must be contiguous along D, the base
-// 16-byte aligned and the B/T/H strides multiples of 8 elements. Anything else (odd views,
-// slices at odd offsets) gets a contiguous copy here rather than a misaligned access there.
+// 16-byte aligned and the B/T/H strides (packed: total/H) multiples of 8 elements. Anything
+// else (odd views, slices at odd offsets) gets a contiguous copy here rather than a
+// misaligned access there.
 at::Tensor cp_async_ready(const at::Tensor& x) {
-  if (x.dim() != 4) return x;  // op_common reports the shape error by name
-  bool ok = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  for (int i = 0; i < 3 && ok; ++i) ok = x.size(i) <= 1 || x.stride(i) % 8 == 0;
+  if (x.dim() != 4 && x.dim() != 3) return x;  // op_common reports the shape error by name
+  const int64_t last = x.dim() - 1;
+  bool ok = x.stride(last) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i < last && ok; ++i) ok = x.size(i) <= 1 || x.stride(i) % 8 == 0;
   return ok ? x : x.contiguous();
 }
 

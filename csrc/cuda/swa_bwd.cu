@@ -38,14 +38,15 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
 
   const auto* cos = static_cast<const float*>(p.rotary_cos);
   const auto* sin = static_cast<const float*>(p.rotary_sin);
-  const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
-  const int64_t q_rows = B * T * Hq, k_rows = B * T * Hkv;
+  const int64_t Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
+  const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;
+  const QkvParams& seq = p;
   RATT_LAUNCH_PLANNED(plan.convert_dq, stream, swa_bwd_convert_kernel<Element>)(
-      dq_ws, static_cast<Element*>(p.grad_q), q_rows, Hq, T, kHeadDim, cos, sin);
+      seq, dq_ws, static_cast<Element*>(p.grad_q), tokens * Hq, Hq, kHeadDim, cos, sin);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   RATT_LAUNCH_PLANNED(plan.convert_dk, stream, swa_bwd_convert_kernel<Element>)(
-      dk_ws, static_cast<Element*>(p.grad_k), k_rows, Hkv, T, kHeadDim, cos, sin);
+      seq, dk_ws, static_cast<Element*>(p.grad_k), tokens * Hkv, Hkv, kHeadDim, cos, sin);
   return cudaGetLastError();
 }
 

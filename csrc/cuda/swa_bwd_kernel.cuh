@@ -1,6 +1,8 @@
 // SWA backward on tensor cores. Four launches, all deterministic (no atomics):
 //   1. swa_bwd_preprocess_kernel: Di = rowsum(dO * O) - grad_lse   (one warp per row; dO
 //      rounded to the input dtype like the MMAs' copy of it)
+// Packed batches: the tile kernels run over the documents' tile slots (QkvParams::tile_slot0)
+// and stay inside their document; the row kernels (1, 4) see the packed rows as one sequence.
 //   2. swa_bwd_dkdv_kernel, one CTA per (b, kv head, key tile, D slice): loops over the
 //      group's query heads and the query tiles that see the key tile
 //      (swa_query_tiles_for_key_tile), in the transposed orientation so P^T and dS^T come
@@ -34,7 +36,9 @@ __device__ __forceinline__ float round_like_staged(float x, DType dtype) {
 // should: the row sums of dS stay ~0 and, e.g., w = 0 (P = 1, O = V) gives dQ = dK = 0
 // rather than rounding noise (found by the host emulator, tests/test_cuda_emulated.py).
 __global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdParams p, float* di) {
-  const int64_t B = p.dims.batch, T = p.dims.seqlen, H = p.dims.heads_q, D = p.dims.head_dim;
+  // Packed: rows (h, r) of the [Hq, total] lse layout, i.e. one sequence of all rows.
+  const int64_t B = p.packed() ? 1 : p.dims.batch;
+  const int64_t T = p.dims.seqlen, H = p.dims.heads_q, D = p.dims.head_dim;
   const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;  // over (b, h, t)
   const int lane = threadIdx.x % 32;
   if (row >= B * H * T) return;
@@ -84,11 +88,20 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   constexpr int kNSlices = kHeadDim / kBwdDSlice;
   static_assert(kBlockM == 64 && kBwdDSlice == 64, "slice views reuse the 64x64 P layout");
 
-  const int n_block = blockIdx.x / kNSlices;
+  int n_block = blockIdx.x / kNSlices;
   const int slice = blockIdx.x % kNSlices;
-  const int64_t b = blockIdx.y;
+  int64_t b = blockIdx.y;
   const int64_t hk = blockIdx.z;
-  const int64_t T = p.dims.seqlen;
+  if (p.packed()) {
+    RATT_COVER_ANY("packed");
+    b = p.seq_of_tile_slot(n_block, kBlockN);
+    n_block = int(n_block - p.tile_slot0(b, kBlockN));
+    if (int64_t(n_block) * kBlockN >= p.seqlen_k(b)) {
+      RATT_COVER_ANY("packed_idle_slot");
+      return;  // a slot past the document's last key tile (the whole CTA leaves)
+    }
+  }
+  const int64_t T = p.seqlen_q(b);
   const int64_t G = p.dims.heads_q / p.dims.heads_kv;
   const int64_t window = p.window_size;
   const int tid = threadIdx.x;
@@ -112,8 +125,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   float* s_lse = reinterpret_cast<float*>(smem_raw + Traits::kSmemQ * 2 + Traits::kSmemKV * 2);
   float* s_di = s_lse + kBlockM;
 
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  const Element* k_ptr = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* v_ptr = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk);
   Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
                           make_stride(p.k_stride.t, _1{}));
   Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(T, Int<kHeadDim>{}),
@@ -170,15 +183,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const TileRange mt = swa_query_tiles_for_key_tile(n_block, kBlockM, kBlockN, T, window);
   for (int64_t hq = hk * G; hq < hk * G + G; ++hq) {
     if (hq > hk * G) RATT_COVER("group_head");
-    const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
+    const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, 0, hq);
     Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
                             make_stride(p.q_stride.t, _1{}));
     Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));
     Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, m_tiles)
-    const float* go_ptr = static_cast<const float*>(p.grad_out) + b * p.grad_out_stride.b +
-                          hq * p.grad_out_stride.h;
-    const float* lse_ptr = static_cast<const float*>(p.lse) + (b * p.dims.heads_q + hq) * T;
-    const float* di_ptr = di + (b * p.dims.heads_q + hq) * T;
+    const float* go_ptr =
+        static_cast<const float*>(p.grad_out) + p.q_offset(p.grad_out_stride, b, 0, hq);
+    const float* lse_ptr = static_cast<const float*>(p.lse) + p.lse_index(b, hq, 0);
+    const float* di_ptr = di + p.lse_index(b, hq, 0);
     for (int64_t m = mt.begin; m < mt.end; ++m) {
       const int64_t m0 = m * kBlockM;
       const int rows_q = int(imin(kBlockM, T - m0));
@@ -251,7 +264,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     const int64_t sk = n0 + get<0>(tCc(i));
     const int c = slice * kBwdDSlice + get<1>(tCc(i));
     if (sk < T) {
-      const int64_t off = ((b * T + sk) * Hkv + hk) * kHeadDim + c;
+      const int64_t off = (p.k_row(b, sk) * Hkv + hk) * kHeadDim + c;
       dv[off] = static_cast<Element>(acc_dv(i));
       dk_ws[off] = acc_dk(i);
     }
@@ -268,10 +281,19 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
 
-  const int m_block = blockIdx.x;
-  const int64_t b = blockIdx.y;
+  int m_block = blockIdx.x;
+  int64_t b = blockIdx.y;
   const int64_t h = blockIdx.z;
-  const int64_t T = p.dims.seqlen;
+  if (p.packed()) {
+    RATT_COVER_ANY("packed");
+    b = p.seq_of_tile_slot(blockIdx.x, kBlockM);
+    m_block = int(blockIdx.x - p.tile_slot0(b, kBlockM));
+    if (int64_t(m_block) * kBlockM >= p.seqlen_q(b)) {
+      RATT_COVER_ANY("packed_idle_slot");
+      return;  // a slot past the document's last query tile (the whole CTA leaves)
+    }
+  }
+  const int64_t T = p.seqlen_q(b);
   const int64_t hk = h / (p.dims.heads_q / p.dims.heads_kv);
   const int64_t window = p.window_size;
   const int tid = threadIdx.x;
@@ -289,9 +311,9 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (D, N)
   Tensor sKtNoSwizzle = make_tensor(sK.data(), typename Traits::SmemLayoutKtNoSwizzle{});
 
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, 0, h);
+  const Element* k_ptr = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* v_ptr = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk);
   Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
                           make_stride(p.q_stride.t, _1{}));
   Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
@@ -313,8 +335,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tVsV = gmem_thr.partition_D(sV);
   copy_rows_pred(gmem_copy, gmem_thr.partition_S(gQ), tQsQ, tQcQ, rows_q);
   cp_async_fence();
-  const float* go_ptr = static_cast<const float*>(p.grad_out) + b * p.grad_out_stride.b +
-                        h * p.grad_out_stride.h + m0 * p.grad_out_stride.t;
+  const float* go_ptr = static_cast<const float*>(p.grad_out) +
+                        p.q_offset(p.grad_out_stride, b, m0, h);
   stage_fp32_tile<kBlockM, kHeadDim, kNThreads>(sdO, go_ptr, p.grad_out_stride.t, rows_q);
 
   typename Traits::TiledMma tiled_mma;
@@ -345,8 +367,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   // Per-row lse (log2 units) and Di of this thread's accumulator rows.
   constexpr int kRows = 2 * decltype(size<1>(acc_dq))::value;
   float row_lse[kRows], row_di[kRows];
-  const float* lse_ptr = static_cast<const float*>(p.lse) + (b * p.dims.heads_q + h) * T;
-  const float* di_ptr = di + (b * p.dims.heads_q + h) * T;
+  const float* lse_ptr = static_cast<const float*>(p.lse) + p.lse_index(b, h, 0);
+  const float* di_ptr = di + p.lse_index(b, h, 0);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t t = m0 + get<0>(tScS_rc(r, 0));
@@ -411,16 +433,17 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dq); ++i) {
     const int64_t t = m0 + get<0>(tCc(i));
-    if (t < T) dq_ws[((b * T + t) * Hq + h) * kHeadDim + get<1>(tCc(i))] = acc_dq(i);
+    if (t < T) dq_ws[(p.q_row(b, t) * Hq + h) * kHeadDim + get<1>(tCc(i))] = acc_dq(i);
   }
 }
 
-// fp32 [rows, D] (rows = B*T*H, token t = (row / H) % T) -> input dtype, with the inverse
-// rotary when rotary is on (gradients are w.r.t. the unrotated inputs).
+// fp32 [rows, D] (rows = tokens * H, token = row / H) -> input dtype, with the inverse
+// rotary when rotary is on (gradients are w.r.t. the unrotated inputs). The rotary position
+// is the token's inside its sequence: token % T dense, token - its document's start packed.
 template <typename Element>
 __global__ void __launch_bounds__(256)
-    swa_bwd_convert_kernel(const float* src, Element* dst, int64_t rows, int64_t H, int64_t T,
-                           int D, const float* cos, const float* sin) {
+    swa_bwd_convert_kernel(const QkvParams seq, const float* src, Element* dst, int64_t rows,
+                           int64_t H, int D, const float* cos, const float* sin) {
   const int half = D / 2;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * half) return;
@@ -429,7 +452,12 @@ __global__ void __launch_bounds__(256)
   float x1 = src[row * D + i], x2 = src[row * D + half + i];
   if (cos != nullptr) {
     RATT_COVER("inverse_rotary");
-    const int64_t t = (row / H) % T;
+    const int64_t token = row / H;
+    int64_t t = token % seq.dims.seqlen;
+    if (seq.packed()) {
+      RATT_COVER_ANY("packed_rotary");
+      t = token - seq.seq_start_q(seq.seq_of_row(token));
+    }
     const float c = cos[t * half + i], s = -sin[t * half + i];
     const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
     x1 = y1;

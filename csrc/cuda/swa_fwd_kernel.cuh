@@ -1,6 +1,8 @@
 // SWA forward on tensor cores, flash-attention-2 style. One CTA (4 warps) per
-// (query tile of kBlockM rows, batch, query head); it visits only the key tiles inside the
-// window (core/window.h) and masks only the tiles at the window's two edges.
+// (query tile of kBlockM rows, batch, query head); packed batches: per (tile slot, query
+// head), a slot naming a document's query tile (QkvParams::tile_slot0). It visits only the
+// key tiles inside the window (core/window.h) and masks only the tiles at the window's two
+// edges; a document's tiles see only that document's keys.
 //
 //   gQ (kBlockM, D)  --cp.async-->  sQ  --ldmatrix-->  tSrQ
 //   gK (kBlockN, D)  --cp.async-->  sK  --ldmatrix-->  tSrK      S = Q K^T   (fp32 acc)
@@ -31,10 +33,20 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
 
-  const int m_block = blockIdx.x;
-  const int64_t b = blockIdx.y;
   const int64_t h = blockIdx.z;
-  const int64_t T = p.dims.seqlen;
+  int64_t b = blockIdx.y;
+  int m_block = blockIdx.x;
+  if (p.packed()) {
+    RATT_COVER_ANY("packed");
+    b = p.seq_of_tile_slot(blockIdx.x, kBlockM);
+    m_block = int(blockIdx.x - p.tile_slot0(b, kBlockM));
+    if (int64_t(m_block) * kBlockM >= p.seqlen_q(b)) {
+      RATT_COVER_ANY("packed_idle_slot");
+      return;  // a slot past the document's last tile: no rows (the whole CTA leaves)
+    }
+  }
+  const int64_t T = p.seqlen_q(b);    // rows of this sequence (document)
+  const int64_t row0 = p.seq_start_q(b);  // its first row in the q/out tensors
   const int64_t hk = h / (p.dims.heads_q / p.dims.heads_kv);  // GQA: kv head h / G
   const int64_t window = p.window_size;
   const int tid = threadIdx.x;
@@ -50,9 +62,9 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
 
   // Global views with runtime strides; the D stride is 1 (rows contiguous).
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, 0, h);
+  const Element* k_ptr = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* v_ptr = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk);
   Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
                           make_stride(p.q_stride.t, _1{}));
   Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
@@ -211,9 +223,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tOcO = thr_mma.partition_C(cO);
   Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   float* out = p.out == nullptr ? nullptr
-                                : static_cast<float*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
-  float* lse = p.lse == nullptr ? nullptr
-                                : static_cast<float*>(p.lse) + (b * p.dims.heads_q + h) * T;
+                                : static_cast<float*>(p.out) + p.q_offset(p.out_stride, b, 0, h);
+  float* lse = p.lse == nullptr ? nullptr : static_cast<float*>(p.lse) + p.lse_index(b, h, 0);
   if (p.mix.out != nullptr) {
     RATT_COVER("mix_epilogue");
   } else {
@@ -237,7 +248,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       lse[t] = (sum > 0.f) ? row_max[r] * float(p.softmax_scale) + logf(sum) : -INFINITY;
     }
     if (p.mix.out != nullptr) {
-      mix_epilogue_row<kHeadDim>(p.mix, o, r, tOcO_rc, b, h, t, t < T);
+      mix_epilogue_row<kHeadDim>(p.mix, o, r, tOcO_rc, b, h, row0 + t, t < T);
     }
   }
 }

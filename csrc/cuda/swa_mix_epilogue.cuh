@@ -19,8 +19,9 @@
 namespace rattention::cuda {
 
 // `o`: the normalised O tile as (rows, cols) registers; `coord`: matching (row, col) in the
-// tile. Every lane of the warp must call this (quad shuffles); rows past T pass row_valid
-// false and write nothing.
+// tile; `t`: the row in the o_rla / out tensors (packed: the document's first row + the
+// token). Every lane of the warp must call this (quad shuffles); rows past the sequence pass
+// row_valid false and write nothing.
 template <int kHeadDim, typename RowColO, typename RowColCoord>
 CUTE_DEVICE void mix_epilogue_row(const MixEpilogueParams& e, RowColO const& o, int r,
                                   RowColCoord const& coord, int64_t b, int64_t h, int64_t t,

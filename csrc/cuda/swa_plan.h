@@ -8,8 +8,12 @@
 
 namespace rattention::cuda {
 
-// Forward: one CTA per (query tile, b, q head); the fused mixing (p.mix.out set) runs in the
-// same kernel's epilogue and changes nothing here.
+// Forward: one CTA per (query tile, b, q head); packed, one per (tile slot, 1, q head) over
+// the documents' tiles (QkvParams::tile_slot0). The fused mixing (p.mix.out set) runs in
+// the same kernel's epilogue and changes nothing here.
+//
+// Packed plans read only the sizes (total rows, N), never cu_seqlens (device memory); their
+// serial_steps bound a document's chain by that of one document as long as all rows.
 struct SwaFwdPlan {
   KernelLaunch fwd;  // swa_fwd_kernel
   int64_t workspace_bytes = 0;
@@ -23,15 +27,19 @@ template <class Tr>
 SwaFwdPlan swa_fwd_plan(const SwaFwdParams& p) {
   const AttnDims& d = p.dims;
   SwaFwdPlan plan;
-  plan.fwd = make_launch("swa_fwd_kernel", {ceil_div(d.seqlen, Tr::kBlockM), d.batch, d.heads_q},
-                         Tr::kNThreads, Tr::kSmemFwd,
+  const GridDims grid =
+      p.packed() ? GridDims{QkvParams::packed_tile_slots(d.seqlen, d.batch, Tr::kBlockM), 1,
+                            d.heads_q}
+                 : GridDims{ceil_div(d.seqlen, Tr::kBlockM), d.batch, d.heads_q};
+  plan.fwd = make_launch("swa_fwd_kernel", grid, Tr::kNThreads, Tr::kSmemFwd,
                          swa_max_key_tiles(d.seqlen, Tr::kBlockM, Tr::kBlockN, p.window_size));
   return plan;
 }
 
 // Backward: preprocess (Di), dK/dV, dQ, then two fp32 -> dtype conversions. The fp32
-// workspace holds Di [B, Hq, T], dQ [B, T, Hq, D], dK [B, T, Hkv, D] (offsets in floats);
-// every entry that is read is written first, so it needs no zeroing.
+// workspace holds Di (lse-shaped: [B, Hq, T], packed [Hq, total]), dQ (q-shaped) and dK
+// (k-shaped), offsets in floats; every entry that is read is written first, so it needs no
+// zeroing. Packed, dK/dV and dQ run over the documents' tile slots like the forward.
 struct SwaBwdPlan {
   KernelLaunch preprocess, dkdv, dq, convert_dq, convert_dk;
   int64_t ws_di = 0, ws_dq = 0, ws_dk = 0;
@@ -55,29 +63,34 @@ SwaBwdPlan swa_bwd_plan(const SwaBwdParams& p) {
   const AttnDims& d = p.dims;
   const int64_t B = d.batch, T = d.seqlen, Hq = d.heads_q, Hkv = d.heads_kv, D = Tr::kHeadDim;
   const int64_t w = p.window_size;
+  const int64_t rows = p.packed() ? T : B * T;  // token rows of q (and of k/v)
   SwaBwdPlan plan;
   plan.ws_di = 0;
-  plan.ws_dq = B * Hq * T;
-  plan.ws_dk = plan.ws_dq + B * T * Hq * D;
-  plan.workspace_floats = plan.ws_dk + B * T * Hkv * D;
+  plan.ws_dq = Hq * rows;
+  plan.ws_dk = plan.ws_dq + rows * Hq * D;
+  plan.workspace_floats = plan.ws_dk + rows * Hkv * D;
   plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
   plan.preprocess = make_launch("swa_bwd_preprocess_kernel",
-                                {ceil_div(B * Hq * T, kSwaRowsPerPreprocessCta)},
+                                {ceil_div(Hq * rows, kSwaRowsPerPreprocessCta)},
                                 kSwaElementwiseThreads, 0, 1);
   // dK/dV: per key tile and D slice, the G query heads one after another, each over the
   // query tiles that see the key tile.
-  plan.dkdv = make_launch("swa_bwd_dkdv_kernel",
-                          {ceil_div(T, Tr::kBlockN) * (D / kBwdDSlice), B, Hkv}, Tr::kNThreads,
-                          Tr::kSmemBwdDkdv,
+  const int64_t key_tiles = p.packed() ? QkvParams::packed_tile_slots(T, B, Tr::kBlockN)
+                                       : ceil_div(T, Tr::kBlockN);
+  const int64_t query_tiles = p.packed() ? QkvParams::packed_tile_slots(T, B, Tr::kBlockM)
+                                         : ceil_div(T, Tr::kBlockM);
+  const int64_t grid_b = p.packed() ? 1 : B;
+  plan.dkdv = make_launch("swa_bwd_dkdv_kernel", {key_tiles * (D / kBwdDSlice), grid_b, Hkv},
+                          Tr::kNThreads, Tr::kSmemBwdDkdv,
                           d.group() * swa_max_query_tiles(T, Tr::kBlockM, Tr::kBlockN, w));
-  plan.dq = make_launch("swa_bwd_dq_kernel", {ceil_div(T, Tr::kBlockM), B, Hq}, Tr::kNThreads,
+  plan.dq = make_launch("swa_bwd_dq_kernel", {query_tiles, grid_b, Hq}, Tr::kNThreads,
                         Tr::kSmemBwdDq, swa_max_key_tiles(T, Tr::kBlockM, Tr::kBlockN, w));
   // a thread per rotary pair (D / 2 per row)
   plan.convert_dq = make_launch("swa_bwd_convert_kernel",
-                                {ceil_div(B * T * Hq * D / 2, kSwaElementwiseThreads)},
+                                {ceil_div(rows * Hq * D / 2, kSwaElementwiseThreads)},
                                 kSwaElementwiseThreads, 0, 1);
   plan.convert_dk = make_launch("swa_bwd_convert_kernel",
-                                {ceil_div(B * T * Hkv * D / 2, kSwaElementwiseThreads)},
+                                {ceil_div(rows * Hkv * D / 2, kSwaElementwiseThreads)},
                                 kSwaElementwiseThreads, 0, 1);
   return plan;
 }

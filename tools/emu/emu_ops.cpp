@@ -130,11 +130,12 @@ void add_keep(Sandbox& box, const std::vector<at::Tensor>& keep,
 std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, int64_t w, double scale,
                                            c10::optional<at::Tensor> cos,
-                                           c10::optional<at::Tensor> sin) {
-  auto r = prepare_swa_fwd(q, k, v, w, scale, cos, sin, /*cuda_backend=*/true);
+                                           c10::optional<at::Tensor> sin,
+                                           c10::optional<at::Tensor> cu_seqlens) {
+  auto r = prepare_swa_fwd(q, k, v, w, scale, cos, sin, /*cuda_backend=*/true, cu_seqlens);
   Sandbox box("swa_fwd");
   box.reserve(16);
-  add_keep(box, r.keep, {"q", "k", "v"});
+  add_keep(box, r.keep, {"q", "k", "v", "cu_seqlens"});
   box.add("rotary_cos", r.cos, Role::kIn);
   box.add("rotary_sin", r.sin, Role::kIn);
   box.add("out", r.out, Role::kOut);
@@ -147,12 +148,13 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t w, double scale,
     c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin, const at::Tensor& o_rla,
-    const at::Tensor& ga, const at::Tensor& gb, double eps, at::ScalarType out_dtype, bool save) {
+    const at::Tensor& ga, const at::Tensor& gb, double eps, at::ScalarType out_dtype, bool save,
+    c10::optional<at::Tensor> cu_seqlens) {
   auto r = prepare_swa_mix_fwd(q, k, v, w, scale, cos, sin, o_rla, ga, gb, eps, out_dtype, save,
-                               /*cuda_backend=*/true);
+                               /*cuda_backend=*/true, cu_seqlens);
   Sandbox box("swa_mix_fwd");
   box.reserve(16);
-  add_keep(box, r.swa.keep, {"q", "k", "v"});
+  add_keep(box, r.swa.keep, {"q", "k", "v", "cu_seqlens"});
   box.add("rotary_cos", r.swa.cos, Role::kIn);
   box.add("rotary_sin", r.swa.sin, Role::kIn);
   box.add("o_rla", o_rla, Role::kIn);
@@ -168,12 +170,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(
     const at::Tensor& go, c10::optional<at::Tensor> glse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, int64_t w, double scale,
-    c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin) {
+    c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin,
+    c10::optional<at::Tensor> cu_seqlens) {
   auto r = prepare_swa_bwd(go, glse, q, k, v, out, lse, w, scale, cos, sin, true,
-                           /*cuda_backend=*/true);
+                           /*cuda_backend=*/true, cu_seqlens);
   Sandbox box("swa_bwd");
   box.reserve(16);
-  add_keep(box, r.keep, {"q", "k", "v", "grad_out", "out", "lse", "grad_lse", "rotary_cos", "rotary_sin"});
+  add_keep(box, r.keep, {"q", "k", "v", "cu_seqlens", "grad_out", "out", "lse", "grad_lse",
+                         "rotary_cos", "rotary_sin"});
   box.add("grad_q", r.grad_q, Role::kOut);
   box.add("grad_k", r.grad_k, Role::kOut);
   box.add("grad_v", r.grad_v, Role::kOut);
@@ -187,11 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
                                                        const at::Tensor& v, int64_t w,
                                                        const std::string& fm,
                                                        c10::optional<at::Tensor> h0,
-                                                       int64_t every) {
-  auto r = prepare_rla_fwd(q, k, v, w, fm, h0, cuda::kRlaChunk, every, /*cuda_backend=*/true);
+                                                       int64_t every,
+                                                       c10::optional<at::Tensor> cu_seqlens) {
+  auto r = prepare_rla_fwd(q, k, v, w, fm, h0, cuda::kRlaChunk, every, /*cuda_backend=*/true,
+                           cu_seqlens);
   Sandbox box("rla_fwd");
   box.reserve(16);
-  add_keep(box, r.keep, {"q", "k", "v"});
+  add_keep(box, r.keep, {"q", "k", "v", "cu_seqlens"});
   box.add("initial_state", r.h0, Role::kIn);
   box.add("out", r.out, Role::kOut);
   box.add("final_state", r.final_state, Role::kOut);
@@ -204,12 +210,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd(
     const at::Tensor& go, c10::optional<at::Tensor> gfs, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, c10::optional<at::Tensor> h0, const at::Tensor& ckpt, int64_t w,
-    const std::string& fm, int64_t every) {
+    const std::string& fm, int64_t every, c10::optional<at::Tensor> cu_seqlens) {
   auto r = prepare_rla_bwd(go, gfs, q, k, v, h0, ckpt, w, fm, cuda::kRlaChunk, every,
-                           /*cuda_backend=*/true);
+                           /*cuda_backend=*/true, cu_seqlens);
   Sandbox box("rla_bwd");
   box.reserve(16);
-  add_keep(box, r.keep, {"q", "k", "v", "grad_out", "checkpoints", "initial_state", "grad_final_state"});
+  add_keep(box, r.keep, {"q", "k", "v", "cu_seqlens", "grad_out", "checkpoints", "initial_state",
+                         "grad_final_state"});
   box.add("grad_q", r.grad_q, Role::kOut);
   box.add("grad_k", r.grad_k, Role::kOut);
   box.add("grad_v", r.grad_v, Role::kOut);
@@ -279,11 +286,23 @@ void add_launch_plan_bindings(pybind11::module& m);  // emu_plan_ops.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rattention_ext CUDA kernels run by the host emulator (tools/emu), CPU tensors";
-  m.def("swa_fwd", &rattention::swa_fwd);
-  m.def("swa_mix_fwd", &rattention::swa_mix_fwd);
-  m.def("swa_bwd", &rattention::swa_bwd);
-  m.def("rla_fwd", &rattention::rla_fwd);
-  m.def("rla_bwd", &rattention::rla_bwd);
+  // The attention ops take the op layer's arguments in order; cu_seqlens (int32 [N+1],
+  // packed q/k/v [total, H, D]) is an optional last keyword.
+  const auto cu = py::arg("cu_seqlens") = py::none();
+  m.def("swa_fwd", &rattention::swa_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("w"),
+        py::arg("scale"), py::arg("cos"), py::arg("sin"), cu);
+  m.def("swa_mix_fwd", &rattention::swa_mix_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("w"), py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("o_rla"),
+        py::arg("swa_weight"), py::arg("rla_weight"), py::arg("eps"), py::arg("out_dtype"),
+        py::arg("save"), cu);
+  m.def("swa_bwd", &rattention::swa_bwd, py::arg("grad_out"), py::arg("grad_lse"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("w"),
+        py::arg("scale"), py::arg("cos"), py::arg("sin"), cu);
+  m.def("rla_fwd", &rattention::rla_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("w"),
+        py::arg("feature_map"), py::arg("initial_state"), py::arg("every"), cu);
+  m.def("rla_bwd", &rattention::rla_bwd, py::arg("grad_out"), py::arg("grad_final_state"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("initial_state"),
+        py::arg("checkpoints"), py::arg("w"), py::arg("feature_map"), py::arg("every"), cu);
   m.def("mix_fwd", &rattention::mix_fwd);
   m.def("mix_bwd", &rattention::mix_bwd);
   m.def("decode_step", &rattention::decode_step);
