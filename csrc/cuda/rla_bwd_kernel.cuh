@@ -253,6 +253,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     // Queries of this chunk matter for dS only if an earlier key exists, for dH0 always.
     const bool need_q = has_keys || s_base > 0 || gdH0 != nullptr;
     auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    // emu-mutants: redundant because the last shared reads of the previous chunk (sPhiQ, sdO,
+    // sP, sV, sPhiK in its head loop) all precede that loop's closing barrier, and a chunk
+    // skipped by `continue` wrote nothing (no keys); kept as a cheap guard for edits.
     __syncthreads();
     if (has_keys) {
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
@@ -334,6 +337,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         __syncthreads();
         gemm_ss(mma, acc_dv, sPt, sdOt);
       }
+      // emu-mutants: redundant because every read of dS in this chunk (acc_dv's and, for
+      // g == 0, acc_k's state term) precedes the "sP consumed" barrier above, and without keys
+      // dS is not read at all; the dS update below reads only sPhiQ and sdO, complete since
+      // the barrier after their loads. Kept as a guard for edits.
       __syncthreads();  // every read of dS for this chunk is done (g == 0) before dS changes
       // dS += phi(q)^T dO, dH0_h += phi(q)^T dO (this CTA owns these columns of dH0_h).
       float* dh0 = gdH0 ? gdH0 + (b * Hq + h) * F * D + col0 : nullptr;

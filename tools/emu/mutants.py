@@ -162,8 +162,10 @@ def make_tree(muts: list[Mutation]) -> None:
                 dst.write_bytes(text)
     write_if_changed(TREE / "csrc" / "cuda" / SWITCH_HEADER, (
         "// emu-mutants: which mutation of the synchronisation sites is active (-1: none).\n"
+        "// Not instrumented and never inlined into the kernels: its function-local static is\n"
+        "// module data, which the emulator's checks would take for static __shared__.\n"
         "#pragma once\n#include <cstdlib>\n"
-        "inline int ratt_emu_mutant() {\n"
+        "__attribute__((noinline, no_sanitize_thread)) inline int ratt_emu_mutant() {\n"
         "  static const int id = [] {\n"
         "    const char* s = std::getenv(\"RATTENTION_EMU_MUTANT\");\n"
         "    return s ? std::atoi(s) : -1;\n"
