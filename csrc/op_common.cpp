@@ -462,9 +462,6 @@ RlaFwdPrepared prepare_rla_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
   TORCH_CHECK_NOT_IMPLEMENTED(!(cuda_backend && r.carried.defined()),
                               "carried_state is not implemented in the CUDA kernels yet (use the "
                               "CPU backend)");
-  TORCH_CHECK_NOT_IMPLEMENTED(!(cuda_backend && qkv.packed()),
-                              "rla_fwd: cu_seqlens (packed batches) is not implemented in the CUDA "
-                              "RLA kernels yet (use the CPU backend)");
   const int64_t D2 = 2 * d.head_dim;
   r.out = at::empty(q_in.sizes(), qkv.q.options().dtype(acc));
   r.final_state = at::empty({d.batch, d.heads_kv, D2, d.head_dim}, qkv.q.options().dtype(acc));
@@ -522,9 +519,6 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
   TORCH_CHECK_NOT_IMPLEMENTED(!(cuda_backend && carried.defined()),
                               "carried_state is not implemented in the CUDA kernels yet (use the "
                               "CPU backend)");
-  TORCH_CHECK_NOT_IMPLEMENTED(!(cuda_backend && qkv.packed()),
-                              "rla_bwd: cu_seqlens (packed batches) is not implemented in the CUDA "
-                              "RLA kernels yet (use the CPU backend)");
   at::Tensor gfs;
   if (grad_final_state.has_value() && grad_final_state->defined()) {
     check_acc_tensor(*grad_final_state, "grad_final_state", acc,

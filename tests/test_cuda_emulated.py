@@ -290,7 +290,7 @@ PACKED_SWA_CASES = [
     pytest.param([3, 0, 1, 5, 6, 70], 8, 1, 64, 5, True, True, BF16),
     pytest.param([70, 1, 0, 9, 10], 2, 2, 128, 9, False, False, FP16),
     pytest.param([0, 6, 65, 1, 5], 2, 2, 64, 5, False, True, FP16),
-    pytest.param([1, 12, 0, 66, 11], 8, 1, 128, 11, True, False, BF16),
+    pytest.param([1, 12, 0, 66, 11], 2, 1, 128, 11, True, False, BF16),
 ]
 
 
@@ -430,6 +430,79 @@ def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
             assert torch.equal(x.float(), torch.zeros_like(x.float())), name
         else:
             check(name, x, rr, pp)
+    if H0 is not None:
+        assert dh0.shape == H0.shape
+        # phi(q)^T dO with both rounded to the input dtype for the MMA, fp32 accumulation
+        assert rel_err(dh0, want[3]) < 1e-2
+
+
+# Packed RLA: the same document mixes; each document starts from its own H0 (per document,
+# or one broadcast), its shift never reaches into the previous document, its final state is
+# its own (zero for the empty one). every = 1 gives a document longer than a chunk (64)
+# two segments of its own checkpoint slots.
+PACKED_RLA_CASES = [
+    # lens, Hq, Hkv, D, w, fm, h0, every, dtype
+    pytest.param([3, 0, 1, 5, 6, 70], 8, 1, 64, 5, "relu", "batch", 1, BF16),
+    pytest.param([70, 1, 0, 9, 10], 2, 2, 128, 9, "softmax", "broadcast", 1, FP16),
+    pytest.param([0, 6, 66, 1, 5], 2, 2, 64, 5, "softmax", None, 2, FP16),
+]
+
+
+@emu_kernel("rla_fwd_kernel.cuh", "rla_bwd_kernel.cuh", "rla_traits.cuh")
+@pytest.mark.parametrize("lens,Hq,Hkv,D,w,fm,h0,every,dtype", PACKED_RLA_CASES)
+def test_rla_packed_emulated(emu, lens, Hq, Hkv, D, w, fm, h0, every, dtype):
+    q, k, v, cu = packed_inputs(lens, Hq, Hkv, D, dtype, seed=sum(lens) + D + 1)
+    total, N = q.shape[0], len(lens)
+    g = torch.Generator().manual_seed(4)
+    H0 = None
+    if h0 is not None:
+        H0 = 0.1 * torch.randn(N if h0 == "batch" else 1, Hq, 2 * D, D, generator=g)
+    go = torch.randn(total, Hq, D, generator=g)
+    gfs = torch.randn(N, Hkv, 2 * D, D, generator=g)
+
+    def run():
+        o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every, cu_seqlens=cu)
+        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, cu_seqlens=cu)
+
+    # dq accumulates across CTAs with float atomics (flat position 3)
+    o, fs, ck, (dq, dk, dv, dh0) = under_schedules(emu, run, atomic=(3,))
+    assert o.shape == (total, Hq, D) and fs.shape == (N, Hkv, 2 * D, D)
+
+    def by_document(fn, q, k, v, h):
+        """fn(q_doc, k_doc, v_doc, h0_doc) -> (o [1, L, Hq, D], state [1, Hkv, 2D, D]) per
+        document, packed back; an empty document has no rows and a zero final state."""
+        outs, states = [], []
+        c = cu.tolist()
+        for b in range(N):
+            sl = slice(c[b], c[b + 1])
+            if sl.stop == sl.start:
+                states.append(torch.zeros(1, Hkv, 2 * D, D, dtype=torch.float64))
+                continue
+            hb = None if h is None else h[b:b + 1] if h.shape[0] > 1 else h
+            o_b, st_b = fn(q[sl][None], k[sl][None], v[sl][None], hb)
+            outs.append(o_b[0])
+            states.append(st_b.double())
+        return torch.cat(outs, 0), torch.cat(states, 0)
+
+    l64 = [x.double().requires_grad_() for x in (q, k, v)]
+    h64 = None if H0 is None else H0.double().requires_grad_()
+    r, rs = by_document(lambda a, b, c, h: ref.residual_linear_attention(
+        a, b, c, window_size=w, feature_map=fm, initial_state=h, return_final_state=True),
+        *l64, h64)
+    leaves = l64 + ([h64] if h64 is not None else [])
+    want = torch.autograd.grad((r * go.double()).sum() + (rs * gfs.double()).sum(), leaves)
+    lp = [x.detach().requires_grad_() for x in (q, k, v)]
+    po, ps = by_document(lambda a, b, c, h: plain_rla(a, b, c, w, fm, h), *lp, H0)
+    plain = torch.autograd.grad((po.double() * go.double()).sum()
+                                + (ps.double() * gfs.double()).sum(), lp)
+    check("out", o, r, po)
+    check("final_state", fs, rs, ps)
+    for b in range(N):  # documents whose keys never leave the window: exactly zero
+        if rs[b].norm() == 0:
+            assert torch.equal(fs[b], torch.zeros_like(fs[b])), b
+    for name, x, rr, pp in zip(("dq", "dk", "dv"), (dq, dk, dv), want, plain):
+        assert x.dtype == dtype and x.shape == rr.shape
+        check(name, x, rr, pp)
     if H0 is not None:
         assert dh0.shape == H0.shape
         # phi(q)^T dO with both rounded to the input dtype for the MMA, fp32 accumulation

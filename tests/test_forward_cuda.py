@@ -113,3 +113,68 @@ def test_forward_cuda_torch_compile_and_no_grad():
     assert torch.equal(f(q, k, v), eager)
     with torch.no_grad():
         assert torch.equal(rattention_ext.forward(q, k, v, window_size=20, **kw), eager)
+
+
+# ---- packed batches (cu_seqlens) on CUDA ---------------------------------------------------
+# Long-tailed document mixes with an empty document, length 1, exactly w and w + 1, and
+# documents longer than a tile / chunk (64): each must come out as if it were alone
+# (per-document loop of the float64 reference): the forward output, the RLA final states
+# (residual_linear_attention), and every gradient of both.
+@pytest.mark.parametrize("lens,Hq,Hkv,D,w,rotary,h0", [
+    ([0, 1, 37, 38, 200, 513, 5], 8, 1, 128, 37, True, "batch"),
+    ([300, 64, 65, 0, 1, 17, 16], 2, 2, 64, 16, False, "broadcast"),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_packed_cuda_matches_document_loop(lens, Hq, Hkv, D, w, rotary, h0, dtype):
+    N, total = len(lens), sum(lens)
+    q, k, v, kw = make_inputs(1, total, Hq, Hkv, D, dtype, seed=total, rotary=rotary)
+    q, k, v = q[0], k[0], v[0]  # [total, H, D]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    kw["initial_state"] = 0.1 * torch.randn(N if h0 == "batch" else 1, Hq, 2 * D, D,
+                                            device="cuda", generator=g)
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(N)], dtype=torch.int32,
+                      device="cuda")
+    leaves = [t.detach().requires_grad_(True) for t in
+              (q, k, v, kw["initial_state"], kw["swa_norm_weight"], kw["rla_norm_weight"])]
+    kw_in = dict(kw, initial_state=leaves[3], swa_norm_weight=leaves[4],
+                 rla_norm_weight=leaves[5])
+    out = rattention_ext.forward(*leaves[:3], window_size=w, cu_seqlens=cu, **kw_in)
+    _, states = rattention_ext.residual_linear_attention(
+        *leaves[:3], window_size=w, initial_state=leaves[3], return_final_state=True,
+        cu_seqlens=cu)
+    assert out.shape == q.shape and out.dtype == dtype and states.shape == (N, Hkv, 2 * D, D)
+
+    l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    d64 = {n: t.detach().double() for n, t in kw.items()}
+    outs, sts, plains = [], [], []
+    c = cu.tolist()
+    for b in range(N):
+        sl = slice(c[b], c[b + 1])
+        if sl.stop == sl.start:
+            sts.append(torch.zeros(1, Hkv, 2 * D, D, dtype=torch.float64, device="cuda"))
+            continue
+        h = l64[3][b:b + 1] if h0 == "batch" else l64[3]
+        d64.update(initial_state=h, swa_norm_weight=l64[4], rla_norm_weight=l64[5])
+        qb, kb, vb = (x[sl][None] for x in l64[:3])
+        outs.append(ref.forward(qb, kb, vb, window_size=w, **d64)[0])
+        sts.append(ref.residual_linear_attention(qb, kb, vb, window_size=w, initial_state=h,
+                                                 return_final_state=True)[1])
+        kw_b = {n: t.detach() for n, t in kw.items()}
+        if h0 == "batch":
+            kw_b["initial_state"] = kw_b["initial_state"][b:b + 1]
+        plains.append(plain(q[sl][None], k[sl][None], v[sl][None], w, kw_b)[0])
+    exact, exact_states = torch.cat(outs, 0), torch.cat(sts, 0)
+    e, eb = rel_err(out, exact), rel_err(torch.cat(plains, 0), exact)
+    assert e <= 2 * eb + FLOOR, f"forward rel err {e:.3e} > 2 x plain {eb:.3e} + {FLOOR}"
+    # float32 sums of bf16/fp16 phi(k) v^T products
+    assert rel_err(states, exact_states) < 1e-2
+
+    go, gs = torch.randn_like(out), torch.randn_like(states)
+    got = torch.autograd.grad((out.double() * go.double()).sum()
+                              + (states.double() * gs.double()).sum(), leaves)
+    want = torch.autograd.grad((exact * go.double()).sum() + (exact_states * gs.double()).sum(),
+                               l64)
+    # as in test_forward_backward_cuda: float32-accumulating kernels against float64
+    for name, a, b in zip(["q", "k", "v", "h0", "g_swa", "g_rla"], got, want):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < 3e-2, f"grad {name}: {rel_err(a, b):.3e}"

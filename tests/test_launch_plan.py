@@ -109,6 +109,13 @@ def test_emulated_packed_launches_are_the_plans(emu):
     plan = lambda op: [(tuple(r["grid"]), r["threads"], r["smem_bytes"])  # noqa: E731
                        for r in emu.plan_rows(op, 1, total, Hq, Hkv, D, w, name, 4,
                                               packed_seqs=N)]
+    o_rla, _, ckpt = emu.rla_fwd(q, k, v, w, "softmax", None, 1, cu_seqlens=cu)
+    plan1 = lambda op: [(tuple(r["grid"]), r["threads"], r["smem_bytes"])  # noqa: E731
+                        for r in emu.plan_rows(op, 1, total, Hq, Hkv, D, w, name, 1,
+                                               packed_seqs=N)]
+    assert launched(emu) == plan1("rla_fwd")
+    emu.rla_bwd(go, None, q, k, v, None, ckpt, w, "softmax", 1, cu_seqlens=cu)
+    assert launched(emu) == plan1("rla_bwd")
     o, lse = emu.swa_fwd(q, k, v, w, D ** -0.5, None, None, cu_seqlens=cu)
     assert launched(emu) == plan("swa_fwd")
     emu.swa_mix_fwd(q, k, v, w, D ** -0.5, None, None, o_rla, ga, gb, 1e-6, dtype, True,

@@ -11,6 +11,7 @@ template <class Tr>
 cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {
   const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
   const int64_t D = p.dims.head_dim;
+  const int64_t tokens = p.packed() ? T : B * T;  // rows of q / k (packed: all documents)
   const RlaBwdPlan plan = rla_bwd_plan<Tr>(p);
   float* wsQ = workspace + plan.ws_q;
   float* wsK = workspace + plan.ws_k;
@@ -19,7 +20,7 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t
   // 0), dH0 (accumulated in place).
   if ((err = cudaMemsetAsync(workspace, 0, plan.workspace_bytes, stream)) != cudaSuccess)
     return err;
-  if ((err = cudaMemsetAsync(p.grad_v, 0, sizeof(typename Tr::Element) * B * T * Hkv * D, stream)) != cudaSuccess)
+  if ((err = cudaMemsetAsync(p.grad_v, 0, sizeof(typename Tr::Element) * tokens * Hkv * D, stream)) != cudaSuccess)
     return err;
   if (p.grad_initial_state != nullptr &&
       (err = cudaMemsetAsync(p.grad_initial_state, 0, sizeof(float) * B * Hq * 2 * D * D, stream)) != cudaSuccess)

@@ -5,6 +5,8 @@
 //   dphi(k_s) = R_s v_s,  dv_s = R_s^T phi(k_s),   dH0_h = sum_t phi(q_t) dO_t^T
 //   R_s = grad_final + sum over the group's heads and queries t >= s + w + 1 of phi(q_t) dO_t^T
 //
+// Packed batches: the dq grid runs over the checkpoint slots (D/BV, Hkv, slots) as the
+// forward does, dk/dv over (D/BV, N*Hkv); workspaces and gradients are row-indexed.
 // 1. rla_bwd_dq_kernel, grid (D/BV, B*Hkv, n_checkpoints): forward direction. A CTA starts
 //    from its checkpoint (this is what the checkpoints are for: segments run in parallel)
 //    and per chunk and head adds the column slice's share of dphi(q) into the fp32
@@ -65,22 +67,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   (void)sPhiKt_B;
 
   const int tid = threadIdx.x;
-  const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv, T = p.dims.seqlen;
-  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv;
+  const RlaSegmentCta seg = rla_segment_cta<C>(p);
+  if (p.packed()) RATT_COVER_ANY("packed");
+  if (!seg.valid) {
+    RATT_COVER_ANY("packed_idle_slot");
+    return;  // a checkpoint slot past the document's last segment (the whole CTA leaves)
+  }
+  const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t n_chunks = seg.n_chunks;
   const int64_t every = p.checkpoint_every;
-  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
-  const int64_t ck = blockIdx.z;
+  const int64_t ck = seg.z;
   const int64_t c_begin = ck * every, c_end = imin(n_chunks, c_begin + every);
 
-  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
   const float* gdO = static_cast<const float*>(p.grad_out);
   const float* gH0 = static_cast<const float*>(p.initial_state);
   const float* gCkpt =
-      static_cast<const float*>(p.checkpoints) + ((b * Hkv + hk) * n_ckpt + ck) * F * D + col0;
+      static_cast<const float*>(p.checkpoints) + p.ckpt_index(b, hk, ck) * F * D + col0;
 
   for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
 
@@ -115,8 +122,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
-      load_do_tile<Tr>(gdO + b * p.grad_out_stride.b + t0 * p.grad_out_stride.t +
-                           h * p.grad_out_stride.h + col0,
+      load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
                        p.grad_out_stride.t, rows, sdO_ptr);
       __syncthreads();
       if (has_keys) {
@@ -132,7 +138,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         // rows of its sP phi(k) MMAs); what it orders is lanes of one warp (a __syncwarp would do).
         __syncthreads();
       }
-      float* ws = wsQ + ((b * T + t0) * Hq + h) * F;  // row i at + i * Hq * F
+      float* ws = wsQ + (p.q_row(b, t0) * Hq + h) * F;  // row i at + i * Hq * F
       const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
       CUTE_UNROLL
       for (int m = 0; m < F / C; ++m) {
@@ -201,17 +207,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor sPt = make_tensor(make_smem_ptr(sP_ptr), row_major_padded_t<C, C, Tr::kPStride>());     // (C keys, C q)
 
   const int tid = threadIdx.x;
-  const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv, T = p.dims.seqlen;
+  const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv;
+  // Packed: y = document * Hkv + kv head as well (documents are whole sequences here).
   const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int64_t T = p.seqlen_q(b);
+  if (p.packed()) RATT_COVER_ANY("packed");
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
   const int64_t n_chunks = ceil_div(T, C);
-  const int64_t B = p.dims.batch;
+  // token rows of the q/k-shaped workspaces and gradients (packed: all documents)
+  const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;
   const int64_t dk_slot = (G == 1) ? 0 : blockIdx.x;  // see rla_dk_slots (rla_launch.h)
 
   const Element* gQ = static_cast<const Element*>(p.q);
-  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
   const float* gdO = static_cast<const float*>(p.grad_out);
   const float* gdFinal = static_cast<const float*>(p.grad_final_state);
   float* gdH0 = static_cast<float*>(p.grad_initial_state);  // [B, Hq, 2D, D], zeroed by the launcher
@@ -280,10 +290,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       phi_tile_to_smem<Tr>(p.feature_map,
-                           gQ + b * p.q_stride.b + t0 * p.q_stride.t + h * p.q_stride.h,
+                           gQ + p.q_offset(p.q_stride, b, t0, h),
                            p.q_stride.t, [&](int i) { return i < rows; }, sPhiQ_ptr);
-      load_do_tile<Tr>(gdO + b * p.grad_out_stride.b + t0 * p.grad_out_stride.t +
-                           h * p.grad_out_stride.h + col0,
+      load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
                        p.grad_out_stride.t, rows, sdO_ptr);
       __syncthreads();
       if (has_keys) {
@@ -296,7 +305,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
         __syncthreads();
         // dphi(k)[:, tile m] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
-        float* ws = wsK + (((dk_slot * B + b) * T + s_base) * Hkv + hk) * D2;  // key j: + j * Hkv * 2D
+        float* ws = wsK + ((dk_slot * tokens + p.k_row(b, s_base)) * Hkv + hk) * D2;  // key j: + j * Hkv * 2D
 #pragma unroll 1  // feature tiles one at a time: acc_dv stays live across the head loop
         for (int m = 0; m < F / C; ++m) {
           Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
@@ -355,7 +364,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       __syncthreads();  // sPhiQ, sdO free for the next head
     }
     if (has_keys) {
-      Element* dv = gdV + ((b * T + s_base) * Hkv + hk) * D + col0;
+      Element* dv = gdV + (p.k_row(b, s_base) * Hkv + hk) * D + col0;
       CUTE_UNROLL
       for (int i = 0; i < size(acc_dv); ++i) {
         const int j = get<0>(tVcV(i));
@@ -376,7 +385,9 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
   constexpr int D = Tr::kHeadDim, E = D / 32;
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
-  const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
+  // Packed: the rows of all documents as one sequence (the feature map is per row).
+  const int64_t B = p.packed() ? 1 : p.dims.batch;
+  const int64_t T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
   const int64_t G = Hq / Hkv;
   const int64_t n_q = B * T * Hq, n_k = B * T * Hkv;
   if (row >= n_q + n_k) return;

@@ -17,6 +17,12 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
   }
   const RlaFwdPlan plan = rla_fwd_plan<Tr>(p);
   cudaError_t err;
+  // Packed: an empty document has no segment to write its final state; it is zero.
+  if (p.packed() &&
+      (err = cudaMemsetAsync(p.final_state, 0,
+                             sizeof(float) * bh * 2 * p.dims.head_dim * p.dims.head_dim,
+                             stream)) != cudaSuccess)
+    return err;
   // 1. local state sum per segment
   auto state = &rla_fwd_state_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -2,6 +2,8 @@
 //
 // Three passes, so the sequence is split across CTAs too (segments of checkpoint_every
 // chunks; this is what makes small B * Hkv fill the GPU at long T):
+// Packed batches: grid (D/BV, Hkv, checkpoint slots), a document's segments at its slots
+// (RlaCommonParams::ckpt_slot0, rla_segment_cta); every document starts from zero / its H0.
 //   1. rla_fwd_state_kernel, grid (D/BV, B*Hkv, n_ckpt): the local state sum of each segment
 //      (sum of phi(k)^T v over its chunks) into checkpoint slot z + 1 (last: final_state);
 //   2. rla_fwd_prefix_reduce_kernel: prefix sum over the segments in place -> checkpoints hold the
@@ -68,23 +70,28 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   Tensor sP = make_tensor(make_smem_ptr(sP_ptr), row_major_padded<C, C, Tr::kPStride>());  // (C, C keys)
 
   const int tid = threadIdx.x;
-  const int64_t Hkv = p.dims.heads_kv, G = p.dims.heads_q / p.dims.heads_kv, T = p.dims.seqlen;
-  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int64_t Hkv = p.dims.heads_kv, G = p.dims.heads_q / p.dims.heads_kv;
+  const RlaSegmentCta seg = rla_segment_cta<C>(p);
+  if (p.packed()) RATT_COVER_ANY("packed");
+  if (!seg.valid) {
+    RATT_COVER_ANY("packed_idle_slot");
+    return;  // a checkpoint slot past the document's last segment (the whole CTA leaves)
+  }
+  const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t n_chunks = seg.n_chunks;
   const int64_t every = p.checkpoint_every;
-  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
-  const int64_t z = blockIdx.z;  // segment: chunks [z * every, min(n_chunks, (z + 1) * every))
+  const int64_t z = seg.z;  // segment: chunks [z * every, min(n_chunks, (z + 1) * every))
   const int64_t c_end = imin(n_chunks, (z + 1) * every);
 
   const Element* gQ = static_cast<const Element*>(p.q);
-  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
+  const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
   float* gOut = static_cast<float*>(p.out);
   const float* gH0 = static_cast<const float*>(p.initial_state);
   const float* gCkpt =
-      static_cast<const float*>(p.checkpoints) + ((b * Hkv + hk) * n_ckpt + z) * F * D + col0;
+      static_cast<const float*>(p.checkpoints) + p.ckpt_index(b, hk, z) * F * D + col0;
 
   // S = the state at the segment start (written by passes 1 and 2).
   for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
@@ -120,8 +127,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
       auto row_valid = [&](int i) { return i < rows; };
-      phi_tile_to_smem<Tr>(p.feature_map, gQ + b * p.q_stride.b + t0 * p.q_stride.t + h * p.q_stride.h,
-                           p.q_stride.t, row_valid, sPhiQ_ptr);
+      phi_tile_to_smem<Tr>(p.feature_map, gQ + p.q_offset(p.q_stride, b, t0, h), p.q_stride.t,
+                           row_valid, sPhiQ_ptr);
       __syncthreads();  // sPhiQ (and sPhiK, sV for g == 0) complete
 
       Tensor acc_o = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (MMA, MMA_M, MMA_N)
@@ -156,7 +163,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
                                                make_stride(_1{}, Int<D>{})));  // (BV, 2D)
         gemm_s_state_split(mma, acc_o, sPhiQ, sS_B, gH0_B, has_h0);
       }
-      float* o = gOut + b * p.out_stride.b + t0 * p.out_stride.t + h * p.out_stride.h + col0;
+      float* o = gOut + p.q_offset(p.out_stride, b, t0, h) + col0;
       CUTE_UNROLL
       for (int i = 0; i < size(acc_o); ++i) {
         const int r = get<0>(tOcO(i));
@@ -189,18 +196,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
   Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());        // (BV, C keys)
 
   const int tid = threadIdx.x;
-  const int64_t Hkv = p.dims.heads_kv, T = p.dims.seqlen;
-  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const int64_t Hkv = p.dims.heads_kv;
+  const RlaSegmentCta seg = rla_segment_cta<C>(p);
+  if (p.packed()) RATT_COVER_ANY("packed");
+  if (!seg.valid) {
+    RATT_COVER_ANY("packed_idle_slot");
+    return;  // a checkpoint slot past the document's last segment (the whole CTA leaves)
+  }
+  const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t n_chunks = seg.n_chunks;
   const int64_t every = p.checkpoint_every;
-  const int64_t n_ckpt = rla_num_checkpoints(n_chunks, every);
-  const int64_t z = blockIdx.z;
+  const int64_t n_ckpt = seg.n_ckpt;
+  const int64_t z = seg.z;
   const int64_t c_end = imin(n_chunks, (z + 1) * every);
-  const Element* gK = static_cast<const Element*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const Element* gV = static_cast<const Element*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + col0;
-  float* gCkpt = static_cast<float*>(p.checkpoints) + (b * Hkv + hk) * n_ckpt * F * D + col0;
+  const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
+  const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
+  float* gCkpt = static_cast<float*>(p.checkpoints) + p.ckpt_index(b, hk, 0) * F * D + col0;
   float* gDst = z + 1 < n_ckpt ? gCkpt + (z + 1) * F * D
                                : static_cast<float*>(p.final_state) + (b * Hkv + hk) * F * D + col0;
 
@@ -234,15 +247,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
 }
 
 // Pass 2: in place, per state element: ckpt[z] = sum_{y < z} local[y] (slot 0 is zero),
-// final = ckpt[n-1] + local[n-1]. Fixed order, deterministic.
+// final = ckpt[n-1] + local[n-1]. Fixed order, deterministic. An empty document has no
+// segment; its final state is the zero the launcher wrote.
 static __global__ void __launch_bounds__(256) rla_fwd_prefix_reduce_kernel(const RlaFwdParams p) {
   const int64_t D = p.dims.head_dim, F = 2 * D;
   const int64_t per_head = F * D;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.dims.batch * p.dims.heads_kv * per_head) return;
   const int64_t bh = i / per_head, e = i % per_head;
-  const int64_t n_ckpt = rla_num_checkpoints(ceil_div(p.dims.seqlen, p.chunk_size), p.checkpoint_every);
-  float* ck = static_cast<float*>(p.checkpoints) + bh * n_ckpt * per_head + e;
+  const int64_t b = bh / p.dims.heads_kv, hk = bh % p.dims.heads_kv;
+  const int64_t n_ckpt =
+      rla_num_checkpoints(ceil_div(p.seqlen_q(b), p.chunk_size), p.checkpoint_every);
+  if (n_ckpt == 0) {
+    RATT_COVER_ANY("packed_empty_document");
+    return;
+  }
+  float* ck = static_cast<float*>(p.checkpoints) + p.ckpt_index(b, hk, 0) * per_head + e;
   if (n_ckpt > 1) {
     RATT_COVER_ANY("several_segments");
   } else {

@@ -14,7 +14,9 @@ constexpr int kRlaRowsPerPostprocessCta = 8;  // rla_bwd_phi_postprocess_kernel:
 
 // Forward. The sequence is cut into segments of checkpoint_every chunks, one CTA per
 // (value slice, b * kv head, segment) in passes 1 and 3; pass 2 is a thread per state element
-// walking the segments in order.
+// walking the segments in order. Packed: one CTA per (value slice, kv head, checkpoint slot),
+// a document's segments being its slots (RlaCommonParams::ckpt_slot0); the plan reads only
+// the sizes (total rows, N), and its serial_steps bound a document by one as long as all rows.
 struct RlaFwdPlan {
   KernelLaunch state, prefix, fwd;  // rla_fwd_state_kernel, ..._prefix_reduce_kernel, rla_fwd_kernel
   int64_t n_checkpoints = 0;
@@ -35,7 +37,8 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p) {
   RlaFwdPlan plan;
   plan.n_checkpoints = rla_num_checkpoints(n_chunks, p.checkpoint_every);
   const int64_t segment_chunks = imin(p.checkpoint_every, n_chunks);
-  const GridDims grid{Tr::kNVBlocks, bh, plan.n_checkpoints};
+  const GridDims grid = p.packed() ? GridDims{Tr::kNVBlocks, d.heads_kv, p.ckpt_slots()}
+                                   : GridDims{Tr::kNVBlocks, bh, plan.n_checkpoints};
   plan.state = make_launch("rla_fwd_state_kernel", grid, Tr::kNThreads, Tr::kSmemState, segment_chunks);
   plan.prefix = make_launch("rla_fwd_prefix_reduce_kernel",
                             {ceil_div(bh * 2 * D * D, kRlaElementwiseThreads)},
@@ -46,7 +49,8 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p) {
 
 // Backward. dq restarts every segment from its checkpoint; dk/dv walks all chunks in reverse
 // with the suffix state. The fp32 workspace (zeroed by the launcher) holds
-// wsQ [B, T, Hq, 2D] (dphi(q)) then wsK [rla_dk_slots, B, T, Hkv, 2D] (dphi(k)).
+// wsQ [B, T, Hq, 2D] (dphi(q)) then wsK [rla_dk_slots, B, T, Hkv, 2D] (dphi(k)); packed,
+// [total, ...] for [B, T, ...], and dq runs over the checkpoint slots like the forward.
 struct RlaBwdPlan {
   KernelLaunch dq, dkv, postprocess;  // rla_bwd_dq_kernel, rla_bwd_dkv_kernel, ..._phi_postprocess_kernel
   int64_t ws_q = 0, ws_k = 0;         // offsets in floats
@@ -69,17 +73,20 @@ RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p) {
   const int64_t bh = B * Hkv;
   const int64_t n_chunks = ceil_div(T, Tr::kChunk);
   const int64_t n_ckpt = rla_num_checkpoints(n_chunks, p.checkpoint_every);
+  const int64_t tokens = p.packed() ? T : B * T;
   RlaBwdPlan plan;
-  const int64_t row = B * T * 2 * D;  // floats of one head's [B, T, 2D]
+  const int64_t row = tokens * 2 * D;  // floats of one head's [B, T, 2D]
   plan.ws_q = 0;
   plan.ws_k = row * Hq;
   plan.workspace_floats = plan.ws_k + rla_dk_slots(d.group(), D) * row * Hkv;
   plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
-  plan.dq = make_launch("rla_bwd_dq_kernel", {Tr::kNVBlocks, bh, n_ckpt}, Tr::kNThreads, Sm::kDq,
+  const GridDims dq_grid = p.packed() ? GridDims{Tr::kNVBlocks, Hkv, p.ckpt_slots()}
+                                      : GridDims{Tr::kNVBlocks, bh, n_ckpt};
+  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads, Sm::kDq,
                         imin(p.checkpoint_every, n_chunks));
   plan.dkv = make_launch("rla_bwd_dkv_kernel", {Tr::kNVBlocks, bh}, Tr::kNThreads, Sm::kDkv, n_chunks);
   plan.postprocess = make_launch("rla_bwd_phi_postprocess_kernel",
-                                 {ceil_div(B * T * (Hq + Hkv), kRlaRowsPerPostprocessCta)},
+                                 {ceil_div(tokens * (Hq + Hkv), kRlaRowsPerPostprocessCta)},
                                  kRlaElementwiseThreads, 0, 1);
   return plan;
 }

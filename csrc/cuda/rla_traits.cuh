@@ -314,4 +314,34 @@ __device__ __forceinline__ void load_v_tile(const typename Tr::Element* gV, int6
   }
 }
 
+// The (sequence, kv head, segment) of a CTA of the segment grids (rla_fwd_state_kernel,
+// rla_fwd_kernel, rla_bwd_dq_kernel). Dense: grid y = b * Hkv + kv head, z = segment.
+// Packed: y = kv head, z = a checkpoint slot (RlaCommonParams::ckpt_slot0: a document's
+// segments are its slots); a slot past the document's last segment has no work (!valid).
+struct RlaSegmentCta {
+  int64_t b, hk, z;  // sequence, kv head, segment inside the sequence
+  int64_t T;         // rows of the sequence
+  int64_t n_chunks, n_ckpt;
+  bool valid;
+};
+template <int kChunk>
+__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p) {
+  const int64_t Hkv = p.dims.heads_kv;
+  RlaSegmentCta s;
+  if (p.packed()) {
+    s.b = p.seq_of_tile_slot(blockIdx.z, kChunk * p.checkpoint_every);
+    s.hk = blockIdx.y;
+    s.z = blockIdx.z - p.ckpt_slot0(s.b);
+  } else {
+    s.b = blockIdx.y / Hkv;
+    s.hk = blockIdx.y % Hkv;
+    s.z = blockIdx.z;
+  }
+  s.T = p.seqlen_q(s.b);
+  s.n_chunks = ceil_div(s.T, kChunk);
+  s.n_ckpt = rla_num_checkpoints(s.n_chunks, p.checkpoint_every);
+  s.valid = s.z < s.n_ckpt;
+  return s;
+}
+
 }  // namespace rattention::cuda
