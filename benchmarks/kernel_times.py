@@ -11,23 +11,25 @@ fallback instead.
 """
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 import rattention_ext  # noqa: F401  (registers the ops)
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.timing import time_cpu  # noqa: E402
+
 ops = torch.ops.rattention_ext
 
 
 def best_ms(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return round(1e3 * min(ts), 3)
+    """Minimum of `reps` timed calls after one warm-up, in ms."""
+    t = time_cpu(lambda _: fn(), warmup=1, min_reps=reps, max_reps=reps, budget_s=0.0)
+    return round(1e3 * t["min_s"], 3)
 
 
 def main():

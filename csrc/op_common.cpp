@@ -95,14 +95,11 @@ void check_norm_eps(double eps) {
                     "in as zero), got ", eps);
 }
 
-QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  bool cuda_backend) {
-  check_float_tensor(q, "q");
-  check_float_tensor(k, "k");
-  check_float_tensor(v, "v");
-  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, T, Hq, D], got shape ", shape_str(q));
-  TORCH_CHECK_VALUE(k.dim() == 4, "k must be 4-D [B, T, Hkv, D], got shape ", shape_str(k));
-  TORCH_CHECK_VALUE(v.dim() == 4, "v must be 4-D [B, T, Hkv, D], got shape ", shape_str(v));
+namespace {
+// q, k, v: same device and dtype, a dtype the backend's kernels take, k and v of one shape.
+// Returns the dtype.
+at::ScalarType check_qkv_dtypes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                bool cuda_backend) {
   check_same_device(k, q, "k");
   check_same_device(v, q, "v");
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (",
@@ -120,11 +117,11 @@ QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "v must have the shape of k ", shape_str(k), ", got ",
                     shape_str(v));
-  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == B, "k must have batch size ", B, " (from q), got ", k.size(0));
-  TORCH_CHECK_VALUE(k.size(1) == T, "k must have sequence length ", T, " (from q), got ",
-                    k.size(1));
-  TORCH_CHECK_VALUE(k.size(3) == D, "k must have head dim ", D, " (from q), got ", k.size(3));
+  return dt;
+}
+
+// Head counts (GQA) and the head dim the kernels take.
+void check_heads(int64_t Hq, int64_t Hkv, int64_t D, bool cuda_backend) {
   TORCH_CHECK_VALUE((Hkv >= 1 && Hq % Hkv == 0) || (Hkv == 0 && Hq == 0), "q heads (", Hq,
                     ") must be a multiple of k/v heads (", Hkv, ")");
   TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
@@ -133,6 +130,24 @@ QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK_VALUE(D == 64 || D == 128, "q: the CUDA kernels support head dim 64 and 128, got ",
                       D);
   }
+}
+}  // namespace
+
+QkvInfo check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  bool cuda_backend) {
+  check_float_tensor(q, "q");
+  check_float_tensor(k, "k");
+  check_float_tensor(v, "v");
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, T, Hq, D], got shape ", shape_str(q));
+  TORCH_CHECK_VALUE(k.dim() == 4, "k must be 4-D [B, T, Hkv, D], got shape ", shape_str(k));
+  TORCH_CHECK_VALUE(v.dim() == 4, "v must be 4-D [B, T, Hkv, D], got shape ", shape_str(v));
+  const auto dt = check_qkv_dtypes(q, k, v, cuda_backend);
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B, "k must have batch size ", B, " (from q), got ", k.size(0));
+  TORCH_CHECK_VALUE(k.size(1) == T, "k must have sequence length ", T, " (from q), got ",
+                    k.size(1));
+  TORCH_CHECK_VALUE(k.size(3) == D, "k must have head dim ", D, " (from q), got ", k.size(3));
+  check_heads(Hq, Hkv, D, cuda_backend);
   return QkvInfo{AttnDims{B, T, Hq, Hkv, D, T}, dt};
 }
 
@@ -229,23 +244,7 @@ QkvPrepared prepare_qkv(const at::Tensor& q_in, const at::Tensor& k_in, const at
     TORCH_CHECK_VALUE(v_in.dim() == 4, "v must be 4-D [B, T_k, Hkv, D], got shape ",
                       shape_str(v_in));
   }
-  check_same_device(k_in, q_in, "k");
-  check_same_device(v_in, q_in, "v");
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), "k must have the dtype of q (",
-              q_in.scalar_type(), "), got ", k_in.scalar_type());
-  TORCH_CHECK(v_in.scalar_type() == q_in.scalar_type(), "v must have the dtype of q (",
-              q_in.scalar_type(), "), got ", v_in.scalar_type());
-  const auto dt = q_in.scalar_type();
-  if (cuda_backend) {
-    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf,
-                "q: the CUDA kernels support bfloat16 and float16, got ", dt,
-                " (use the CPU backend or the reference for float32/float64)");
-  } else {
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
-                "q: the CPU kernels support float32, float64 and bfloat16, got ", dt);
-  }
-  TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "v must have the shape of k ", shape_str(k_in),
-                    ", got ", shape_str(v_in));
+  const auto dt = check_qkv_dtypes(q_in, k_in, v_in, cuda_backend);
   const int64_t o = packed ? 0 : 1;  // offset of the row dim
   const int64_t T = q_in.size(o), Tk = k_in.size(o), Hq = q_in.size(o + 1),
                 D = q_in.size(o + 2), Hkv = k_in.size(o + 1);
@@ -262,13 +261,8 @@ QkvPrepared prepare_qkv(const at::Tensor& q_in, const at::Tensor& k_in, const at
   }
   TORCH_CHECK_VALUE(k_in.size(o + 2) == D, "k must have head dim ", D, " (from q), got ",
                     k_in.size(o + 2));
-  TORCH_CHECK_VALUE((Hkv >= 1 && Hq % Hkv == 0) || (Hkv == 0 && Hq == 0), "q heads (", Hq,
-                    ") must be a multiple of k/v heads (", Hkv, ")");
-  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0 && D <= 256, "head dim must be even and in [2, 256], got ",
-                    D);
+  check_heads(Hq, Hkv, D, cuda_backend);
   if (cuda_backend) {
-    TORCH_CHECK_VALUE(D == 64 || D == 128, "q: the CUDA kernels support head dim 64 and 128, got ",
-                      D);
     TORCH_CHECK_NOT_IMPLEMENTED(Tk == T, "k: a halo (k/v with more rows than q) is not "
                                 "implemented in the CUDA kernels yet (use the CPU backend)");
   }

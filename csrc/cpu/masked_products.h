@@ -40,16 +40,22 @@ struct ColumnRange {
 };
 
 namespace masked_detail {
+struct Entry {
+  int64_t row, col;
+};
 // B [rows, D] (row stride ldb) with its non-finite entries set to 0, into a dense [rows, D]
-// scratch; returns whether any entry was non-finite.
+// scratch `buf`; the positions of those entries into `bad`.
 template <typename acc_t>
 inline const acc_t* finite_copy(const acc_t* B, int64_t rows, int64_t D, int64_t ldb,
-                                std::vector<acc_t>& buf) {
+                                std::vector<acc_t>& buf, std::vector<Entry>& bad) {
   buf.resize(static_cast<size_t>(rows * D));
+  bad.clear();
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t d = 0; d < D; ++d) {
       const acc_t x = B[i * ldb + d];
-      buf[i * D + d] = (x - x == acc_t(0)) ? x : acc_t(0);  // x - x is NaN for NaN and +-Inf
+      const bool finite = x - x == acc_t(0);  // x - x is NaN for NaN and +-Inf
+      buf[i * D + d] = finite ? x : acc_t(0);
+      if (!finite) bad.push_back({i, d});
     }
   return buf.data();
 }
@@ -67,15 +73,14 @@ inline void masked_gemm_nn(int64_t R, int64_t n, int64_t D, acc_t alpha, const a
                            int64_t lda, const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc,
                            Visible vis) {
   thread_local std::vector<acc_t> buf;
-  const acc_t* Bz = masked_detail::finite_copy(B, n, D, ldb, buf);
+  thread_local std::vector<masked_detail::Entry> bad;
+  const acc_t* Bz = masked_detail::finite_copy(B, n, D, ldb, buf, bad);
   gemm<acc_t>(false, false, R, D, n, alpha, A, lda, Bz, D, acc_t(1), C, ldc);
   for (int64_t r = 0; r < R; ++r) {
     const ColumnRange cr = vis(r);
-    for (int64_t j = cr.lo; j < cr.hi; ++j)
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t b = B[j * ldb + d];
-        if (!(b - b == acc_t(0))) C[r * ldc + d] += alpha * A[r * lda + j] * b;
-      }
+    for (const auto& e : bad)  // e.row is a key j of B
+      if (e.row >= cr.lo && e.row < cr.hi)
+        C[r * ldc + e.col] += alpha * A[r * lda + e.row] * B[e.row * ldb + e.col];
   }
 }
 
@@ -85,15 +90,13 @@ inline void masked_gemm_tn(int64_t R, int64_t n, int64_t D, acc_t alpha, const a
                            int64_t lda, const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc,
                            Visible vis) {
   thread_local std::vector<acc_t> buf;
-  const acc_t* Bz = masked_detail::finite_copy(B, R, D, ldb, buf);
+  thread_local std::vector<masked_detail::Entry> bad;
+  const acc_t* Bz = masked_detail::finite_copy(B, R, D, ldb, buf, bad);
   gemm<acc_t>(true, false, n, D, R, alpha, A, lda, Bz, D, acc_t(1), C, ldc);
-  for (int64_t r = 0; r < R; ++r) {
-    const ColumnRange cr = vis(r);
-    for (int64_t d = 0; d < D; ++d) {
-      const acc_t b = B[r * ldb + d];
-      if (b - b == acc_t(0)) continue;
-      for (int64_t j = cr.lo; j < cr.hi; ++j) C[j * ldc + d] += alpha * A[r * lda + j] * b;
-    }
+  for (const auto& e : bad) {  // e.row is a query row r of B
+    const ColumnRange cr = vis(e.row);
+    const acc_t b = B[e.row * ldb + e.col];
+    for (int64_t j = cr.lo; j < cr.hi; ++j) C[j * ldc + e.col] += alpha * A[e.row * lda + j] * b;
   }
 }
 

@@ -35,6 +35,16 @@ def _finite_positive(x) -> bool:
     return x > 0 and x < math.inf
 
 
+def _positive(what: str, name: str, x, why: str = ""):
+    """A real number (already type-checked) as a float in (0, inf); a traced SymFloat as is."""
+    if isinstance(x, torch.SymFloat):
+        return x
+    x = float(x)
+    if not _finite_positive(x):
+        raise ValueError(f"rattention_ext.{what}: {name} must be a finite number > 0{why}, got {x}")
+    return x
+
+
 def check_int(what: str, name: str, value, lo: int, hi: int = _INT64_MAX) -> int:
     """``value`` must be an int (not a bool, not a float) in ``[lo, hi]``."""
     if not _is_int(value):
@@ -65,13 +75,7 @@ def softmax_scale(what: str, scale, head_dim: int) -> float:
     if not _is_real(scale):
         raise TypeError(f"rattention_ext.{what}: softmax_scale must be a number (or None for "
                         f"1/sqrt(D)), got {type(scale).__name__} {scale!r}")
-    if isinstance(scale, torch.SymFloat):
-        return scale
-    scale = float(scale)
-    if not _finite_positive(scale):
-        raise ValueError(f"rattention_ext.{what}: softmax_scale must be a finite number > 0, "
-                         f"got {scale}")
-    return scale
+    return _positive(what, "softmax_scale", scale)
 
 
 def norm_eps(what: str, eps) -> float:
@@ -79,13 +83,8 @@ def norm_eps(what: str, eps) -> float:
     if isinstance(eps, Tensor) or not _is_real(eps):
         raise TypeError(f"rattention_ext.{what}: norm_eps must be a number, got "
                         f"{type(eps).__name__} {eps!r}")
-    if isinstance(eps, torch.SymFloat):
-        return eps
-    eps = float(eps)
-    if not _finite_positive(eps):
-        raise ValueError(f"rattention_ext.{what}: norm_eps must be a finite number > 0 (with 0 an "
-                         f"all-zero branch output would mix in as NaN), got {eps}")
-    return eps
+    return _positive(what, "norm_eps", eps, " (with 0 an all-zero branch output would mix in as "
+                     "NaN)")
 
 
 def feature_map(what: str, fm) -> str:
