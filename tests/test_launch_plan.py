@@ -182,7 +182,7 @@ def test_launch_json_schema(dump_rows, tmp_path):
     ctas = the grid's product, waves from ctas_per_sm, and a clear problem for a kernel the
     report lacks."""
     names = {"swa_fwd_kernel": "swa_fwd_kernel<SwaTraits<bf16,128>>",
-             "decode_step_kernel": "decode_impl::decode_step_kernel<bf16,128>"}
+             "decode_split_kernel": "decode_impl::decode_split_kernel<bf16,128>"}
     # one bf16 and one fp16 instantiation per kernel (a name twice would be ambiguous)
     report, seen = [], set()
     for r in dump_rows:
