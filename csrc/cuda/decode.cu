@@ -9,8 +9,9 @@
 //      that old row (k whole for phi(k), v at its own state columns). No split writes the
 //      ring: the new k, v enter it in the combine kernel, after every split has read it;
 //   2. SWA partial over the split's range of window positions (the newest, p, read from the
-//      new k, v): key tiles of 32 brought in by cp.async (keys and values as separate
-//      groups, so the values land while the keys are rotated), rotary applied once per tile
+//      new k, v): key tiles of 32 brought in by cp.async in two stages (tile i + 1 in
+//      flight while tile i is used; keys and values as separate groups, so the values land
+//      while the keys are rotated), rotary applied once per tile
 //      into fp32, then one warp per query head scores the tile (a lane per key), updates its
 //      running max / sum and accumulates P V. The unnormalised o, max and sum of each of the
 //      G query heads go to the workspace;
@@ -40,6 +41,9 @@
 namespace rattention::cuda {
 // Named (not anonymous) so the kernel names stay readable in tools/cuda_check.py.
 namespace decode_impl {
+
+using cute::cp_async_fence;  // unqualified, as tools/emu/mutants.py finds the waits
+using cute::cp_async_wait;
 
 __device__ __forceinline__ float dec_warp_sum(float x) {
 #pragma unroll
@@ -243,36 +247,51 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const bool async16 = aligned16(kc) && aligned16(vc) && aligned16(gK) && aligned16(gV);
   if (!async16) RATT_COVER_ANY("unaligned_rows");
   if (k0 >= k1 && !bad) RATT_COVER_ANY("empty_split");
-  for (int64_t t0 = k0; !bad && t0 < k1; t0 += KT) {
+  // Two stages: tile i sits in buffer i % 2, and tile i + 1's copies are in flight while tile
+  // i is used. Every iteration commits two groups (keys, values; empty past the last tile),
+  // so the waits count the same groups on every thread and iteration.
+  const int64_t ntiles = bad ? 0 : ceil_div(imax(0, k1 - k0), KT);
+  constexpr int kTileElems = KT * D;
+  auto issue = [&](int64_t i) {
+    const int64_t t0 = k0 + i * KT;
+    const int nk = i < ntiles ? static_cast<int>(imin(KT, k1 - t0)) : 0;
+    load_tile<Element, D>(sKt + (i % 2) * kTileElems, kc_head, gK, t0, nk, pos, row0, W1, Hkv, async16);
+    cp_async_fence();
+    load_tile<Element, D>(sVt + (i % 2) * kTileElems, vc_head, gV, t0, nk, pos, row0, W1, Hkv, async16);
+    cp_async_fence();
+  };
+  if (ntiles > 0) issue(0);
+  for (int64_t i = 0; i < ntiles; ++i) {
     RATT_COVER("key_tile");
+    if (i + 1 < ntiles) RATT_COVER_ANY("prefetched_tile");
+    const int64_t t0 = k0 + i * KT;
     const int nk = static_cast<int>(imin(KT, k1 - t0));
-    load_tile<Element, D>(sKt, kc_head, gK, t0, nk, pos, row0, W1, Hkv, async16);
-    cute::cp_async_fence();
-    load_tile<Element, D>(sVt, vc_head, gV, t0, nk, pos, row0, W1, Hkv, async16);
-    cute::cp_async_fence();
-    cute::cp_async_wait<1>();  // this thread's key copies landed (values may be in flight)
-    __syncthreads();           // every key copy (and the rotated sQ) visible
+    const Element* kt = sKt + (i % 2) * kTileElems;
+    const Element* vt = sVt + (i % 2) * kTileElems;
+    issue(i + 1);
+    cp_async_wait<3>();  // this thread's copies of keys i landed (values i, tile i + 1 in flight)
+    __syncthreads();           // every key copy of tile i (and the rotated sQ) visible
     // rotary once per tile, into fp32: item = 4 rotary pairs (i, i + D/2) of one row
     constexpr int d2 = D / 2, kQuads = d2 / 4;
     for (int it = tid; it < nk * kQuads; it += kDecodeThreads) {
-      const int r = it / kQuads, i = (it % kQuads) * 4;
+      const int r = it / kQuads, j = (it % kQuads) * 4;
       const int64_t s = t0 + r;
       float* kf = sKf + r * KF;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float x1 = float(sKt[r * D + i + e]), x2 = float(sKt[r * D + d2 + i + e]);
+        const float x1 = float(kt[r * D + j + e]), x2 = float(kt[r * D + d2 + j + e]);
         if (gCos != nullptr) {
-          const float c = gCos[s * d2 + i + e], sn = gSin[s * d2 + i + e];
-          kf[i + e] = x1 * c - x2 * sn;
-          kf[d2 + i + e] = x2 * c + x1 * sn;
+          const float c = gCos[s * d2 + j + e], sn = gSin[s * d2 + j + e];
+          kf[j + e] = x1 * c - x2 * sn;
+          kf[d2 + j + e] = x2 * c + x1 * sn;
         } else {
-          kf[i + e] = x1;
-          kf[d2 + i + e] = x2;
+          kf[j + e] = x1;
+          kf[d2 + j + e] = x2;
         }
       }
     }
-    cute::cp_async_wait<0>();  // this thread's value copies landed
-    __syncthreads();           // sKf and every value copy visible to the head warps
+    cp_async_wait<2>();  // this thread's copies of values i landed (tile i + 1 in flight)
+    __syncthreads();           // sKf and every value copy of tile i visible to the head warps
     for (int64_t g = warp; g < G; g += kDecodeWarps) {
       float sc = -INFINITY;
       if (lane < nk) {
@@ -298,7 +317,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       for (int r = 0; r < nk; ++r) {
         const float pk = __shfl_sync(0xffffffffu, pr, r);
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] += pk * float(sVt[r * D + lane * E + e]);
+        for (int e = 0; e < E; ++e) acc[e] += pk * float(vt[r * D + lane * E + e]);
       }
 #pragma unroll
       for (int e = 0; e < E; ++e) sO[g * D + lane * E + e] = acc[e];
@@ -307,8 +326,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
         sL[g] = l_new;
       }
     }
-    __syncthreads();  // the tiles are read before the next copies (or sRed) overwrite them
-  }
+    __syncthreads();  // tile i and sKf read before tile i + 2's copies, the next rotation or sRed overwrite them
+  }  // outstanding past the loop: only the empty groups issued for tile ntiles
   if (!bad) {
     float* part = ws + wl.swa + (bh * sp.splits + split) * G * (D + 2);
     for (int64_t g = warp; g < G; g += kDecodeWarps) {

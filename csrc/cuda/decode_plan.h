@@ -51,9 +51,9 @@ inline DecodeSplit decode_split(const DecodeParams& p) {
 //   sM [G], sL [G] running max / sum, sKold [D], sPhiK [2D], sVold [columns], then the tile
 //   region: sKf [kDecodeKeyTile, D + 4] rotated fp32 keys (rows padded: the lanes of a score
 //   warp read different rows, spread over the banks), the raw key and value tiles
-//   [kDecodeKeyTile, D] of the input dtype (cp.async destinations). After the key tiles the
-//   state sweep reuses the tile region for its partials sRed [kDecodeWarps, kDecodeHeadBlock,
-//   columns].
+//   [2, kDecodeKeyTile, D] of the input dtype (cp.async destinations, two stages). After the
+//   key tiles the state sweep reuses the tile region for its partials
+//   sRed [kDecodeWarps, kDecodeHeadBlock, columns].
 struct DecodeSmem {
   int64_t q, phi_q, o, m, l, k_old, phi_k, v_old, kf, k_tile, v_tile, red, floats;
 };
@@ -71,9 +71,9 @@ inline DecodeSmem decode_smem_layout(int64_t D, int64_t G, int64_t columns) {
   s.kf = decode_align4(s.v_old + columns);
   s.k_tile = s.kf + kDecodeKeyTile * (D + 4);
   const int64_t tile_floats = kDecodeKeyTile * D / 2;  // 2-byte elements
-  s.v_tile = s.k_tile + tile_floats;
+  s.v_tile = s.k_tile + 2 * tile_floats;  // two stages each
   s.red = s.kf;
-  s.floats = imax(s.v_tile + tile_floats, s.red + kDecodeWarps * kDecodeHeadBlock * columns);
+  s.floats = imax(s.v_tile + 2 * tile_floats, s.red + kDecodeWarps * kDecodeHeadBlock * columns);
   return s;
 }
 
