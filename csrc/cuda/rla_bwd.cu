@@ -45,7 +45,7 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace,
     return err;
   RATT_LAUNCH_PLANNED(plan.state, stream, state)(p, plan.segments, dS, dH0part);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  RATT_LAUNCH_PLANNED(plan.scan, stream, rla_bwd_suffix_scan_kernel)(p, plan.segments, dS, dH0part);
+  RATT_LAUNCH_PLANNED(plan.scan, stream, rla_bwd_suffix_reduce_kernel)(p, plan.segments, dS, dH0part);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   auto dkv = &rla_bwd_dkv_kernel<Tr>;

@@ -12,7 +12,7 @@
 //    from its checkpoint (this is what the checkpoints are for: segments run in parallel)
 //    and per chunk and head adds the column slice's share of dphi(q) into the fp32
 //    workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
-// 2. rla_bwd_state_kernel, rla_bwd_suffix_scan_kernel (rla_bwd_state_kernel.cuh): the suffix
+// 2. rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel (rla_bwd_state_kernel.cuh): the suffix
 //    state dS at the start of every dk/dv segment (segments of RlaBwdSegments::chunks chunks,
 //    planned from the SM count), and dH0 (per head and segment, summed in order).
 // 3. rla_bwd_dkv_kernel, grid (D/BV, B*Hkv, segments): reverse direction over the segment's
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Element* gdV = static_cast<Element*>(p.grad_v);           // [B, T, Hkv, D] contiguous
   const int64_t D2 = F;
 
-  // dS = grad_final_state + every later segment's queries (rla_bwd_suffix_scan_kernel)
+  // dS = grad_final_state + every later segment's queries (rla_bwd_suffix_reduce_kernel)
   const float* gdS_z = gdS + segs.index(p, b, hk, Hkv, seg.z) * F * D + col0;
   for (int i = tid; i < F * BV; i += Tr::kNThreads) sdS(i / BV, i % BV) = gdS_z[(i / BV) * D + i % BV];
 

@@ -8,7 +8,7 @@
 //    value slice into dS slot z; with an initial state also every head's own segment sum
 //    (the dH0 partial of (head, segment)), since dH0_h = sum over all tokens of
 //    phi(q_h)^T dO_h no longer has one CTA walking all of them.
-// 2. rla_bwd_suffix_scan_kernel, a thread per state element: in place, the reverse exclusive
+// 2. rla_bwd_suffix_reduce_kernel, a thread per state element: in place, the reverse exclusive
 //    scan over the segments (slot z <- grad_final + later slots) and dH0_h = the sum of its
 //    partials over the segments, both in a fixed order, so the backward stays deterministic.
 #pragma once
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 // A thread per element e of the (sequence, kv head) states [2D, D]. An empty document has
 // no segment: its dH0 stays the zero the launcher wrote.
 static __global__ void __launch_bounds__(256)
-    rla_bwd_suffix_scan_kernel(const RlaBwdParams p, const RlaBwdSegments segs, float* gdS,
+    rla_bwd_suffix_reduce_kernel(const RlaBwdParams p, const RlaBwdSegments segs, float* gdS,
                                const float* gdH0part) {
   const int64_t D = p.dims.head_dim, per_head = 2 * D * D;
   const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv;

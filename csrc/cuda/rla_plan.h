@@ -64,7 +64,7 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p) {
 // with seg rows of H = B * H * slots (dense) or H * slots (packed); the launcher zeroes only
 // wsQ and wsK (accumulation targets), the kernels write every element of the rest.
 struct RlaBwdPlan {
-  // rla_bwd_dq_kernel, rla_bwd_state_kernel, rla_bwd_suffix_scan_kernel, rla_bwd_dkv_kernel,
+  // rla_bwd_dq_kernel, rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel, rla_bwd_dkv_kernel,
   // rla_bwd_phi_postprocess_kernel, in launch order
   KernelLaunch dq, state, scan, dkv, postprocess;
   RlaBwdSegments segments{1, 0};
@@ -131,7 +131,7 @@ RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
   plan.state = make_launch("rla_bwd_state_kernel", seg_grid, Tr::kNThreads, Sm::kState, segs.chunks);
   // a thread per element of the (sequence, kv head) states; it walks the segments (and
   // with H0 the group's dH0 partials)
-  plan.scan = make_launch("rla_bwd_suffix_scan_kernel",
+  plan.scan = make_launch("rla_bwd_suffix_reduce_kernel",
                           {ceil_div(bh * state, kRlaElementwiseThreads)}, kRlaElementwiseThreads, 0,
                           (has_h0 ? 1 + d.group() : 1) * ceil_div(n_chunks, segs.chunks));
   plan.dkv = make_launch("rla_bwd_dkv_kernel", seg_grid, Tr::kNThreads, Sm::kDkv, segs.chunks);
