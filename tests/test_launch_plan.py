@@ -127,8 +127,9 @@ def test_emulated_packed_launches_are_the_plans(emu):
     assert launched(emu) == plan("mix_fwd")
     emu.mix_bwd(go.to(dtype), o, o_rla, ga, gb, 1e-6)
     assert launched(emu) == plan("mix_bwd")
-    # the forward grid: total // 64 + N tile slots, not N x the longest document's tiles
-    assert plan("swa_fwd")[0][0] == (total // 64 + N, 1, Hq)
+    # the forward grid (128-row query tiles at D = 64): total // 128 + N tile slots, not N x
+    # the longest document's tiles
+    assert plan("swa_fwd")[0][0] == (total // 128 + N, 1, Hq)
 
 
 def test_composite_ops_are_their_calls(emu):
@@ -181,7 +182,7 @@ def test_launch_json_schema(dump_rows, tmp_path):
     """launch.json from the dump rows and a report with every planned kernel: the schema,
     ctas = the grid's product, waves from ctas_per_sm, and a clear problem for a kernel the
     report lacks."""
-    names = {"swa_fwd_kernel": "swa_fwd_kernel<SwaTraits<bf16,128>>",
+    names = {"swa_fwd_kernel": "swa_fwd_kernel<SwaFwdTraits<bf16,128>>",
              "decode_step_kernel": "decode_impl::decode_step_kernel<bf16,128>"}
     # one bf16 and one fp16 instantiation per kernel (a name twice would be ambiguous)
     report, seen = [], set()
