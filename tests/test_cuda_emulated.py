@@ -416,9 +416,43 @@ RLA_CASES = [
 ]
 
 
-@emu_kernel("rla_fwd_kernel.cuh", "rla_bwd_kernel.cuh", "rla_traits.cuh")
+RLA_SOURCES = ("rla_fwd_kernel.cuh", "rla_bwd_kernel.cuh", "rla_bwd_state_kernel.cuh",
+               "rla_traits.cuh")
+
+
+@emu_kernel(*RLA_SOURCES)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype", RLA_CASES)
 def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype):
+    check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype)
+
+
+# The dk/dv pass in segments planned from the SM count (rla_bwd_plan): a small num_sms gives
+# segments of several chunks, and a segment count that differs from the checkpoint count.
+# Segment chunks = clamp(n_chunks * D/64 * B*Hkv // num_sms, 1, 16); n_chunks = ceil(T / 64).
+RLA_SEGMENT_CASES = [
+    # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms -> segments x chunks
+    # 5 chunks, G = 4: segments of 2, 2, 1 chunks (3 segments, 3 checkpoints); per-batch H0
+    pytest.param(1, 300, 4, 1, 64, 5, "relu", "batch", 2, True, BF16, 2, marks=mutants),
+    # B = 2, G = 4, w = 0, broadcast H0, D = 128: one segment of both chunks, 2 checkpoints
+    pytest.param(2, 100, 4, 1, 128, 0, "softmax", "broadcast", 1, True, FP16, 4),
+    # w >= T: no key ever enters a state; 2 segments of 2 chunks
+    pytest.param(1, 200, 2, 2, 64, 250, "softmax", None, 3, True, BF16, 4),
+    # G = 1, ragged T, no H0, no final-state gradient: segments of 3 + 2 chunks, 5 checkpoints
+    pytest.param(1, 260, 4, 4, 64, 17, "softmax", None, 1, False, FP16, 6),
+    # one segment of all 4 chunks (num_sms = 1), D = 128, relu, H0 per batch
+    pytest.param(1, 230, 2, 1, 128, 40, "relu", "batch", 2, True, BF16, 1),
+]
+
+
+@emu_kernel(*RLA_SOURCES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype,num_sms", RLA_SEGMENT_CASES)
+def test_rla_segments_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms):
+    check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms)
+
+
+def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms=132):
+    """RLA forward and backward (the backward planned for num_sms SMs) under every schedule
+    against the float64 reference."""
     q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=T + D + w)
     g = torch.Generator().manual_seed(2)
     H0 = None
@@ -430,7 +464,7 @@ def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
 
     def run():
         o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every)
-        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every)
+        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, num_sms=num_sms)
 
     # dq accumulates across CTAs with float atomics (flat position 3)
     o, fs, ck, (dq, dk, dv, dh0) = under_schedules(emu, run, atomic=(3,))
@@ -472,16 +506,19 @@ def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
 # its own (zero for the empty one). every = 1 gives a document longer than a chunk (64)
 # two segments of its own checkpoint slots.
 PACKED_RLA_CASES = [
-    # lens, Hq, Hkv, D, w, fm, h0, every, dtype
-    pytest.param([3, 0, 1, 5, 6, 70], 8, 1, 64, 5, "relu", "batch", 1, BF16),
-    pytest.param([70, 1, 0, 9, 10], 2, 2, 128, 9, "softmax", "broadcast", 1, FP16),
-    pytest.param([0, 6, 66, 1, 5], 2, 2, 64, 5, "softmax", None, 2, FP16),
+    # lens, Hq, Hkv, D, w, fm, h0, every, dtype, num_sms (dk/dv segments: rla_bwd_plan)
+    # num_sms = 1: dk/dv segments of 2 chunks (the 70-row document is one segment)
+    pytest.param([3, 0, 1, 5, 6, 70], 8, 1, 64, 5, "relu", "batch", 1, BF16, 1),
+    pytest.param([70, 1, 0, 9, 10], 2, 2, 128, 9, "softmax", "broadcast", 1, FP16, 132),
+    pytest.param([0, 6, 66, 1, 5], 2, 2, 64, 5, "softmax", None, 2, FP16, 132),
+    # segments of 3 chunks: the 200-row document has two (3 + 1 chunks), 4 checkpoints
+    pytest.param([130, 3, 200], 4, 2, 64, 20, "relu", "batch", 1, BF16, 4),
 ]
 
 
-@emu_kernel("rla_fwd_kernel.cuh", "rla_bwd_kernel.cuh", "rla_traits.cuh")
-@pytest.mark.parametrize("lens,Hq,Hkv,D,w,fm,h0,every,dtype", PACKED_RLA_CASES)
-def test_rla_packed_emulated(emu, lens, Hq, Hkv, D, w, fm, h0, every, dtype):
+@emu_kernel(*RLA_SOURCES)
+@pytest.mark.parametrize("lens,Hq,Hkv,D,w,fm,h0,every,dtype,num_sms", PACKED_RLA_CASES)
+def test_rla_packed_emulated(emu, lens, Hq, Hkv, D, w, fm, h0, every, dtype, num_sms):
     q, k, v, cu = packed_inputs(lens, Hq, Hkv, D, dtype, seed=sum(lens) + D + 1)
     total, N = q.shape[0], len(lens)
     g = torch.Generator().manual_seed(4)
@@ -493,7 +530,8 @@ def test_rla_packed_emulated(emu, lens, Hq, Hkv, D, w, fm, h0, every, dtype):
 
     def run():
         o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every, cu_seqlens=cu)
-        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, cu_seqlens=cu)
+        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, cu_seqlens=cu,
+                                      num_sms=num_sms)
 
     # dq accumulates across CTAs with float atomics (flat position 3)
     o, fs, ck, (dq, dk, dv, dh0) = under_schedules(emu, run, atomic=(3,))

@@ -59,8 +59,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_c
     return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
             r.grad_carried};
   check_smem_fits(cuda::rla_bwd_smem_bytes(r.params), "rla_bwd", r.params.dims.head_dim);
-  at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params)}, q.options().dtype(at::kFloat));
-  check_launch(cuda::rla_bwd(r.params, ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+  // the dk/dv segments (and so the workspace) are sized for this GPU's SMs
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params, num_sms)},
+                            q.options().dtype(at::kFloat));
+  check_launch(cuda::rla_bwd(r.params, num_sms, ws.data_ptr<float>(),
+                             at::cuda::getCurrentCUDAStream()),
                "rla_bwd");
   return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
           r.grad_carried};

@@ -1,6 +1,7 @@
 // Instantiations and launcher of the RLA backward kernels: (bf16, fp16) x (D = 64, 128).
-// Grids, blocks, shared memory and the fp32 workspace: rla_bwd_plan.
+// Grids, blocks, shared memory, the dk/dv segments and the fp32 workspace: rla_bwd_plan.
 #include "rla_bwd_kernel.cuh"
+#include "rla_bwd_state_kernel.cuh"
 #include "rla_launch.h"
 #include "rla_plan.h"
 
@@ -8,17 +9,20 @@ namespace rattention::cuda {
 namespace {
 
 template <class Tr>
-cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {
+cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream) {
   const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
   const int64_t D = p.dims.head_dim;
   const int64_t tokens = p.packed() ? T : B * T;  // rows of q / k (packed: all documents)
-  const RlaBwdPlan plan = rla_bwd_plan<Tr>(p);
+  const RlaBwdPlan plan = rla_bwd_plan<Tr>(p, num_sms);
   float* wsQ = workspace + plan.ws_q;
   float* wsK = workspace + plan.ws_k;
+  float* dH0part = p.grad_initial_state != nullptr ? workspace + plan.ws_dh0 : nullptr;
+  float* dS = workspace + plan.ws_ds;
   cudaError_t err;
-  // Zeros: the workspaces (accumulation targets), dv (keys that never enter a state keep
-  // 0), dH0 (accumulated in place).
-  if ((err = cudaMemsetAsync(workspace, 0, plan.workspace_bytes, stream)) != cudaSuccess)
+  // Zeros: wsQ and wsK (accumulation targets), dv (keys that never enter a state keep 0),
+  // dH0 (an empty packed document has no segment to write it). The kernels write the
+  // per-segment buffers in full.
+  if ((err = cudaMemsetAsync(workspace, 0, sizeof(float) * plan.zeroed_floats, stream)) != cudaSuccess)
     return err;
   if ((err = cudaMemsetAsync(p.grad_v, 0, sizeof(typename Tr::Element) * tokens * Hkv * D, stream)) != cudaSuccess)
     return err;
@@ -34,11 +38,21 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t
   RATT_LAUNCH_PLANNED(plan.dq, stream, dq)(p, wsQ);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
+  // dS at every dk/dv segment start: local sums, then the suffix scan (and dH0)
+  auto state = &rla_bwd_state_kernel<Tr>;
+  if ((err = cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(plan.state.smem_bytes))) != cudaSuccess)
+    return err;
+  RATT_LAUNCH_PLANNED(plan.state, stream, state)(p, plan.segments, dS, dH0part);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  RATT_LAUNCH_PLANNED(plan.scan, stream, rla_bwd_suffix_reduce_kernel)(p, plan.segments, dS, dH0part);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
   auto dkv = &rla_bwd_dkv_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(dkv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.dkv.smem_bytes))) != cudaSuccess)
     return err;
-  RATT_LAUNCH_PLANNED(plan.dkv, stream, dkv)(p, wsK);
+  RATT_LAUNCH_PLANNED(plan.dkv, stream, dkv)(p, plan.segments, dS, wsK);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   RATT_LAUNCH_PLANNED(plan.postprocess, stream, rla_bwd_phi_postprocess_kernel<Tr>)(p, wsQ, wsK);
@@ -46,28 +60,30 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t
 }
 
 template <typename Element>
-cudaError_t dispatch_head_dim(const RlaBwdParams& p, float* ws, cudaStream_t stream) {
+cudaError_t dispatch_head_dim(const RlaBwdParams& p, int num_sms, float* ws, cudaStream_t stream) {
   switch (p.dims.head_dim) {
-    case 64: return launch_rla_bwd<RlaTraits<Element, 64, 64>>(p, ws, stream);
-    case 128: return launch_rla_bwd<RlaTraits<Element, 128, 64>>(p, ws, stream);
+    case 64: return launch_rla_bwd<RlaTraits<Element, 64, 64>>(p, num_sms, ws, stream);
+    case 128: return launch_rla_bwd<RlaTraits<Element, 128, 64>>(p, num_sms, ws, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-int64_t rla_bwd_workspace_floats(const RlaBwdParams& p) { return rla_bwd_plan(p).workspace_floats; }
-
-int64_t rla_bwd_smem_bytes(const RlaBwdParams& p) {
-  const RlaBwdPlan plan = rla_bwd_plan(p);
-  return imax(plan.dq.smem_bytes, plan.dkv.smem_bytes);
+int64_t rla_bwd_workspace_floats(const RlaBwdParams& p, int num_sms) {
+  return rla_bwd_plan(p, num_sms).workspace_floats;
 }
 
-cudaError_t rla_bwd(const RlaBwdParams& p, float* workspace, cudaStream_t stream) {
-  if (p.chunk_size != kRlaChunk) return cudaErrorInvalidValue;
+int64_t rla_bwd_smem_bytes(const RlaBwdParams& p) {
+  const RlaBwdPlan plan = rla_bwd_plan(p, kRlaReferenceSms);  // the segmentation changes no smem
+  return imax(imax(plan.dq.smem_bytes, plan.state.smem_bytes), plan.dkv.smem_bytes);
+}
+
+cudaError_t rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream) {
+  if (p.chunk_size != kRlaChunk || num_sms <= 0) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, workspace, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, workspace, stream);
+    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, num_sms, workspace, stream);
+    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, num_sms, workspace, stream);
     default: return cudaErrorInvalidValue;
   }
 }

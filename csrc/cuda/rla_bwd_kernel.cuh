@@ -1,25 +1,31 @@
-// RLA backward (SPEC.md Branch 2 gradients), three kernels on the forward's tiling.
+// RLA backward (SPEC.md Branch 2 gradients) on the forward's tiling.
 //
 // With o_t = phi(q_t)^T (H0_h + S_t), S_t = sum_{s <= t-w-1} phi(k_s) v_s^T and dO = grad_out:
 //   dphi(q_t) = (H0_h + S_t) dO_t + sum_{s visible} (dO_t . v_s) phi(k_s)
 //   dphi(k_s) = R_s v_s,  dv_s = R_s^T phi(k_s),   dH0_h = sum_t phi(q_t) dO_t^T
 //   R_s = grad_final + sum over the group's heads and queries t >= s + w + 1 of phi(q_t) dO_t^T
 //
-// Packed batches: the dq grid runs over the checkpoint slots (D/BV, Hkv, slots) as the
-// forward does, dk/dv over (D/BV, N*Hkv); workspaces and gradients are row-indexed.
+// Packed batches: the grids run over slots of the O(1) tile-slot rule (D/BV, Hkv, slots),
+// the dq grid over the checkpoint slots as the forward does, the dk/dv grids over their
+// segments' (RlaBwdSegments); workspaces and gradients are row-indexed.
 // 1. rla_bwd_dq_kernel, grid (D/BV, B*Hkv, n_checkpoints): forward direction. A CTA starts
 //    from its checkpoint (this is what the checkpoints are for: segments run in parallel)
 //    and per chunk and head adds the column slice's share of dphi(q) into the fp32
 //    workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
-// 2. rla_bwd_dkv_kernel, grid (D/BV, B*Hkv): reverse direction over chunks with the fp32
-//    suffix state dS [2D, BV] in shared memory (starts at grad_final_state):
+// 2. rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel (rla_bwd_state_kernel.cuh): the suffix
+//    state dS at the start of every dk/dv segment (segments of RlaBwdSegments::chunks chunks,
+//    planned from the SM count), and dH0 (per head and segment, summed in order).
+// 3. rla_bwd_dkv_kernel, grid (D/BV, B*Hkv, segments): reverse direction over the segment's
+//    chunks with the fp32 suffix state dS [2D, BV] in shared memory (starts at the segment's
+//    dS, i.e. grad_final_state plus every later segment):
 //      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, for g = 0)  -> a wsK slot
 //      dv       = sum_g mask(phi(q) phi(k)^T)^T dO + phi(k) dS               -> grad_v (owned)
-//      dS      += sum_g phi(q)^T dO;   dH0_h += phi(q)^T dO                  (owned columns)
-// 3. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum of
+//      dS      += sum_g phi(q)^T dO   (not after the segment's first chunk)
+// 4. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum of
 //    the wsK slots (fixed order), in the input dtype.
 // wsK [slots, B, T, Hkv, 2D] (rla_dk_slots): with G > 1 each value slice owns a slot and sums
-// the group's heads into it in order; with G == 1 the slices share one slot. The only
+// the group's heads into it in order; with G == 1 the slices share one slot. A key belongs to
+// one chunk, so to one segment: no two segments write the same wsK or grad_v rows. The only
 // cross-CTA sums are the value slices' atomicAdds onto zeros (into wsQ, and wsK when G == 1):
 // with D / BV <= 2 slices the fp32 sum of two terms is order-independent, so the result is
 // deterministic.
@@ -29,17 +35,6 @@
 #include "rla_traits.cuh"
 
 namespace rattention::cuda {
-
-// dO rows [C, BV] (fp32 global) -> sdO in the MMA type; invalid rows zero.
-template <class Tr>
-__device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,
-                                             typename Tr::Element* sdO) {
-  using Element = typename Tr::Element;
-  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
-    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
-    sdO[r * Tr::kVStride + c] = Element(r < rows ? gdO[r * row_stride + c] : 0.f);
-  }
-}
 
 // ---------------------------------------------------------------------------------------
 template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDq>>
@@ -181,7 +176,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 // ---------------------------------------------------------------------------------------
 template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDkv>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
-    rla_bwd_dkv_kernel(const RlaBwdParams p, float* wsK) {
+    rla_bwd_dkv_kernel(const RlaBwdParams p, const RlaBwdSegments segs, const float* gdS, float* wsK) {
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
@@ -208,13 +203,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 
   const int tid = threadIdx.x;
   const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv;
-  // Packed: y = document * Hkv + kv head as well (documents are whole sequences here).
-  const int64_t b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
-  const int64_t T = p.seqlen_q(b);
+  const RlaSegmentCta seg = rla_segment_cta<C>(p, segs.chunks);
   if (p.packed()) RATT_COVER_ANY("packed");
+  if (!seg.valid) {
+    RATT_COVER_ANY("packed_idle_slot");
+    return;  // a slot past the document's last segment (the whole CTA leaves)
+  }
+  const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = ceil_div(T, C);
+  const int64_t c_begin = seg.z * segs.chunks, c_end = imin(seg.n_chunks, c_begin + segs.chunks);
+  if (seg.z + 1 < seg.n_seg) RATT_COVER("later_segments");
   // token rows of the q/k-shaped workspaces and gradients (packed: all documents)
   const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;
   const int64_t dk_slot = (G == 1) ? 0 : blockIdx.x;  // see rla_dk_slots (rla_launch.h)
@@ -223,20 +222,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
   const float* gdO = static_cast<const float*>(p.grad_out);
-  const float* gdFinal = static_cast<const float*>(p.grad_final_state);
-  float* gdH0 = static_cast<float*>(p.grad_initial_state);  // [B, Hq, 2D, D], zeroed by the launcher
   Element* gdV = static_cast<Element*>(p.grad_v);           // [B, T, Hkv, D] contiguous
   const int64_t D2 = F;
 
-  if (gdFinal != nullptr) {
-    RATT_COVER("grad_final_state");
-  } else {
-    RATT_COVER_ANY("no_grad_final_state");
-  }
-  for (int i = tid; i < F * BV; i += Tr::kNThreads) {
-    const int f = i / BV, j = i % BV;
-    sdS(f, j) = gdFinal ? gdFinal[((b * Hkv + hk) * F + f) * D + col0 + j] : 0.f;
-  }
+  // dS = grad_final_state + every later segment's queries (rla_bwd_suffix_reduce_kernel)
+  const float* gdS_z = gdS + segs.index(p, b, hk, Hkv, seg.z) * F * D + col0;
+  for (int i = tid; i < F * BV; i += Tr::kNThreads) sdS(i / BV, i % BV) = gdS_z[(i / BV) * D + i % BV];
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -244,14 +235,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor tVcV = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));  // (C keys, BV)
   Tensor tSsP = thr.partition_C(sP);
 
-  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+  for (int64_t c = c_end - 1; c >= c_begin; --c) {
     const int64_t t0 = c * C;
     const int rows = static_cast<int>(imin(C, T - t0));
     const TileRange keys = rla_chunk_keys(c, C, T, w);
     const int64_t s_base = t0 - w - 1;
     const bool has_keys = keys.end > keys.begin;
-    // Queries of this chunk matter for dS only if an earlier key exists, for dH0 always.
-    const bool need_q = has_keys || s_base > 0 || gdH0 != nullptr;
+    // The chunk's queries update dS only for an earlier key of this segment (the earlier
+    // segments start from their own dS); without keys that is all they are for.
+    const bool update_ds = c > c_begin && s_base > 0;
+    const bool need_q = has_keys || update_ds;
     auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
     // emu-mutants: redundant because the last shared reads of the previous chunk (sPhiQ, sdO,
     // sP, sV, sPhiK in its head loop) all precede that loop's closing barrier, and a chunk
@@ -342,23 +335,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       // dS is not read at all; the dS update below reads only sPhiQ and sdO, complete since
       // the barrier after their loads. Kept as a guard for edits.
       __syncthreads();  // every read of dS for this chunk is done (g == 0) before dS changes
-      // dS += phi(q)^T dO, dH0_h += phi(q)^T dO (this CTA owns these columns of dH0_h).
-      float* dh0 = gdH0 ? gdH0 + (b * Hq + h) * F * D + col0 : nullptr;
-      if (dh0 != nullptr) RATT_COVER("grad_h0");
       if (g > 0) RATT_COVER("group_head");
+      if (update_ds) {
+        // dS += phi(q)^T dO (dH0 is rla_bwd_state_kernel's: per head and segment)
+        RATT_COVER("ds_update");
 #pragma unroll 1
-      for (int m = 0; m < F / C; ++m) {
-        Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
-        Tensor tUsS = thr.partition_C(sdS_m);
-        Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
-        clear(acc_u);
-        gemm_ss(mma, acc_u, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sdOt);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_u); ++i) tUsS(i) += acc_u(i);
-        if (dh0) {
+        for (int m = 0; m < F / C; ++m) {
+          Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
+          Tensor tUsS = thr.partition_C(sdS_m);
+          Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+          clear(acc_u);
+          gemm_ss(mma, acc_u, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sdOt);
           CUTE_UNROLL
-          for (int i = 0; i < size(acc_u); ++i)
-            dh0[(m * C + get<0>(tVcV(i))) * D + get<1>(tVcV(i))] += acc_u(i);
+          for (int i = 0; i < size(acc_u); ++i) tUsS(i) += acc_u(i);
         }
       }
       __syncthreads();  // sPhiQ, sdO free for the next head

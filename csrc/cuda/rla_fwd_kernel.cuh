@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
   const int64_t w = p.window_size;
   const int64_t n_chunks = seg.n_chunks;
   const int64_t every = p.checkpoint_every;
-  const int64_t n_ckpt = seg.n_ckpt;
+  const int64_t n_ckpt = seg.n_seg;
   const int64_t z = seg.z;
   const int64_t c_end = imin(n_chunks, (z + 1) * every);
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);

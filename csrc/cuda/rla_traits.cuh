@@ -76,7 +76,8 @@ struct RlaTraits {
                 "shared-memory buffers must start 16-byte aligned");
 };
 
-// Dynamic shared memory of the backward kernels (rla_bwd_dq_kernel, rla_bwd_dkv_kernel).
+// Dynamic shared memory of the backward kernels (rla_bwd_dq_kernel, rla_bwd_state_kernel,
+// rla_bwd_dkv_kernel).
 template <class Tr>
 struct RlaBwdSmem {
   static constexpr int kS = Tr::kSmemS;      // sS / sdS fp32 [2D, BV]
@@ -84,6 +85,7 @@ struct RlaBwdSmem {
   static constexpr int kV = Tr::kSmemV;      // sV, sdO (same shape [C, BV])
   static constexpr int kP = Tr::kSmemP;
   static constexpr int kDq = kS + kPhi + 2 * kV + kP;
+  static constexpr int kState = kS + kPhi + kV;  // rla_bwd_state_kernel: dS, phi(q), dO
   static constexpr int kDkv = kS + 2 * kPhi + 2 * kV + kP;
   static_assert(kDkv <= 163 * 1024, "dkv kernel must fit sm_80 shared memory");
 };
@@ -314,24 +316,37 @@ __device__ __forceinline__ void load_v_tile(const typename Tr::Element* gV, int6
   }
 }
 
-// The (sequence, kv head, segment) of a CTA of the segment grids (rla_fwd_state_kernel,
-// rla_fwd_kernel, rla_bwd_dq_kernel). Dense: grid y = b * Hkv + kv head, z = segment.
-// Packed: y = kv head, z = a checkpoint slot (RlaCommonParams::ckpt_slot0: a document's
-// segments are its slots); a slot past the document's last segment has no work (!valid).
+// dO rows [C, BV] (fp32 global) -> sdO in the MMA type; invalid rows zero.
+template <class Tr>
+__device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,
+                                             typename Tr::Element* sdO) {
+  using Element = typename Tr::Element;
+  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
+    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
+    sdO[r * Tr::kVStride + c] = Element(r < rows ? gdO[r * row_stride + c] : 0.f);
+  }
+}
+
+// The (sequence, kv head, segment) of a CTA of the segment grids, segments of `seg_chunks`
+// chunks: the checkpoint segments (rla_fwd_state_kernel, rla_fwd_kernel, rla_bwd_dq_kernel)
+// or the backward's dk/dv segments (RlaBwdSegments). Dense: grid y = b * Hkv + kv head,
+// z = segment. Packed: y = kv head, z = a slot of the O(1) tile-slot rule
+// (QkvParams::packed_tile_slots with kChunk * seg_chunks rows; for the checkpoints that is
+// RlaCommonParams::ckpt_slot0); a slot past the document's last segment has no work (!valid).
 struct RlaSegmentCta {
   int64_t b, hk, z;  // sequence, kv head, segment inside the sequence
   int64_t T;         // rows of the sequence
-  int64_t n_chunks, n_ckpt;
+  int64_t n_chunks, n_seg;
   bool valid;
 };
 template <int kChunk>
-__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p) {
+__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p, int64_t seg_chunks) {
   const int64_t Hkv = p.dims.heads_kv;
   RlaSegmentCta s;
   if (p.packed()) {
-    s.b = p.seq_of_tile_slot(blockIdx.z, kChunk * p.checkpoint_every);
+    s.b = p.seq_of_tile_slot(blockIdx.z, kChunk * seg_chunks);
     s.hk = blockIdx.y;
-    s.z = blockIdx.z - p.ckpt_slot0(s.b);
+    s.z = blockIdx.z - p.tile_slot0(s.b, kChunk * seg_chunks);
   } else {
     s.b = blockIdx.y / Hkv;
     s.hk = blockIdx.y % Hkv;
@@ -339,9 +354,29 @@ __device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& 
   }
   s.T = p.seqlen_q(s.b);
   s.n_chunks = ceil_div(s.T, kChunk);
-  s.n_ckpt = rla_num_checkpoints(s.n_chunks, p.checkpoint_every);
-  s.valid = s.z < s.n_ckpt;
+  s.n_seg = ceil_div(s.n_chunks, seg_chunks);
+  s.valid = s.z < s.n_seg;
   return s;
+}
+// The backward's dk/dv segments, `chunks` chunks each (rla_bwd_plan chooses it from the SM
+// count, not from checkpoint_every: the dk/dv pass needs only the suffix state, which the
+// per-segment sums and their scan give at every segment start). The per-segment buffers (the
+// suffix states dS, the dH0 partials) hold one [2D, D] state per (sequence, head, segment):
+// dense [B, H, slots], packed [H, slots] with document b's segments from
+// tile_slot0(b, C * chunks), as the checkpoints are laid out.
+struct RlaBwdSegments {
+  int64_t chunks;  // chunks per segment
+  int64_t slots;   // grid z: segments per sequence (dense), slots of all documents (packed)
+  RATT_HD int64_t index(const RlaCommonParams& p, int64_t b, int64_t head, int64_t heads,
+                        int64_t z) const {
+    return p.packed() ? head * slots + p.tile_slot0(b, p.chunk_size * chunks) + z
+                      : (b * heads + head) * slots + z;
+  }
+};
+
+template <int kChunk>
+__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p) {
+  return rla_segment_cta<kChunk>(p, p.checkpoint_every);
 }
 
 }  // namespace rattention::cuda

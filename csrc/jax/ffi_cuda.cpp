@@ -28,6 +28,18 @@ void check_launch(cudaError_t err, const char* what) {
   }
 }
 
+// SMs of the GPU the call runs on (XLA has made its device current).
+int current_device_sms() {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess || sms <= 0) {
+    throw std::runtime_error(std::string("rla_bwd: cannot read the GPU's SM count: ") +
+                             cudaGetErrorString(err));
+  }
+  return sms;
+}
+
 // As check_smem_fits in cuda/ops_cuda_common.h: a clear error before any launch when the
 // kernels need more dynamic shared memory per block than this GPU allows.
 void check_smem_fits(int64_t need, const char* op, int64_t head_dim) {
@@ -114,8 +126,9 @@ ffi::Error rla_bwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
     const RlaBwdParams p = rla_bwd_params(grad_out, grad_final_state, q, k, v, h0, checkpoints,
                                           *grad_q, *grad_k, *grad_v, *grad_h0, cfg, kCuda);
     check_smem_fits(cuda::rla_bwd_smem_bytes(p), "rla_bwd", p.dims.head_dim);
-    float* ws = scratch_floats(scratch, cuda::rla_bwd_workspace_floats(p), "rla_bwd");
-    check_launch(cuda::rla_bwd(p, ws, stream), "rla_bwd");
+    const int num_sms = current_device_sms();  // sizes the dk/dv segments and the workspace
+    float* ws = scratch_floats(scratch, cuda::rla_bwd_workspace_floats(p, num_sms), "rla_bwd");
+    check_launch(cuda::rla_bwd(p, num_sms, ws, stream), "rla_bwd");
   });
 }
 

@@ -36,7 +36,7 @@ py::list take_launch_records() {
 // The planned launches of `op` (see plan_rows) at the given sizes.
 py::list plan_rows(const std::string& op, int64_t batch, int64_t seqlen, int64_t heads_q,
                    int64_t heads_kv, int64_t head_dim, int64_t window, const std::string& dtype,
-                   int64_t checkpoint_every, int64_t packed_seqs) {
+                   int64_t checkpoint_every, int64_t packed_seqs, int64_t num_sms) {
   TORCH_CHECK(dtype == "bf16" || dtype == "fp16", "plan_rows: dtype must be 'bf16' or 'fp16', got ", dtype);
   TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0 && checkpoint_every > 0,
               "plan_rows: heads_q must be a positive multiple of heads_kv, checkpoint_every > 0");
@@ -49,6 +49,8 @@ py::list plan_rows(const std::string& op, int64_t batch, int64_t seqlen, int64_t
   s.window = window;
   s.checkpoint_every = checkpoint_every;
   s.packed_seqs = packed_seqs;
+  TORCH_CHECK(num_sms > 0, "plan_rows: num_sms must be positive, got ", num_sms);
+  s.num_sms = static_cast<int>(num_sms);
   s.dtype = dtype == "fp16" ? rattention::DType::kFloat16 : rattention::DType::kBFloat16;
   py::list out;
   for (const auto& r : rattention::cuda::plan_rows(op, s)) {
@@ -72,8 +74,10 @@ void add_launch_plan_bindings(py::module& m) {
         "The launches (grid, threads, smem_bytes) the launchers made since the last call.");
   m.def("plan_rows", &plan_rows,
         "The planned launches of an op call: plan_rows(op, B, T, Hq, Hkv, D, w, dtype, every, "
-        "packed_seqs=0); packed_seqs > 0: that many documents packed into T rows (B ignored).",
+        "packed_seqs=0, num_sms=132); packed_seqs > 0: that many documents packed into T rows "
+        "(B ignored); num_sms: the SM count the RLA backward is planned for.",
         py::arg("op"), py::arg("batch"), py::arg("seqlen"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("head_dim"), py::arg("window"), py::arg("dtype"),
-        py::arg("checkpoint_every"), py::arg("packed_seqs") = 0);
+        py::arg("checkpoint_every"), py::arg("packed_seqs") = 0,
+        py::arg("num_sms") = rattention::cuda::kRlaReferenceSms);
 }
