@@ -214,6 +214,35 @@ def test_swa_emulated(emu, B, T, Hq, Hkv, D, w, rot, mix, grad_lse, dtype, layou
         check(name, x, rr, pp)
 
 
+@emu_kernel("swa_fwd_kernel.cuh", "swa_bwd_kernel.cuh")
+@pytest.mark.parametrize("D", [64, 128])
+def test_rotary_tables_off_16_byte_alignment_emulated(emu, D):
+    """Rotary tables at a one-float offset (a view into a larger buffer: contiguous, so the op
+    passes the pointer on as it is) cannot take the 16-byte vector loads of the rotation; the
+    kernels take the scalar loop, with the same results as the vectorised one."""
+    B, T, Hq, Hkv, w = 1, 70, 2, 1, 20
+    q, k, v = inputs(B, T, Hq, Hkv, D, BF16, seed=11)
+    cos, sin = rotary_tables(T, D, torch.float32)
+
+    def off_alignment(t):
+        buf = torch.empty(t.numel() + 1)
+        view = buf[1:].view_as(t)
+        view.copy_(t)
+        return view
+
+    cos_u, sin_u = off_alignment(cos), off_alignment(sin)
+    assert cos_u.data_ptr() % 16 != 0 and sin_u.data_ptr() % 16 != 0
+    scale = D ** -0.5
+    go = torch.randn(B, T, Hq, D, generator=torch.Generator().manual_seed(2))
+    o, lse = emu.swa_fwd(q, k, v, w, scale, cos, sin)
+    o_u, lse_u = under_schedules(emu, lambda: emu.swa_fwd(q, k, v, w, scale, cos_u, sin_u))
+    assert torch.equal(o, o_u) and torch.equal(lse, lse_u)
+    grads = emu.swa_bwd(go, None, q, k, v, o, lse, w, scale, cos, sin)
+    grads_u = emu.swa_bwd(go, None, q, k, v, o, lse, w, scale, cos_u, sin_u)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_u):
+        assert torch.equal(a, b), name
+
+
 # ---- mixing: fused epilogue into float32 (out not saved), standalone mix_fwd / mix_bwd -----
 @emu_kernel("swa_fwd_kernel.cuh", "swa_mix_epilogue.cuh")
 @pytest.mark.parametrize("D,dtype", [(64, BF16), (128, FP16)])
