@@ -110,3 +110,70 @@ def plain_rla(q, k, v, w, fm, h0):
     pk1 = phi(k).transpose(1, 2)[:, :, :n]  # [B, Hkv, n, 2D]
     st = pk1.transpose(-1, -2) @ v.transpose(1, 2)[:, :, :n]
     return o.transpose(1, 2), st
+
+
+def load_emulator():
+    """The host emulator's module ``rattention_emu`` (tools/emu: the CUDA kernels run on the
+    CPU), built if needed; RATTENTION_EMU_MODULE names a prebuilt one (make emu-mutants).
+    Skips the test when a prerequisite is missing here (a compile error fails)."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    prebuilt = os.environ.get("RATTENTION_EMU_MODULE")
+    if prebuilt:
+        spec = importlib.util.spec_from_file_location("rattention_emu", prebuilt)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "emu"))
+        import build
+        try:
+            mod = build.load()
+        except build.EmulatorUnavailable as e:
+            pytest.skip(f"CUDA emulator not buildable here: {e}")
+    mod.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    return mod
+
+
+# ---- the NaN / Inf rule: which rows a non-finite token may reach --------------------------
+def seen_positions(name, T, w, t):
+    """Key positions query row t depends on (SWA: t-w .. t; RLA: .. t-w-1; both: .. t)."""
+    u = torch.arange(T)
+    if name == "swa":
+        return (u <= t) & (u >= t - w)
+    if name == "rla":
+        return u <= t - w - 1
+    return u <= t
+
+
+def unchanged_positions(name, T, w, s, which):
+    """(output rows, q-gradient rows, k/v-gradient rows) that a non-finite value at token s of
+    input ``which`` cannot reach. Softmax attention couples a row's gradients through its
+    lse and Di, so the k/v rows seen by any reached row count as reached (conservative)."""
+    t = torch.arange(T)
+    if which == "q":
+        bad_rows = t == s  # q[s] only reaches row s
+    else:
+        bad_rows = torch.stack([seen_positions(name, T, w, r)[s] for r in range(T)])
+    kv_seen = torch.zeros(T, dtype=torch.bool)
+    for r in range(T):
+        if bad_rows[r]:
+            kv_seen |= seen_positions(name, T, w, r)
+    if which != "q":
+        kv_seen[s] = True
+    return ~bad_rows, ~bad_rows, ~kv_seen
+
+
+def rla_unchanged_positions(T, w, s, which):
+    """Exactly what a non-finite value at token s cannot reach in the RLA (no normaliser, so
+    no coupling through row statistics): (output rows, dq rows, dk/dv rows).
+    q[s]: only row s, and dk/dv of the keys row s sees (u <= s - w - 1).
+    k[s] or v[s]: rows t >= s + w + 1 (and the final state), dq of those rows, dk/dv of s."""
+    t = torch.arange(T)
+    if which == "q":
+        rows = t != s
+        return rows, rows, t > s - w - 1
+    rows = t < s + w + 1
+    return rows, rows, t != s

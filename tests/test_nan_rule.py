@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rattention_ext
-from helpers import make_qkv, nan_at
+from helpers import make_qkv, nan_at, unchanged_positions
 from rattention_ext import RAttentionCache, reference as ref
 
 NAN, INF = float("nan"), float("inf")
@@ -46,33 +46,6 @@ def _maxdiff(a, b):
     return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
 
 
-def _seen(name, T, w, t):
-    """Positions a query row t depends on (SWA: t-w .. t; RLA: .. t-w-1; both: .. t)."""
-    u = torch.arange(T)
-    if name == "swa":
-        return (u <= t) & (u >= t - w)
-    if name == "rla":
-        return u <= t - w - 1
-    return u <= t
-
-
-def _finite_positions(name, T, w, s, which):
-    """(output rows, q-gradient rows, k/v-gradient rows) that must stay finite when token s
-    of input ``which`` is non-finite: those that no non-finite output row depends on."""
-    t = torch.arange(T)
-    if which == "q":
-        bad_rows = t == s  # q[s] only reaches row s
-    else:
-        bad_rows = torch.stack([_seen(name, T, w, r)[s] for r in range(T)])
-    kv_seen = torch.zeros(T, dtype=torch.bool)
-    for r in range(T):
-        if bad_rows[r]:
-            kv_seen |= _seen(name, T, w, r)
-    if which != "q":
-        kv_seen[s] = True
-    return ~bad_rows, ~bad_rows, ~kv_seen
-
-
 @pytest.mark.parametrize("fm", ["softmax", "relu"])
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
 @pytest.mark.parametrize("which", ["q", "k", "v"])
@@ -91,7 +64,7 @@ def test_nonfinite_token_reaches_only_what_depends_on_it(T, w, name, which, valu
     go = torch.randn(1, T, 4, 8, dtype=dtype)
     out0, g0 = _fwd_bwd(fn, q, k, v, go)
     out1, g1 = _fwd_bwd(fn, x["q"], x["k"], x["v"], go)
-    rows, q_rows, kv_rows = _finite_positions(name.replace("ref_", ""), T, w, s, which)
+    rows, q_rows, kv_rows = unchanged_positions(name.replace("ref_", ""), T, w, s, which)
     # the kernels: unchanged bit for bit; the reference: to rounding (its exact masked
     # product is another summation order than its matmul)
     same = torch.equal if name != "ref_forward" else (lambda a, b: _maxdiff(a, b) < 1e-12)

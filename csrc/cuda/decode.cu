@@ -70,10 +70,11 @@ __device__ void warp_phi(FeatureMap fm, const float* x, float* y) {
 #pragma unroll
   for (int e = 0; e < E; ++e) v[e] = x[lane * E + e];
   if (fm == FeatureMap::kRelu) {
+    // by select, so that NaN maps to NaN in both halves (fmaxf(NaN, 0) would be 0)
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      y[lane * E + e] = fmaxf(v[e], 0.f);
-      y[D + lane * E + e] = fmaxf(-v[e], 0.f);
+      y[lane * E + e] = v[e] <= 0.f ? 0.f : v[e];
+      y[D + lane * E + e] = v[e] >= 0.f ? 0.f : -v[e];
     }
     return;
   }

@@ -22,6 +22,7 @@
 
 #include "core/params.h"
 #include "core/window.h"
+#include "cuda/nan_tiles.cuh"
 #include "cuda/swa_traits.cuh"
 
 namespace rattention::cuda {
@@ -171,8 +172,11 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
   clear(acc_dk);
   clear(acc_dv);
-  // (row = key j, col = query i) coordinates of the S^T accumulator.
+  // (row = key j, col = query i) coordinates of the S^T accumulator; (key, slice column) of dK.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  Tensor tKcK = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBwdDSlice>>{}));
+  Tensor tKcK_rc = make_tensor(tKcK.data(), acc_rowcol(tKcK.layout()));
 
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
@@ -204,7 +208,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         s_di[i] = i < rows_q ? di_ptr[m0 + i] : 0.f;
       }
       cp_async_wait<0>();
-      __syncthreads();
+      // Q tile landed; the barrier also says whether it holds a NaN / Inf (nan_tiles.cuh).
+      const bool q_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tQsQ));
       if (rot_cos != nullptr) {
         RATT_COVER("rotary");
         if (!k_rotated) {
@@ -242,9 +247,27 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
       clear(acc_dp);
       gemm_ss(acc_dp, tPrV, tPrdO, tPsV, tPsdO, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+      // Masked pairs by select: dP^T or Di may be NaN there (a NaN value or output row).
       CUTE_UNROLL
       for (int i = 0; i < size(acc_dp); ++i) {
-        acc_dp(i) = acc_s(i) * (acc_dp(i) - s_di[get<1>(tScS(i))]) * scale;
+        const int j = get<0>(tScS(i)), qi = get<1>(tScS(i));
+        const int64_t t = m0 + qi, sk = n0 + j;
+        const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
+        acc_dp(i) = vis ? acc_s(i) * (acc_dp(i) - s_di[qi]) * scale : 0.f;
+      }
+      // A Q tile with NaN / Inf: its terms go to the keys that see those queries only, then
+      // the MMA runs on the tile with them zeroed.
+      if (q_nonfinite) {
+        Tensor dk_rc = make_tensor(acc_dk.data(), acc_rowcol(acc_dk.layout()));
+        Tensor ds_rc = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+        add_nonfinite_terms<kBlockM>(dk_rc, tKcK_rc, ds_rc, tScS_rc, sQ, slice * kBwdDSlice,
+                                     [&](int key, int query) {
+          const int64_t t = m0 + query, sk = n0 + key;
+          return t < T && sk < T && swa_visible(t, sk, window);
+        });
+        __syncthreads();  // every warp has read the non-finite entries
+        zero_nonfinite_chunks(tQsQ);
+        __syncthreads();  // the zeroed tile is complete before any warp's dS^T Q
       }
       // dK_slice += dS^T Q_slice
       Tensor rdS = convert_frag<Element>(acc_dp);
@@ -363,6 +386,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   clear(acc_dq);
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  Tensor tQcQ_acc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor tQcQ_rc = make_tensor(tQcQ_acc.data(), acc_rowcol(tQcQ_acc.layout()));
 
   // Per-row lse (log2 units) and Di of this thread's accumulator rows.
   constexpr int kRows = 2 * decltype(size<1>(acc_dq))::value;
@@ -386,7 +411,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
     cp_async_fence();
     cp_async_wait<0>();
-    __syncthreads();
+    // K/V landed; the barrier also says whether K holds a NaN / Inf (nan_tiles.cuh).
+    const bool k_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tKsK));
     if (rot_cos != nullptr) {
       RATT_COVER("rotary");
       if (n == tiles.begin) {
@@ -418,9 +444,22 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       for (int c = 0; c < size<1>(s); ++c) {
         const int64_t t = m0 + get<0>(tScS_rc(r, c)), sk = n0 + get<1>(tScS_rc(r, c));
         const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
-        const float pr = vis ? exp2f(s(r, c) * scale_log2 - row_lse[r]) : 0.f;
-        dp(r, c) = pr * (dp(r, c) - row_di[r]) * scale;  // dS
+        // dS; masked pairs by select (dP or Di may be NaN there)
+        dp(r, c) = vis ? exp2f(s(r, c) * scale_log2 - row_lse[r]) * (dp(r, c) - row_di[r]) * scale
+                       : 0.f;
       }
+    }
+    // A K tile with NaN / Inf: its terms go to the queries that see those keys only, then the
+    // MMA runs on the tile with them zeroed.
+    if (k_nonfinite) {
+      Tensor dq_rc = make_tensor(acc_dq.data(), acc_rowcol(acc_dq.layout()));
+      add_nonfinite_terms<kBlockN>(dq_rc, tQcQ_rc, dp, tScS_rc, sK, 0, [&](int row, int j) {
+        const int64_t t = m0 + row, sk = n0 + j;
+        return t < T && sk < T && swa_visible(t, sk, window);
+      });
+      __syncthreads();  // every warp has read the non-finite entries
+      zero_nonfinite_chunks(tKsK);
+      __syncthreads();  // the zeroed tile is complete before any warp's dS K
     }
     Tensor rdS = convert_frag<Element>(acc_dp);
     gemm_rs(acc_dq, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tQrKt, tQsKt, tiled_mma,

@@ -19,6 +19,7 @@
 
 #include "core/params.h"
 #include "core/window.h"
+#include "cuda/nan_tiles.cuh"
 #include "cuda/swa_mix_epilogue.cuh"
 #include "cuda/swa_traits.cuh"
 
@@ -112,6 +113,9 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tScS = thr_mma.partition_C(cS);  // (MMA, MMA_M, MMA_N) -> (row, col) in the tile
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  Tensor tOcO = thr_mma.partition_C(cO);
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
 
   constexpr int kRowsPerThread = 2 * decltype(size<1>(acc_o))::value;  // rows of acc_rowcol
   float row_max[kRowsPerThread];
@@ -164,9 +168,10 @@ __global__ void __launch_bounds__(Traits::kNThreads)
             smem_thr_k);
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
 
-    // V(n) has landed; every thread is done reading sK: start K(n+1).
+    // V(n) has landed; every thread is done reading sK: start K(n+1). The barrier also
+    // tells every thread whether the V tile holds a NaN / Inf (nan_tiles.cuh).
     cp_async_wait<0>();
-    __syncthreads();
+    const bool v_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tVsV));
     if (n + 1 < tiles.end) {
       RATT_COVER("prefetch_next_k");
       copy_rows_pred(gmem_copy, tKgK(_, _, _, n + 1), tKsK, tKVcKV,
@@ -210,6 +215,19 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
     }
 
+    // A V tile with NaN / Inf: its terms go only to the rows whose mask lets them in, then
+    // the MMA runs on the tile with them zeroed (a masked P = 0 never multiplies them).
+    if (v_nonfinite) {
+      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+      add_nonfinite_terms<kBlockN>(o, tOcO_rc, s, tScS_rc, sV, 0, [&](int row, int j) {
+        const int64_t sk = n0 + j;
+        return sk < T && swa_visible(m0 + row, sk, window);
+      });
+      __syncthreads();  // every warp has read the non-finite entries
+      zero_nonfinite_chunks(tVsV);
+      __syncthreads();  // the zeroed tile is complete before any warp's P V
+    }
+
     // O += P V with P straight from registers (input dtype, the MMA's A layout).
     Tensor rP = convert_frag<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
@@ -219,9 +237,6 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   // Epilogue: O / sum to fp32 out (strided), lse = scale * max + log(sum) natural-log units;
   // with p.mix on, also the mixed RAttention output (out/lse may then be skipped: nullptr).
   Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-  Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  Tensor tOcO = thr_mma.partition_C(cO);
-  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   float* out = p.out == nullptr ? nullptr
                                 : static_cast<float*>(p.out) + p.q_offset(p.out_stride, b, 0, h);
   float* lse = p.lse == nullptr ? nullptr : static_cast<float*>(p.lse) + p.lse_index(b, h, 0);
@@ -233,8 +248,10 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   if (out == nullptr) RATT_COVER_ANY("out_not_saved");
   CUTE_UNROLL
   for (int r = 0; r < size<0>(o); ++r) {
+    // sum NaN: a NaN score was visible (output and lse NaN); sum 0: every visible score was
+    // -inf, 0 / 0 (NaN output, lse -inf). Rows past T are never stored.
     const float sum = quad_allreduce(row_sum[r], SumOp{});
-    const float inv = (sum > 0.f) ? 1.f / sum : 0.f;
+    const float inv = (sum > 0.f) ? 1.f / sum : NAN;
     const int64_t t = m0 + get<0>(tOcO_rc(r, 0));
     CUTE_UNROLL
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
@@ -253,7 +270,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       }
     }
     if (t < T && lse != nullptr && (tid & 3) == 0) {
-      lse[t] = (sum > 0.f) ? row_max[r] * float(p.softmax_scale) + logf(sum) : -INFINITY;
+      lse[t] = (sum > 0.f) ? row_max[r] * float(p.softmax_scale) + logf(sum)
+                           : (sum == 0.f ? -INFINITY : NAN);
     }
     if (p.mix.out != nullptr) {
       mix_epilogue_row<kHeadDim>(p.mix, o, r, tOcO_rc, b, h, row0 + t, t < T);

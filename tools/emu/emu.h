@@ -42,6 +42,11 @@ Index3 block_dim();
 Index3 grid_dim();
 
 void syncthreads();
+// __syncthreads_or: the barrier, returning whether any thread of the CTA passed a non-zero
+// predicate. no_barrier_or is what tools/emu/mutants.py puts in its place (the barrier
+// deleted: each thread sees its own predicate).
+int syncthreads_or(int predicate);
+inline int no_barrier_or(int predicate) { return predicate; }
 // Shuffle: every lane of the calling warp gives 8 bytes and gets lane src_lane's.
 uint64_t warp_exchange(uint64_t mine, int src_lane);
 int lane_id();
@@ -155,6 +160,11 @@ constexpr int first_of(int n, Rest...) {
 #define blockDim (::emu::block_dim())
 #define gridDim (::emu::grid_dim())
 #define __syncthreads() ::emu::syncthreads()
+// A function, not a macro, so that the mutation check can switch it for emu::no_barrier_or;
+// always inlined so that each call site is its own barrier site for synccheck.
+__attribute__((always_inline)) inline int __syncthreads_or(int predicate) {
+  return ::emu::syncthreads_or(predicate);
+}
 #define __shfl_xor_sync(mask, v, lane_mask) ::emu::shfl_xor(v, lane_mask)
 #define __shfl_sync(mask, v, src_lane) ::emu::shfl(v, src_lane)
 

@@ -51,6 +51,7 @@ struct Thread {
   std::array<float, 4> acc{};      // mma C in, D out
   uint64_t value = 0;              // shuffle in / out
   int src_lane = 0;
+  int barrier_or = 0;              // __syncthreads_or predicate in, the CTA's OR out
   const void* addr = nullptr;      // ldmatrix row address
   std::array<uint32_t, 4> regs{};  // ldmatrix out
   void* asan_fake = nullptr;
@@ -336,7 +337,12 @@ bool run_cta() {
       }
     }
     ++detail::cur.epoch;
-    for (int t : waiting) c.t[t].state = kRunnable;
+    int any = 0;
+    for (int t : waiting) any |= c.t[t].barrier_or;
+    for (int t : waiting) {
+      c.t[t].barrier_or = any;
+      c.t[t].state = kRunnable;
+    }
   }
 }
 
@@ -428,7 +434,16 @@ char* dynamic_smem() { return detail::cur.smem; }
 
 __attribute__((noinline)) void syncthreads() {
   me().site = __builtin_return_address(0);
+  me().barrier_or = 0;
   yield_as(kAtBarrier);
+}
+
+__attribute__((noinline)) int syncthreads_or(int predicate) {
+  Thread& t = me();
+  t.site = __builtin_return_address(0);
+  t.barrier_or = predicate != 0;
+  yield_as(kAtBarrier);
+  return t.barrier_or;
 }
 
 __attribute__((noinline)) uint64_t warp_exchange(uint64_t mine, int src_lane) {

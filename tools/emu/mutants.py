@@ -1,7 +1,8 @@
 """Mutation check of the CUDA kernels' synchronisation against the emulated tests.
 
-For every `__syncthreads()` and every `cp_async_wait<N>()` in csrc/cuda, one mutation at a
-time: the barrier deleted; the wait shortened to `cp_async_wait<N+1>()` and deleted. Each
+For every `__syncthreads()`, `__syncthreads_or(p)` and every `cp_async_wait<N>()` in
+csrc/cuda, one mutation at a time: the barrier deleted (`__syncthreads_or(p)` then gives each
+thread its own p); the wait shortened to `cp_async_wait<N+1>()` and deleted. Each
 mutation must make the matching emulated tests fail (tests/test_cuda_emulated.py, the cases
 marked `mutants` whose `emu_kernel(...)` marker names the mutated file). Prints caught /
 missed per site with the test (and its message) that caught it.
@@ -42,7 +43,7 @@ OUT = ROOT / "build" / "emu-mutants"
 TREE = OUT / "tree"
 MARK = "emu-mutants: redundant"
 SWITCH_HEADER = "emu_mutant_switch.h"
-SITE_RE = re.compile(r"__syncthreads\(\)|cp_async_wait<(\d+)>\(\)")
+SITE_RE = re.compile(r"__syncthreads\(\)|cp_async_wait<(\d+)>\(\)|__syncthreads_or(?=\()")
 
 
 @dataclass
@@ -118,7 +119,12 @@ def schema_line(line: str, muts_here: list[Mutation]) -> str:
         mine, pending = pending[:n], pending[n:]
         expr = m.group(0)
         for x in mine:
-            alt = "(void)0" if x.kind == "delete" else f"cp_async_wait<{int(m.group(1)) + 1}>()"
+            if x.kind != "delete":
+                alt = f"cp_async_wait<{int(m.group(1)) + 1}>()"
+            elif m.group(0) == "__syncthreads_or":  # the call's (predicate) follows
+                alt = "::emu::no_barrier_or"
+            else:
+                alt = "(void)0"
             expr = f"(ratt_emu_mutant() == {x.id} ? {alt} : {expr})"
         out.append(code[last:m.start()] + expr)
         last = m.end()
