@@ -7,7 +7,8 @@ the poisoned token cannot influence mathematically must be bit-identical to the 
 the poison (and, through that run, close to the float64 reference); for NaN, the outputs
 that do depend on it must not be finite. Covered: the SWA forward (plain and with the fused
 mixing) and backward, packed documents with NaN in one document's tail, the RLA forward and
-backward (both feature maps; the final state and dH0 too), the standalone mixing and decode.
+backward (both feature maps; the final state and dH0 too; the backward's open cases are
+marked xfail, strict), the standalone mixing and decode.
 
 Small shapes (a few seconds each); one warp schedule per run: the schedules themselves are
 tested in test_cuda_emulated.py, here the question is which values a poison reaches.
@@ -181,8 +182,10 @@ def test_swa_packed_nan_tail_leaves_other_documents_unchanged(emu):
 RLA_T, RLA_W, RLA_S = 100, 5, 40
 
 
-def rla_run(emu, qkv, fm, H0, gfs, go):
+def rla_run(emu, qkv, fm, H0, gfs, go, backward):
     o, fs, ck = emu.rla_fwd(*qkv, RLA_W, fm, H0, 2)
+    if not backward:
+        return dict(o=o, fs=fs)
     dq, dk, dv, dh0 = emu.rla_bwd(go, gfs, *qkv, H0, ck, RLA_W, fm, 2)
     return dict(o=o, fs=fs, dq=dq, dk=dk, dv=dv, dh0=dh0)
 
@@ -195,36 +198,62 @@ RLA_CASES = [
 ]
 
 
+# The RLA backward does not follow the rule yet for a poisoned q or k: rla_bwd_dq_kernel's
+# P phi(k) (a NaN / Inf key reaches dphi(q) of the earlier rows of its chunk) and
+# rla_bwd_dkv_kernel's P^T phi(q) (a NaN / Inf query reaches dphi(k) of the later keys of
+# its chunk) multiply masked zeros by the whole feature tile.
+RLA_BWD_OPEN = pytest.mark.xfail(strict=True, reason="RLA backward: masked P times a "
+                                 "non-finite phi tile (csrc/cuda/README_rla.md, NaN and Inf)")
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("D,dtype,fm,h0", RLA_CASES)
-def test_rla_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which):
+def test_rla_forward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which):
+    check_rla(emu, D, dtype, fm, h0, which, backward=False)
+
+
+@pytest.mark.parametrize("which", [pytest.param("q", marks=RLA_BWD_OPEN),
+                                   pytest.param("k", marks=RLA_BWD_OPEN), "v"])
+@pytest.mark.parametrize("D,dtype,fm,h0", RLA_CASES)
+def test_rla_backward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which):
+    check_rla(emu, D, dtype, fm, h0, which, backward=True)
+
+
+def check_rla(emu, D, dtype, fm, h0, which, backward):
+    """Forward (output, final state) or backward (dq, dk, dv, dH0) with token RLA_S of
+    `which` poisoned by NaN and by +Inf, against the clean run."""
     Hq, Hkv = 2, 1
     qkv = inputs(1, RLA_T, Hq, Hkv, D, dtype, seed=D + 11)
     g = torch.Generator().manual_seed(2)
     H0 = 0.1 * torch.randn(1, Hq, 2 * D, D, generator=g) if h0 else None
     go = torch.randn(1, RLA_T, Hq, D, generator=g)
     gfs = torch.randn(1, Hkv, 2 * D, D, generator=g)
-    clean = rla_run(emu, qkv, fm, H0, gfs, go)
+    clean = rla_run(emu, qkv, fm, H0, gfs, go, backward)
     rows, q_rows, kv_rows = rla_unchanged_positions(RLA_T, RLA_W, RLA_S, which)
     for value in (NAN, INF):
-        bad = rla_run(emu, poisoned(qkv, which, RLA_S, value), fm, H0, gfs, go)
+        bad = rla_run(emu, poisoned(qkv, which, RLA_S, value), fm, H0, gfs, go, backward)
         tag = f"{which}={value}"
-        assert_same(bad["o"][:, rows], clean["o"][:, rows], f"o ({tag})")
+        if not backward:
+            assert_same(bad["o"][:, rows], clean["o"][:, rows], f"o ({tag})")
+            if which == "q":  # the state never sees a query
+                assert_same(bad["fs"], clean["fs"], f"final state ({tag})")
+            if value != value:
+                assert_reached(bad["o"][0, ~rows, 0], f"o ({tag})")
+                if which != "q":
+                    assert_reached(bad["fs"], f"final state ({tag})")
+            continue
         assert_same(bad["dq"][:, q_rows], clean["dq"][:, q_rows], f"dq ({tag})")
         assert_same(bad["dk"][:, kv_rows], clean["dk"][:, kv_rows], f"dk ({tag})")
         assert_same(bad["dv"][:, kv_rows], clean["dv"][:, kv_rows], f"dv ({tag})")
-        if which == "q":  # the state never sees a query
-            assert_same(bad["fs"], clean["fs"], f"final state ({tag})")
-        elif h0:  # dH0 = sum phi(q) dO^T never sees a key or value
+        if which != "q" and h0:  # dH0 = sum phi(q) dO^T never sees a key or value
             assert_same(bad["dh0"], clean["dh0"], f"dH0 ({tag})")
         if value != value:
-            assert_reached(bad["o"][0, ~rows, 0], f"o ({tag})")
-            if which != "q":
-                assert_reached(bad["fs"], f"final state ({tag})")
-    l64 = [x.double() for x in qkv]
-    r = ref.residual_linear_attention(*l64, window_size=RLA_W, feature_map=fm,
-                                      initial_state=None if H0 is None else H0.double())
-    assert rel_err(clean["o"], r) < 2e-2
+            assert_reached(bad["dq"][0, ~q_rows], f"dq ({tag})")
+    if not backward:
+        r = ref.residual_linear_attention(*(x.double() for x in qkv), window_size=RLA_W,
+                                          feature_map=fm,
+                                          initial_state=None if H0 is None else H0.double())
+        assert rel_err(clean["o"], r) < 2e-2
 
 
 # ---- mixing ---------------------------------------------------------------------------------

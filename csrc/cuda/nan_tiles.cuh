@@ -4,13 +4,14 @@
 // whole row of its B tile, so one non-finite B entry would reach rows the mask keeps it
 // from (0 * NaN = NaN). The kernels therefore
 //   1. check the B tile when it lands (tile_chunks_nonfinite on the thread's own 16-byte
-//      cp.async chunks, folded over the CTA by the barrier that follows: __syncthreads_or);
+//      cp.async chunks, or the loads themselves), folded over the CTA by the barrier that
+//      follows: __syncthreads_or;
 //   2. finite tile (the normal case): the MMA as before;
-//   3. flagged tile (uniform over the CTA): add_nonfinite_terms adds a(row, j) * B(j, col)
-//      for the non-finite entries B(j, col) and the pairs (row, j) the mask lets in, then,
-//      after a barrier, zero_nonfinite_chunks zeroes those entries, and after another the
-//      unchanged MMA runs on the zeroed tile. Rows the mask keeps from them get exactly the
-//      finite tile's sums; the rows that see them get their non-finite terms.
+//   3. flagged tile (uniform over the CTA): the MMA on the tile with those entries zeroed
+//      (zero_nonfinite_chunks), then add_nonfinite_entries adds their contribution only to
+//      the rows whose mask lets them in. Rows the mask keeps from them get exactly the
+//      finite tile's sums (a zero entry adds nothing, as 0 * finite did); the rows that see
+//      them become non-finite.
 // Same scheme as the CPU kernels' masked products (csrc/cpu/masked_products.h).
 #pragma once
 #include <cute/tensor.hpp>
@@ -72,40 +73,61 @@ CUTE_DEVICE void zero_nonfinite_chunks(Part& part) {
   }
 }
 
-// out(r, c) += a(r, j) * b(j, b_col0 + col(c)) over the tile rows j whose entry in that
-// column is NaN or Inf and the pairs visible(row(r), j) lets in. `out`, `a`: (rows, cols)
-// views of MMA accumulators over the same rows (acc_rowcol), with their coordinate views
-// (row, col in the tile); a's columns index b's rows. a(r, j) lives in one lane of the quad
-// that shares row r: each lane offers its value or 0 and the quad sums them (exact). Only
-// flagged tiles run this; every lane of the warp must (quad shuffles).
-template <int kBRows, typename Out, typename OutCoord, typename A, typename ACoord,
-          typename BTile, typename Visible>
-CUTE_DEVICE void add_nonfinite_terms(Out& out, OutCoord const& out_coord, A const& a,
-                                     ACoord const& a_coord, BTile const& b, int b_col0,
-                                     Visible const& visible) {
+// acc(i) += what the tile's NaN / Inf entries contribute, for each accumulator entry i =
+// (row, col) of `coord` and tile row j < n_rows with visible(row, j): the entry itself
+// (kValue: P V, where P >= 0 and every visible P is > 0 in exact arithmetic, so the product's
+// non-finite value is the entry's) or a NaN (the gradients' dS K and dS^T Q, whose factor
+// has either sign). The tile is read from global memory, row j at g + j * ld, column
+// col0 + col: its original values (the shared copy the MMA used was zeroed). rotary_half > 0:
+// the MMA saw the tile rotated, where column d is not finite when d or its rotary partner
+// d +- rotary_half is not. Runs after the MMA (its A fragment dead: few extra registers)
+// and only for flagged tiles.
+template <bool kValue, class Acc, class Coord, class Element, class Visible>
+CUTE_DEVICE void add_nonfinite_entries(Acc& acc, Coord const& coord, const Element* g, int64_t ld,
+                                       int n_rows, int col0, int rotary_half,
+                                       Visible const& visible) {
   using namespace cute;
-  constexpr int kRows = decltype(size<0>(out))::value;
-  constexpr int kOutCols = decltype(size<1>(out))::value;
-  constexpr int kACols = decltype(size<1>(a))::value;
+  // One accumulator entry at a time, the tile rows in an inner loop that is not unrolled:
+  // few values live besides the accumulator (this code shares the kernel's register budget).
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int row = int(get<0>(coord(i))), d = col0 + int(get<1>(coord(i)));
+    const int partner = rotary_half == 0 ? d : (d < rotary_half ? d + rotary_half : d - rotary_half);
+    float add = 0.f;
+    bool hit = false;
 #pragma unroll 1
-  for (int j = 0; j < kBRows; ++j) {
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float mine = 0.f;
-      CUTE_UNROLL
-      for (int c = 0; c < kACols; ++c) {
-        if (int(get<1>(a_coord(r, c))) == j) mine = a(r, c);
-      }
-      mine += __shfl_xor_sync(0xffffffffu, mine, 1);
-      mine += __shfl_xor_sync(0xffffffffu, mine, 2);
-      if (!visible(int(get<0>(a_coord(r, 0))), j)) continue;
-      CUTE_UNROLL
-      for (int c = 0; c < kOutCols; ++c) {
-        const auto x = b(j, b_col0 + int(get<1>(out_coord(r, c))));
-        if (is_nonfinite(x)) out(r, c) += mine * float(x);
+    for (int j = 0; j < n_rows; ++j) {
+      if (!visible(row, j)) continue;  // rows it rejects may lie outside the tensor
+      const Element x = g[j * ld + d];
+      if (is_nonfinite(x) || is_nonfinite(g[j * ld + partner])) {
+        add += kValue ? float(x) : NAN;
+        hit = true;
       }
     }
+    if (hit) acc(i) += add;
   }
+}
+
+}  // namespace rattention::cuda
+
+namespace rattention::cuda {
+
+// The RLA kernels' value tiles (load_v_tile in rla_traits.cuh: plain loads, invalid rows
+// zero) with their NaN / Inf entries zeroed; true when this thread met one (the CTA's OR
+// comes from the barrier that completes the tile).
+template <class Tr, class Valid>
+__device__ bool load_v_tile_zero_nonfinite(const typename Tr::Element* gV, int64_t row_stride,
+                                           Valid valid, typename Tr::Element* sV) {
+  using Element = typename Tr::Element;
+  bool any = false;
+  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
+    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
+    const Element x = valid(r) ? gV[r * row_stride + c] : Element(0.f);
+    const bool bad = is_nonfinite(x);
+    any |= bad;
+    sV[r * Tr::kVStride + c] = bad ? Element(0.f) : x;
+  }
+  return any;
 }
 
 }  // namespace rattention::cuda

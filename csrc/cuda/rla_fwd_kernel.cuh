@@ -21,6 +21,7 @@
 // Checkpoints hold S at the start of chunks 0, every, 2*every, ... (without H0).
 #pragma once
 #include "core/window.h"
+#include "nan_tiles.cuh"
 #include "rla_traits.cuh"
 
 namespace rattention::cuda {
@@ -112,24 +113,28 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     const bool has_state = s_base > 0;  // some key before this chunk is in S
     const bool has_h0 = gH0 != nullptr;
     __syncthreads();  // S is final for this chunk start; sPhiK/sV free
+    bool v_mine = false;  // a NaN / Inf value this thread loaded (zeroed in sV; nan_tiles.cuh)
     if (has_keys) {
       RATT_COVER("chunk_with_keys");
       auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
       // Pointers of invalid rows are never dereferenced (predicated by key_valid).
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid,
                            sPhiK_ptr);
-      load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+      v_mine = load_v_tile_zero_nonfinite<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t,
+                                              key_valid, sV_ptr);
     } else {
       RATT_COVER("chunk_without_keys");
     }
 
+    bool v_nonfinite = false;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
       auto row_valid = [&](int i) { return i < rows; };
       phi_tile_to_smem<Tr>(p.feature_map, gQ + p.q_offset(p.q_stride, b, t0, h), p.q_stride.t,
                            row_valid, sPhiQ_ptr);
-      __syncthreads();  // sPhiQ (and sPhiK, sV for g == 0) complete
+      // sPhiQ (and sPhiK, sV for g == 0) complete; whether sV had NaN / Inf values
+      v_nonfinite = __syncthreads_or(v_mine);
 
       Tensor acc_o = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (MMA, MMA_M, MMA_N)
       clear(acc_o);
@@ -148,6 +153,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
         // rows of its MMAs below); what it orders is lanes of one warp (a __syncwarp would do).
         __syncthreads();  // sP complete
         gemm_ss(mma, acc_o, sP, sVt);
+        if (v_nonfinite) {  // their terms, only for the rows i >= j the mask lets in
+          add_nonfinite_entries<true>(acc_o, tOcO, gV + s_base * p.v_stride.t, p.v_stride.t, C,
+                                      0, 0, [&](int i, int j) {
+            return j <= i && s_base + j >= keys.begin && s_base + j < keys.end;
+          });
+        }
       }
       if (has_state) RATT_COVER("inter_chunk_state");
       if (has_h0) {
@@ -173,6 +184,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     }
 
     if (has_keys && c + 1 < c_end) {  // the segment's last update is pass 1's business
+      if (v_nonfinite) {  // every key enters the state: the values as they are
+        load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, [&](int j) {
+          return s_base + j >= keys.begin && s_base + j < keys.end;
+        }, sV_ptr);
+        __syncthreads();  // the restored tile is complete before the update reads it
+      }
       RATT_COVER("state_update");
       rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
     }

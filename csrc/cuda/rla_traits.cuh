@@ -242,8 +242,8 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
     RATT_COVER("relu");
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      pos[e] = fmaxf(x[e], 0.f);
-      neg[e] = fmaxf(-x[e], 0.f);
+      pos[e] = x[e] <= 0.f ? 0.f : x[e];  // by select: NaN maps to NaN (fmaxf would give 0)
+      neg[e] = x[e] >= 0.f ? 0.f : -x[e];
     }
     return;
   }

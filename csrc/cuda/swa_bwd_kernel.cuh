@@ -174,9 +174,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   clear(acc_dv);
   // (row = key j, col = query i) coordinates of the S^T accumulator; (key, slice column) of dK.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
-  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
   Tensor tKcK = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBwdDSlice>>{}));
-  Tensor tKcK_rc = make_tensor(tKcK.data(), acc_rowcol(tKcK.layout()));
 
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
@@ -255,17 +253,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
         acc_dp(i) = vis ? acc_s(i) * (acc_dp(i) - s_di[qi]) * scale : 0.f;
       }
-      // A Q tile with NaN / Inf: its terms go to the keys that see those queries only, then
-      // the MMA runs on the tile with them zeroed.
-      if (q_nonfinite) {
-        Tensor dk_rc = make_tensor(acc_dk.data(), acc_rowcol(acc_dk.layout()));
-        Tensor ds_rc = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
-        add_nonfinite_terms<kBlockM>(dk_rc, tKcK_rc, ds_rc, tScS_rc, sQ, slice * kBwdDSlice,
-                                     [&](int key, int query) {
-          const int64_t t = m0 + query, sk = n0 + key;
-          return t < T && sk < T && swa_visible(t, sk, window);
-        });
-        __syncthreads();  // every warp has read the non-finite entries
+      if (q_nonfinite) {  // the MMA below sees the tile's NaN / Inf entries as zeros
+        __syncthreads();  // every warp is done with S^T = K Q^T
         zero_nonfinite_chunks(tQsQ);
         __syncthreads();  // the zeroed tile is complete before any warp's dS^T Q
       }
@@ -273,6 +262,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       Tensor rdS = convert_frag<Element>(acc_dp);
       gemm_rs(acc_dk, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tKrQt, tKsQt, tiled_mma,
               copy_bt, thr_bt);
+      // ... and they reach only the keys that see those queries (nan_tiles.cuh)
+      if (q_nonfinite) {
+        add_nonfinite_entries<false>(acc_dk, tKcK, q_ptr + m0 * p.q_stride.t, p.q_stride.t,
+                                     rows_q, slice * kBwdDSlice, rot_cos ? kHeadDim / 2 : 0,
+                                     [&](int key, int query) {
+          const int64_t t = m0 + query, sk = n0 + key;
+          return sk < T && swa_visible(t, sk, window);
+        });
+      }
       __syncthreads();  // sQ / sdO / s_lse / s_di are refilled next iteration
     }
   }
@@ -387,7 +385,6 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
   Tensor tQcQ_acc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  Tensor tQcQ_rc = make_tensor(tQcQ_acc.data(), acc_rowcol(tQcQ_acc.layout()));
 
   // Per-row lse (log2 units) and Di of this thread's accumulator rows.
   constexpr int kRows = 2 * decltype(size<1>(acc_dq))::value;
@@ -449,21 +446,22 @@ __global__ void __launch_bounds__(Traits::kNThreads)
                        : 0.f;
       }
     }
-    // A K tile with NaN / Inf: its terms go to the queries that see those keys only, then the
-    // MMA runs on the tile with them zeroed.
-    if (k_nonfinite) {
-      Tensor dq_rc = make_tensor(acc_dq.data(), acc_rowcol(acc_dq.layout()));
-      add_nonfinite_terms<kBlockN>(dq_rc, tQcQ_rc, dp, tScS_rc, sK, 0, [&](int row, int j) {
-        const int64_t t = m0 + row, sk = n0 + j;
-        return t < T && sk < T && swa_visible(t, sk, window);
-      });
-      __syncthreads();  // every warp has read the non-finite entries
+    if (k_nonfinite) {  // the MMA below sees the tile's NaN / Inf entries as zeros
+      __syncthreads();  // every warp is done with S = Q K^T
       zero_nonfinite_chunks(tKsK);
       __syncthreads();  // the zeroed tile is complete before any warp's dS K
     }
     Tensor rdS = convert_frag<Element>(acc_dp);
     gemm_rs(acc_dq, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tQrKt, tQsKt, tiled_mma,
             copy_bt, thr_bt);
+    // ... and they reach only the queries that see those keys (nan_tiles.cuh)
+    if (k_nonfinite) {
+      add_nonfinite_entries<false>(acc_dq, tQcQ_acc, k_ptr + n0 * p.k_stride.t, p.k_stride.t,
+                                   rows_k, 0, rot_cos ? kHeadDim / 2 : 0, [&](int row, int j) {
+        const int64_t t = m0 + row, sk = n0 + j;
+        return t < T && sk < T && swa_visible(t, sk, window);
+      });
+    }
     __syncthreads();  // sK / sV are refilled next iteration
   }
 

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tScS = thr_mma.partition_C(cS);  // (MMA, MMA_M, MMA_N) -> (row, col) in the tile
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
   Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  Tensor tOcO = thr_mma.partition_C(cO);
+  Tensor tOcO = thr_mma.partition_C(cO);  // (MMA, MMA_M, MMA_D) -> (row, col) of O
   Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
 
   constexpr int kRowsPerThread = 2 * decltype(size<1>(acc_o))::value;  // rows of acc_rowcol
@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   }
   cp_async_fence();
 
+  bool any_v_nonfinite = false;  // a visited V tile had NaN / Inf (nan_tiles.cuh)
   // K/V pipeline (one buffer each, flash-attention-2 order): V(n) loads while S = Q K(n)^T
   // is computed, K(n+1) loads while the softmax and O += P V(n) run.
   for (int64_t n = tiles.begin; n < tiles.end; ++n) {
@@ -168,10 +169,13 @@ __global__ void __launch_bounds__(Traits::kNThreads)
             smem_thr_k);
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
 
-    // V(n) has landed; every thread is done reading sK: start K(n+1). The barrier also
-    // tells every thread whether the V tile holds a NaN / Inf (nan_tiles.cuh).
+    // V(n) has landed; every thread is done reading sK: start K(n+1). NaN / Inf values
+    // (nan_tiles.cuh): each thread zeroes those of its own chunks, and the barrier tells
+    // every thread whether the tile had any.
     cp_async_wait<0>();
-    const bool v_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tVsV));
+    const bool v_mine = tile_chunks_nonfinite<Element>(tVsV);
+    if (v_mine) zero_nonfinite_chunks(tVsV);
+    const bool v_nonfinite = __syncthreads_or(v_mine);
     if (n + 1 < tiles.end) {
       RATT_COVER("prefetch_next_k");
       copy_rows_pred(gmem_copy, tKgK(_, _, _, n + 1), tKsK, tKVcKV,
@@ -215,23 +219,25 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
     }
 
-    // A V tile with NaN / Inf: its terms go only to the rows whose mask lets them in, then
-    // the MMA runs on the tile with them zeroed (a masked P = 0 never multiplies them).
-    if (v_nonfinite) {
-      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-      add_nonfinite_terms<kBlockN>(o, tOcO_rc, s, tScS_rc, sV, 0, [&](int row, int j) {
-        const int64_t sk = n0 + j;
-        return sk < T && swa_visible(m0 + row, sk, window);
-      });
-      __syncthreads();  // every warp has read the non-finite entries
-      zero_nonfinite_chunks(tVsV);
-      __syncthreads();  // the zeroed tile is complete before any warp's P V
-    }
-
     // O += P V with P straight from registers (input dtype, the MMA's A layout).
     Tensor rP = convert_frag<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
     gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, smem_thr_v);
+    any_v_nonfinite |= v_nonfinite;
+  }
+  // V tiles that had NaN / Inf (their MMAs saw them as zeros): those values reach only the
+  // rows whose mask lets them in. Added here, outside the tile loop, where the score tile's
+  // registers are free (the loop runs near the register limit); every visited tile is
+  // re-read, finite ones add nothing. Before the 1 / sum: a non-finite term stays one.
+  if (any_v_nonfinite) {
+    for (int64_t n = tiles.begin; n < tiles.end; ++n) {
+      const int64_t n0 = n * kBlockN;
+      add_nonfinite_entries<true>(acc_o, tOcO, v_ptr + n0 * p.v_stride.t, p.v_stride.t,
+                                  int(imin(kBlockN, T - n0)), 0, 0, [&](int row, int j) {
+        const int64_t sk = n0 + j;
+        return sk < T && swa_visible(m0 + row, sk, window);
+      });
+    }
   }
 
   // Epilogue: O / sum to fp32 out (strided), lse = scale * max + log(sum) natural-log units;
