@@ -398,6 +398,8 @@ def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
 # The dk/dv pass in segments planned from the SM count (rla_bwd_plan): a small num_sms gives
 # segments of several chunks, and a segment count that differs from the checkpoint count.
 # Segment chunks = clamp(n_chunks * D/64 * B*Hkv // num_sms, 1, 16); n_chunks = ceil(T / 64).
+# dq CTAs per checkpoint segment = clamp(ceil(num_sms / (D/64 * B*Hkv * n_ckpt)), 1, every)
+# (the 132-SM cases above with every = 2 run two per segment).
 RLA_SEGMENT_CASES = [
     # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms -> segments x chunks
     # 5 chunks, G = 4: segments of 2, 2, 1 chunks (3 segments, 3 checkpoints); per-batch H0
@@ -410,6 +412,9 @@ RLA_SEGMENT_CASES = [
     pytest.param(1, 260, 4, 4, 64, 17, "softmax", None, 1, False, FP16, 6),
     # one segment of all 4 chunks (num_sms = 1), D = 128, relu, H0 per batch
     pytest.param(1, 230, 2, 1, 128, 40, "relu", "batch", 2, True, BF16, 1),
+    # dq in parts: checkpoint segments of 4 + 1 chunks, 2 CTAs each (the second part of the
+    # first advances the state over 2 chunks; that of the second has no chunk)
+    pytest.param(1, 260, 2, 1, 64, 20, "softmax", "batch", 4, True, BF16, 4),
 ]
 
 

@@ -48,7 +48,9 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p) {
 }
 
 // Backward, five launches:
-//   dq: restarts every checkpoint segment from its checkpoint (grid as the forward's);
+//   dq: restarts every checkpoint segment from its checkpoint (grid as the forward's), split
+//     into dq_parts CTAs per segment when the segments alone would not cover num_sms SMs
+//     (rla_bwd_dq_parts; packed: 1): a later part first advances the state to its start;
 //   state, scan, dkv: the dk/dv pass cut into segments of `segments.chunks` chunks, chosen
 //     from the SM count and T (rla_bwd_segment_chunks), not from checkpoint_every: per
 //     segment the sum of phi(q)^T dO (state), the reverse exclusive scan over segments that
@@ -68,6 +70,7 @@ struct RlaBwdPlan {
   // rla_bwd_phi_postprocess_kernel, in launch order
   KernelLaunch dq, state, scan, dkv, postprocess;
   RlaBwdSegments segments{1, 0};
+  int64_t dq_parts = 1;  // dq CTAs per checkpoint segment
   int64_t ws_q = 0, ws_k = 0, ws_dh0 = 0, ws_ds = 0;  // offsets in floats
   int64_t zeroed_floats = 0;                          // [0, zeroed_floats): wsQ and wsK
   int64_t workspace_floats = 0;
@@ -89,6 +92,14 @@ struct RlaBwdPlan {
 inline int64_t rla_bwd_segment_chunks(int64_t n_chunks, int64_t ctas_per_segment, int num_sms) {
   const int64_t fill = n_chunks * ctas_per_segment / imax(1, num_sms);
   return imax(1, imin(fill, imin(kRlaMaxSegmentChunks, imax(1, n_chunks))));
+}
+
+// dq CTAs per checkpoint segment: enough that the (value slice, b * kv head, segment, part)
+// CTAs cover num_sms SMs, at most one per chunk of the segment. A part p of n walks
+// ceil(every / n) * (p + 1) chunks (the earlier ones advance the state only), so the serial
+// chain stays at most checkpoint_every chunks.
+inline int64_t rla_bwd_dq_parts(int64_t ctas, int64_t every, int num_sms) {
+  return imax(1, imin(every, ceil_div(imax(1, num_sms), imax(1, ctas))));
 }
 
 template <class Tr>
@@ -123,10 +134,11 @@ RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
   plan.workspace_floats = plan.ws_ds + seqs * Hkv * segs.slots * state;
   plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
   // launches
+  const int64_t every = imin(p.checkpoint_every, n_chunks);
+  plan.dq_parts = p.packed() ? 1 : rla_bwd_dq_parts(Tr::kNVBlocks * bh * n_ckpt, every, num_sms);
   const GridDims dq_grid = p.packed() ? GridDims{Tr::kNVBlocks, Hkv, p.ckpt_slots()}
-                                      : GridDims{Tr::kNVBlocks, bh, n_ckpt};
-  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads, Sm::kDq,
-                        imin(p.checkpoint_every, n_chunks));
+                                      : GridDims{Tr::kNVBlocks, bh, n_ckpt * plan.dq_parts};
+  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads, Sm::kDq, every);
   const GridDims seg_grid{Tr::kNVBlocks, seg_heads, segs.slots};
   plan.state = make_launch("rla_bwd_state_kernel", seg_grid, Tr::kNThreads, Sm::kState, segs.chunks);
   // a thread per element of the (sequence, kv head) states; it walks the segments (and

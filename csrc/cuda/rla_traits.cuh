@@ -339,8 +339,10 @@ struct RlaSegmentCta {
   int64_t n_chunks, n_seg;
   bool valid;
 };
+// `parts` CTAs share a dense segment (grid z = segment * parts + part; rla_bwd_dq_kernel).
 template <int kChunk>
-__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p, int64_t seg_chunks) {
+__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p, int64_t seg_chunks,
+                                                         int64_t parts = 1) {
   const int64_t Hkv = p.dims.heads_kv;
   RlaSegmentCta s;
   if (p.packed()) {
@@ -350,7 +352,7 @@ __device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& 
   } else {
     s.b = blockIdx.y / Hkv;
     s.hk = blockIdx.y % Hkv;
-    s.z = blockIdx.z;
+    s.z = blockIdx.z / parts;
   }
   s.T = p.seqlen_q(s.b);
   s.n_chunks = ceil_div(s.T, kChunk);
