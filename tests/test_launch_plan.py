@@ -133,8 +133,9 @@ def test_emulated_packed_launches_are_the_plans(emu):
     assert launched(emu) == plan("mix_fwd")
     emu.mix_bwd(go.to(dtype), o, o_rla, ga, gb, 1e-6)
     assert launched(emu) == plan("mix_bwd")
-    # the forward grid: total // 64 + N tile slots, not N x the longest document's tiles
-    assert plan("swa_fwd")[0][0] == (total // 64 + N, 1, Hq)
+    # the forward grid (128-row query tiles at D = 64): total // 128 + N tile slots, not N x
+    # the longest document's tiles
+    assert plan("swa_fwd")[0][0] == (total // 128 + N, 1, Hq)
 
 
 def test_composite_ops_are_their_calls(emu):
@@ -187,7 +188,7 @@ def test_launch_json_schema(dump_rows, tmp_path):
     """launch.json from the dump rows and a report with every planned kernel: the schema,
     ctas = the grid's product, waves from ctas_per_sm, and a clear problem for a kernel the
     report lacks."""
-    names = {"swa_fwd_kernel": "swa_fwd_kernel<SwaTraits<bf16,128>>",
+    names = {"swa_fwd_kernel": "swa_fwd_kernel<SwaFwdTraits<bf16,128>>",
              "decode_step_kernel": "decode_impl::decode_step_kernel<bf16,128>"}
     # one bf16 and one fp16 instantiation per kernel (a name twice would be ambiguous)
     report, seen = [], set()
@@ -220,3 +221,24 @@ def test_occupancy_model():
     assert launch_plan.occupancy(128, 164864, 0, 32) == (1, "smem")
     assert launch_plan.occupancy(1024, 0, 0, 32) == (2, "warps")
     assert launch_plan.occupancy(32, 0, 0, 16) == (32, "ctas")
+
+
+def test_structural_targets_read_the_rows():
+    """The issue goals cuda-check reports: selected by shape, kernel family and tensor-core
+    use; a bound on the worst row; a shape without rows is reported, never met."""
+    def row(shape, op, kernel, ctas=200, warps=8, serial=4, ws=0, mma=64):
+        return {"shape": shape, "op": op, "kernel": kernel, "ctas": ctas, "warps_per_sm": warps,
+                "serial_steps": serial, "workspace_bytes": ws, "mma": mma}
+    rows = [row("S1", "backward", "rla_bwd_dkv_kernel<RlaTraits<bf16,128,64>>", ctas=8),
+            row("S1", "forward", "rla_fwd_prefix_reduce_kernel", ctas=1, mma=0),  # no MMA: out
+            row("S1", "forward", "swa_fwd_kernel<SwaFwdTraits<bf16,128>>"),
+            row("S2", "backward", "rla_bwd_dq_kernel<RlaTraits<bf16,128,64>>", ws=2**31),
+            row("D1", "decode_step", "decode_impl::decode_step_kernel<bf16,128>", ctas=64)]
+    got = {(what, shape): (v, met) for what, shape, v, _, _, met in launch_plan.targets(rows)}
+    assert got[("RLA tensor-core launches: CTAs", "S1")] == (8, False)
+    assert got[("RLA tensor-core launches: serial chunk steps", "S1")] == (4, True)
+    assert got[("RLA backward workspace MiB", "S2")] == (2048.0, False)
+    assert got[("SWA tensor-core launches: resident warps per SM", "S1")] == (8, True)
+    assert got[("SWA tensor-core launches: resident warps per SM", "S2")] == (None, False)
+    assert got[("decode step: CTAs of its largest launch", "D1")] == (64, True)
+    assert "MISSED  S2  SWA" in launch_plan.format_targets(rows)

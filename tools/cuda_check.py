@@ -380,6 +380,8 @@ def write_launch_plan(report_rows, dump, failures):
         print(f"\nlaunch plan on an {launch_plan.H200['name']} "
               f"({launch_plan.H200['arch']} registers; {(OUT / 'launch.json').relative_to(ROOT)}):")
         print(launch_plan.format_table(plan_rows))
+        print("\nstructural goals of the GPU-performance issues (read from the plan, not enforced):")
+        print(launch_plan.format_targets(plan_rows))
     if failures:
         print("launch plan FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
     return 1 if failures else 0

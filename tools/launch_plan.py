@@ -130,7 +130,7 @@ def enrich(rows, report, gpu=H200):
             "call": r["call"], "occupancy_limit": limit,
             "warps_per_sm": per_sm * math.ceil(r["threads"] / 32),
             "sms_busy": min(gpu["sms"], ctas), "registers": rep["registers"],
-            "static_smem_bytes": rep["static_smem_bytes"],
+            "static_smem_bytes": rep["static_smem_bytes"], "mma": rep.get("mma"),
         })
     return out, problems
 
@@ -146,6 +146,57 @@ def format_table(rows):
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head)] + [fmt(b) for b in body])
+
+
+def _tensor_core(r):
+    return bool(r.get("mma"))
+
+
+def _family(prefix):
+    return lambda r: re.sub(r"^(\w+::)+", "", r["kernel"]).startswith(prefix)
+
+
+# The structural goals of the GPU-performance issues, read from the plan rows: (what, shape,
+# rows selected, the value over them, the bound). Reported by `make cuda-check`, not enforced.
+TARGETS = [
+    ("RLA tensor-core launches: CTAs", "S1", lambda r: _family("rla_")(r) and _tensor_core(r),
+     lambda rows: min(r["ctas"] for r in rows), ">=", 132),
+    ("RLA tensor-core launches: resident warps per SM", "S1",
+     lambda r: _family("rla_")(r) and _tensor_core(r),
+     lambda rows: min(r["warps_per_sm"] for r in rows), ">=", 8),
+    ("RLA tensor-core launches: serial chunk steps", "S1",
+     lambda r: _family("rla_")(r) and _tensor_core(r),
+     lambda rows: max(r["serial_steps"] for r in rows), "<=", 16),
+    ("RLA backward workspace MiB", "S2", lambda r: _family("rla_")(r) and r["op"] == "backward",
+     lambda rows: max(r["workspace_bytes"] for r in rows) / 2**20, "<=", 1024),
+    ("SWA tensor-core launches: resident warps per SM", "S1",
+     lambda r: _family("swa_")(r) and _tensor_core(r),
+     lambda rows: min(r["warps_per_sm"] for r in rows), ">=", 8),
+    ("SWA tensor-core launches: resident warps per SM", "S2",
+     lambda r: _family("swa_")(r) and _tensor_core(r),
+     lambda rows: min(r["warps_per_sm"] for r in rows), ">=", 8),
+    ("decode step: CTAs of its largest launch", "D1", lambda r: r["op"] == "decode_step",
+     lambda rows: max(r["ctas"] for r in rows), ">=", 32),
+]
+
+
+def targets(rows):
+    """[(what, shape, value, op, bound, met)] for TARGETS over the launch.json rows."""
+    out = []
+    for what, shape, select, value, op, bound in TARGETS:
+        sel = [r for r in rows if r["shape"] == shape and select(r)]
+        v = value(sel) if sel else None
+        met = v is not None and (v >= bound if op == ">=" else v <= bound)
+        out.append((what, shape, v, op, bound, met))
+    return out
+
+
+def format_targets(rows):
+    lines = []
+    for what, shape, v, op, bound, met in targets(rows):
+        got = "no rows" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append(f"  {'met   ' if met else 'MISSED'}  {shape}  {what}: {got} (goal {op} {bound})")
+    return "\n".join(lines)
 
 
 def write(exe, report, out_dir=OUT, gpu=H200):

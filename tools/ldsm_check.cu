@@ -190,11 +190,14 @@ void check_traits() {
 // The SWA kernels' operands (swa_fwd_kernel.cuh, swa_bwd_kernel.cuh): swizzled layouts,
 // LDSM_N for K-major operands and LDSM_T for the transposed views, whole-K fragments shaped
 // from the non-swizzled views. `want` is each operand's logical definition.
-template <class Element, int D>
-void check_swa_traits() {
-  using Tr = rattention::cuda::SwaTraits<Element, D>;
+// Tr: SwaTraits (64-row query tiles, the backward's dK/dV slices too) or SwaFwdTraits
+// (128-row query tiles at D = 64: two MMA tiles per warp along M).
+template <class Tr>
+void check_swa_traits(const char* name) {
+  constexpr int D = Tr::kHeadDim;
+  constexpr bool kBackward = Tr::kBlockM == 64;  // the dK/dV kernel's tile
   typename Tr::TiledMma mma;
-  std::printf("SwaTraits<D=%d>\n", D);
+  std::printf("%s<D=%d> (%d-row query tiles)\n", name, D, Tr::kBlockM);
   std::vector<int> ids(Tr::kBlockM * D + Tr::kBlockN * D);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = int(i);
   auto sQ = make_tensor(ids.data(), typename Tr::SmemLayoutQ{});                // (M, D)
@@ -202,7 +205,7 @@ void check_swa_traits() {
   auto cpA = make_tiled_copy_A(typename Tr::SmemCopyAtom{}, mma);
   auto cpB = make_tiled_copy_B(typename Tr::SmemCopyAtom{}, mma);
   auto cpBt = make_tiled_copy_B(typename Tr::SmemCopyAtomTransposed{}, mma);
-  check_copy<true>("Q / K / V / dO as A (64, D)", mma, cpA, false, sQ, sQ, sQ, false);
+  check_copy<true>("Q / K / V / dO as A (M, D)", mma, cpA, false, sQ, sQ, sQ, false);
   check_copy<false>("K / Q / V / dO as B (64, D)", mma, cpB, false, sK, sK, sK, false);
   // V^T (and K^T) for O += P V, dQ += dS K: the composed transposed view.
   auto sVt = make_tensor(sK.data(), typename Tr::SmemLayoutVt{});
@@ -211,7 +214,7 @@ void check_swa_traits() {
   check_copy<false>("V^T / K^T as B (D, 64)", mma, cpBt, true, sVt, sK_T.tensor(), sVtNoSw,
                     false);
   // dK/dV kernel: 64-column slices of Q / dO, transposed, as the 64x64 layout at an offset.
-  for (int slice = 0; slice < D / 64; ++slice) {
+  if constexpr (kBackward) for (int slice = 0; slice < D / 64; ++slice) {
     auto sQt = make_tensor(sQ.data() + slice * Tr::kBlockM * 64, typename Tr::SmemLayoutPt{});
     auto sQtNoSw = make_tensor(sQt.data(), typename Tr::SmemLayoutPtNoSwizzle{});
     Transposed<Tr::kBlockM, 64> logical(
@@ -228,9 +231,9 @@ void check_swa_traits() {
 //  * acc_rowcol + quad shuffles (softmax row statistics, the fused mixing epilogue): the
 //    lanes that hold a given row are exactly one quad (4 consecutive lanes of a warp), and
 //    together they hold every column of it.
-template <class Element, int D>
+template <class Tr>
 void check_swa_registers() {
-  using Tr = rattention::cuda::SwaTraits<Element, D>;
+  constexpr int D = Tr::kHeadDim;
   typename Tr::TiledMma mma;
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN;
   const int failures_before = g_failures;
@@ -274,8 +277,8 @@ void check_swa_registers() {
       }
     }
   }
-  std::printf("  acc_as_a (P/dS as A) and quad-owned rows (softmax, fused mixing), D=%d  %s\n", D,
-              g_failures == failures_before ? "ok" : "MISMATCH");
+  std::printf("  acc_as_a (P/dS as A) and quad-owned rows (softmax, fused mixing), %dx%d  %s\n", M,
+              D, g_failures == failures_before ? "ok" : "MISMATCH");
 }
 
 }  // namespace
@@ -308,10 +311,14 @@ int main() {
   check_traits<cutlass::bfloat16_t, 64>();
   check_traits<cutlass::bfloat16_t, 128>();
   check_traits<cutlass::half_t, 128>();
-  check_swa_traits<cutlass::bfloat16_t, 64>();
-  check_swa_traits<cutlass::bfloat16_t, 128>();
-  check_swa_registers<cutlass::bfloat16_t, 64>();
-  check_swa_registers<cutlass::bfloat16_t, 128>();
+  using rattention::cuda::SwaFwdTraits;
+  using rattention::cuda::SwaTraits;
+  check_swa_traits<SwaTraits<cutlass::bfloat16_t, 64>>("SwaTraits");
+  check_swa_traits<SwaTraits<cutlass::bfloat16_t, 128>>("SwaTraits");
+  check_swa_traits<SwaFwdTraits<cutlass::bfloat16_t, 64>>("SwaFwdTraits");
+  check_swa_registers<SwaTraits<cutlass::bfloat16_t, 64>>();
+  check_swa_registers<SwaTraits<cutlass::bfloat16_t, 128>>();
+  check_swa_registers<SwaFwdTraits<cutlass::bfloat16_t, 64>>();
   if (g_failures) {
     std::printf("ldsm_check FAILED: %d of %d fragment elements / addresses wrong\n", g_failures,
                 g_checked);

@@ -9,7 +9,7 @@ namespace {
 
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const SwaFwdParams& p, cudaStream_t stream) {
-  using Traits = SwaTraits<Element, kHeadDim>;
+  using Traits = SwaFwdTraits<Element, kHeadDim>;
   if (p.dims.seqlen == 0 || p.dims.batch == 0 || p.dims.heads_q == 0) return cudaSuccess;
   const SwaFwdPlan plan = swa_fwd_plan<Traits>(p);
   auto kernel = swa_fwd_kernel<Traits>;

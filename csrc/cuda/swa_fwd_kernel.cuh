@@ -1,5 +1,5 @@
 // SWA forward on tensor cores, flash-attention-2 style. One CTA (4 warps) per
-// (query tile of kBlockM rows, batch, query head); packed batches: per (tile slot, query
+// (query tile of kBlockM rows, batch, query head; kBlockM: SwaFwdTraits); packed batches: per (tile slot, query
 // head), a slot naming a document's query tile (QkvParams::tile_slot0). It visits only the
 // key tiles inside the window (core/window.h) and masks only the tiles at the window's two
 // edges; a document's tiles see only that document's keys.
@@ -239,9 +239,17 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     CUTE_UNROLL
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     if (t < T && out != nullptr) {
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(o); ++c) {
-        out[t * p.out_stride.t + get<1>(tOcO_rc(r, c)) * p.out_stride.d] = o(r, c);
+      float* out_row = out + t * p.out_stride.t;
+      if (p.out_stride.d == 1) {
+        // Columns c, c + 1 of a row are adjacent (the MMA's accumulator pairs): 8-byte stores
+        // (the row offset and the even column keep them 8-byte aligned).
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(o); c += 2) {
+          *reinterpret_cast<float2*>(out_row + get<1>(tOcO_rc(r, c))) = make_float2(o(r, c), o(r, c + 1));
+        }
+      } else {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(o); ++c) out_row[get<1>(tOcO_rc(r, c)) * p.out_stride.d] = o(r, c);
       }
     }
     if (t < T && lse != nullptr && (tid & 3) == 0) {

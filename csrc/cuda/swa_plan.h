@@ -95,26 +95,26 @@ SwaBwdPlan swa_bwd_plan(const SwaBwdParams& p) {
   return plan;
 }
 
-// Calls f(SwaTraits<Element, D>{}) for the instantiation that serves (dtype, head_dim) and
-// returns its result; R{} when there is none.
-template <class R, class F>
+// Calls f(Traits<Element, D>{}) for the instantiation that serves (dtype, head_dim) and
+// returns its result; R{} when there is none. Traits: SwaFwdTraits or SwaTraits.
+template <template <typename, int> class Traits, class R, class F>
 R with_swa_traits(DType dtype, int64_t head_dim, F&& f) {
   const bool bf16 = dtype == DType::kBFloat16;
   if (!bf16 && dtype != DType::kFloat16) return R{};
   if (head_dim == 64)
-    return bf16 ? f(SwaTraits<cutlass::bfloat16_t, 64>{}) : f(SwaTraits<cutlass::half_t, 64>{});
+    return bf16 ? f(Traits<cutlass::bfloat16_t, 64>{}) : f(Traits<cutlass::half_t, 64>{});
   if (head_dim == 128)
-    return bf16 ? f(SwaTraits<cutlass::bfloat16_t, 128>{}) : f(SwaTraits<cutlass::half_t, 128>{});
+    return bf16 ? f(Traits<cutlass::bfloat16_t, 128>{}) : f(Traits<cutlass::half_t, 128>{});
   return R{};
 }
 
 inline SwaFwdPlan swa_fwd_plan(const SwaFwdParams& p) {
-  return with_swa_traits<SwaFwdPlan>(p.dtype, p.dims.head_dim,
-                                     [&](auto tr) { return swa_fwd_plan<decltype(tr)>(p); });
+  return with_swa_traits<SwaFwdTraits, SwaFwdPlan>(
+      p.dtype, p.dims.head_dim, [&](auto tr) { return swa_fwd_plan<decltype(tr)>(p); });
 }
 inline SwaBwdPlan swa_bwd_plan(const SwaBwdParams& p) {
-  return with_swa_traits<SwaBwdPlan>(p.dtype, p.dims.head_dim,
-                                     [&](auto tr) { return swa_bwd_plan<decltype(tr)>(p); });
+  return with_swa_traits<SwaTraits, SwaBwdPlan>(
+      p.dtype, p.dims.head_dim, [&](auto tr) { return swa_bwd_plan<decltype(tr)>(p); });
 }
 
 }  // namespace rattention::cuda

@@ -25,16 +25,18 @@ struct SwaMmaAtom<cutlass::half_t> {
 
 constexpr int kBwdDSlice = 64;  // dK/dV output columns per swa_bwd_dkdv_kernel CTA
 
-template <typename Element_, int kHeadDim_>
-struct SwaTraits {
+// The tiles, layouts and copies of both passes; kBlockM_ (a multiple of 64) query rows per tile.
+template <typename Element_, int kHeadDim_, int kBlockM_>
+struct SwaTiles {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // D (compile time; everything else is runtime)
-  static constexpr int kBlockM = 64;          // query rows per tile: 4 warps x 16 rows
+  static constexpr int kBlockM = kBlockM_;    // query rows per tile: 4 warps x 16 rows x kBlockM / 64
   static constexpr int kBlockN = 64;          // key rows per tile
   static constexpr int kNWarps = 4;
   static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kBlockM % 64 == 0, "query tiles are whole 64-row MMA tiles");
 
-  // 4 warps stacked along M: warp w owns rows [16w, 16w + 16) of every 64-row tile, so the
+  // 4 warps stacked along M: warp w owns rows [16w, 16w + 16) of each 64-row MMA tile, so the
   // softmax row statistics never cross warps (only the 4 lanes of a quad share a row).
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename SwaMmaAtom<Element>::type>,
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
@@ -95,6 +97,18 @@ struct SwaTraits {
   static constexpr int kSmemBwdDq = 2 * kSmemKV + 2 * kSmemQ;
   static constexpr int kSmemBwdDkdv = kSmemBwdDq + 2 * kBlockM * 4;
 };
+
+// Backward (dK/dV and dQ): 64-row query tiles.
+template <typename Element, int kHeadDim>
+struct SwaTraits : SwaTiles<Element, kHeadDim, 64> {};
+
+// Forward. At D = 64, 128-row query tiles: each warp owns two 16-row MMA tiles, so every K and
+// V fragment it loads with ldmatrix feeds two MMAs (half the shared-memory reads per MMA;
+// 246 registers, no spills). At D = 128 the two rows of O accumulators (128 fp32 per thread)
+// plus the score tile do not fit in 255 registers (ptxas: 796 bytes of spills with 64-key
+// tiles, 12 with 32-key tiles), so D = 128 keeps 64-row tiles.
+template <typename Element, int kHeadDim>
+struct SwaFwdTraits : SwaTiles<Element, kHeadDim, (kHeadDim <= 64 ? 128 : 64)> {};
 
 // ---- register-level helpers (after flash-attention-2's utils.h) ----------------------------
 // MMA accumulator (MMA=4, MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)).
