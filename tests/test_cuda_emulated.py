@@ -214,6 +214,35 @@ def test_swa_emulated(emu, B, T, Hq, Hkv, D, w, rot, mix, grad_lse, dtype, layou
         check(name, x, rr, pp)
 
 
+@emu_kernel("swa_fwd_kernel.cuh", "swa_bwd_kernel.cuh")
+@pytest.mark.parametrize("D", [64, 128])
+def test_rotary_tables_off_16_byte_alignment_emulated(emu, D):
+    """Rotary tables at a one-float offset (a view into a larger buffer: contiguous, so the op
+    passes the pointer on as it is) cannot take the 16-byte vector loads of the rotation; the
+    kernels take the scalar loop, with the same results as the vectorised one."""
+    B, T, Hq, Hkv, w = 1, 70, 2, 1, 20
+    q, k, v = inputs(B, T, Hq, Hkv, D, BF16, seed=11)
+    cos, sin = rotary_tables(T, D, torch.float32)
+
+    def off_alignment(t):
+        buf = torch.empty(t.numel() + 1)
+        view = buf[1:].view_as(t)
+        view.copy_(t)
+        return view
+
+    cos_u, sin_u = off_alignment(cos), off_alignment(sin)
+    assert cos_u.data_ptr() % 16 != 0 and sin_u.data_ptr() % 16 != 0
+    scale = D ** -0.5
+    go = torch.randn(B, T, Hq, D, generator=torch.Generator().manual_seed(2))
+    o, lse = emu.swa_fwd(q, k, v, w, scale, cos, sin)
+    o_u, lse_u = under_schedules(emu, lambda: emu.swa_fwd(q, k, v, w, scale, cos_u, sin_u))
+    assert torch.equal(o, o_u) and torch.equal(lse, lse_u)
+    grads = emu.swa_bwd(go, None, q, k, v, o, lse, w, scale, cos, sin)
+    grads_u = emu.swa_bwd(go, None, q, k, v, o, lse, w, scale, cos_u, sin_u)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_u):
+        assert torch.equal(a, b), name
+
+
 # ---- mixing: fused epilogue into float32 (out not saved), standalone mix_fwd / mix_bwd -----
 @emu_kernel("swa_fwd_kernel.cuh", "swa_mix_epilogue.cuh")
 @pytest.mark.parametrize("D,dtype", [(64, BF16), (128, FP16)])
@@ -556,7 +585,8 @@ def test_rla_packed_emulated(emu, lens, Hq, Hkv, D, w, fm, h0, every, dtype, num
 
 # ---- decode ---------------------------------------------------------------------------------
 # Per (dtype, D): rotary + H0, and neither; groups of 8 (a full head block of the state
-# sweep) and 1 query heads per kv head. w = 3 over 8 steps: tokens leave the window.
+# sweep) and 1 query heads per kv head. w = 3 over 8 steps: tokens leave the window; a ring of
+# 4 keys is one split (decode_plan.h: at least 8 keys per split).
 DECODE_CASES = [
     # dtype, D, fm, rot, h0, Hq, Hkv
     pytest.param(BF16, 64, "softmax", True, True, 8, 1, marks=mutants),
@@ -582,6 +612,64 @@ def emu_cache(B, w, Hkv, D, dtype):
                            torch.zeros(B, dtype=torch.int64))
 
 
+def decode_tokens(emu, q, k, v, w, fm, scale, H0, cos, sin, ga, gb, lead=0, target_ctas=0):
+    """Decodes q, k, v [B, T, H, D] token by token from an empty cache; with lead > 0 the last
+    sequence first runs `lead` tokens alone, then every sequence b < B - 1 feeds token t while
+    it feeds t + lead (positions differ across the batch). Returns (out rows per sequence
+    [B, T or T - lead, Hq, D], cache, the split counts launched)."""
+    B, T, Hkv, D = k.shape
+    cache = emu_cache(B, w, Hkv, D, q.dtype)
+    rows, splits = [[] for _ in range(B)], set()
+
+    def step(sel, tok):
+        bs = slice(sel[0], sel[-1] + 1)
+        qq, kk, vv = (torch.stack([x[b, t] for b, t in zip(sel, tok)])[:, None] for x in (q, k, v))
+        out = emu.decode_step(qq, kk, vv, cache.keys[bs], cache.values[bs], cache.state[bs],
+                              cache.positions[bs], fm, scale, H0, cos, sin, ga, gb, 1e-8,
+                              target_ctas=target_ctas)
+        launches = emu.take_launch_records()
+        splits.add(launches[0]["grid"][1])  # decode_split_kernel: (B * Hkv, splits)
+        for i, b in enumerate(sel):
+            rows[b].append(out[i])
+
+    emu.take_launch_records()
+    for t in range(lead):
+        step([B - 1], [t])
+    for t in range(T - lead):
+        step(list(range(B)), [t] * (B - 1) + [t + lead])
+    return [torch.cat(r, dim=0) for r in rows], cache, splits
+
+
+def check_decode(got, cache, q, k, v, w, fm, scale, H0, cos, sin, ga, gb, lead=0):
+    """Rows against the float64 forward by the 2x-plain-dtype rule (the plain forward in the
+    input dtype), the state against the RLA final state, the ring against the raw keys."""
+    B, T = q.shape[:2]
+    kw = dict(window_size=w, feature_map=fm, softmax_scale=scale, swa_norm_weight=ga,
+              rla_norm_weight=gb, norm_eps=1e-8)
+    r64 = ref.forward(q.double(), k.double(), v.double(),
+                      initial_state=None if H0 is None else H0.double(),
+                      rotary_cos=None if cos is None else cos.double(),
+                      rotary_sin=None if sin is None else sin.double(), **kw)
+    plain = ref.forward(q, k, v, initial_state=H0, rotary_cos=cos, rotary_sin=sin, **kw)
+    for b in range(B):
+        n = T if b == B - 1 else T - lead
+        assert got[b].dtype == q.dtype and got[b].shape == (n,) + q.shape[2:]
+        check(f"decode out, sequence {b}", got[b], r64[b, :n], plain[b, :n])
+    assert cache.positions.tolist() == [T - lead] * (B - 1) + [T]
+    for b in range(B):
+        n = T if b == B - 1 else T - lead
+        _, s64 = ref.residual_linear_attention(q[b:b + 1, :n].double(), k[b:b + 1, :n].double(),
+                                               v[b:b + 1, :n].double(), window_size=w,
+                                               feature_map=fm, return_final_state=True)
+        if n > w + 1:
+            assert rel_err(cache.state[b:b + 1], s64) < 1e-2, b
+        else:
+            assert torch.count_nonzero(cache.state[b]) == 0, b
+        for s in range(max(0, n - w - 1), n):  # the ring holds the last w + 1 raw keys
+            assert torch.equal(cache.keys[b, s % (w + 1)], k[b, s]), (b, s)
+            assert torch.equal(cache.values[b, s % (w + 1)], v[b, s]), (b, s)
+
+
 @emu_kernel("decode.cu")
 @pytest.mark.parametrize("dtype,D,fm,rot,h0,Hq,Hkv", DECODE_CASES)
 def test_decode_emulated_matches_forward(emu, dtype, D, fm, rot, h0, Hq, Hkv):
@@ -592,29 +680,88 @@ def test_decode_emulated_matches_forward(emu, dtype, D, fm, rot, h0, Hq, Hkv):
     ga, gb = mix_weights(Hq, D, seed=12)
     cos, sin = rotary_tables(T, D, torch.float32) if rot else (None, None)
     scale = 1 / math.sqrt(D)
+    got, cache, splits = under_schedules(
+        emu, lambda: decode_tokens(emu, q, k, v, w, fm, scale, H0, cos, sin, ga, gb))
+    assert splits == {1}
+    check_decode(got, cache, q, k, v, w, fm, scale, H0, cos, sin, ga, gb)
+
+
+# Flash-decoding: one (sequence, kv head) split across CTAs (ring positions and state
+# columns), merged by the combine kernel. target = the CTA count the plan aims at (the SM
+# count on a GPU), which sets the split count here; `splits` is what the plan must choose.
+SPLIT_CASES = [
+    # B, T, Hq, Hkv, D, w, target, splits, dtype, fm, rot, h0, lead
+    # one split of 41 keys: two key tiles (the barrier that ends a tile), G = 16: two head
+    # blocks in the state sweep (the barrier between them)
+    pytest.param(1, 44, 16, 1, 64, 40, 1, 1, BF16, "softmax", True, True, 0, marks=mutants),
+    # 4 splits of 11 keys over a ring of 41 (not divisible), GQA 4
+    pytest.param(1, 44, 4, 1, 128, 40, 4, 4, FP16, "relu", True, False, 0, marks=mutants),
+    # w >= steps: the later splits hold no key yet; ragged positions across the batch
+    pytest.param(2, 12, 8, 1, 128, 50, 16, 4, BF16, "softmax", False, True, 5),
+    # GQA 1, a small ring (10 keys: 2 splits of 5), tokens leave the window, ragged
+    pytest.param(2, 14, 2, 2, 64, 9, 8, 2, FP16, "softmax", True, True, 3),
+    # GQA 8 at D 64, 2 splits of 9
+    pytest.param(1, 24, 8, 1, 64, 16, 8, 2, BF16, "relu", False, False, 0),
+    # the most splits at D 128 (32, one float4 of state columns each), most of them empty
+    pytest.param(1, 4, 2, 1, 128, 255, 132, 32, BF16, "softmax", True, True, 0),
+]
+
+
+@emu_kernel("decode.cu")
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,target,splits,dtype,fm,rot,h0,lead", SPLIT_CASES)
+def test_decode_emulated_split(emu, B, T, Hq, Hkv, D, w, target, splits, dtype, fm, rot, h0,
+                               lead):
+    q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=T + w + Hq)
+    g = torch.Generator().manual_seed(5)
+    H0 = 0.1 * torch.randn(1, Hq, 2 * D, D, generator=g) if h0 else None
+    ga, gb = mix_weights(Hq, D, seed=13)
+    cos, sin = rotary_tables(T, D, torch.float32) if rot else (None, None)
+    scale = 1 / math.sqrt(D)
+    got, cache, launched = under_schedules(
+        emu, lambda: decode_tokens(emu, q, k, v, w, fm, scale, H0, cos, sin, ga, gb, lead=lead,
+                                   target_ctas=target))
+    assert launched == {splits}
+    check_decode(got, cache, q, k, v, w, fm, scale, H0, cos, sin, ga, gb, lead=lead)
+
+
+def _unaligned(shape, dtype, fill=0.0):
+    """A contiguous tensor whose data starts 2 elements into its storage: rows that are not
+    16-byte aligned (the kernels then copy element by element)."""
+    n = math.prod(shape)
+    return torch.full((n + 2,), fill, dtype=dtype)[2:].view(shape)
+
+
+@emu_kernel("decode.cu")
+def test_decode_emulated_unaligned_rows(emu):
+    """New k / v rows, the ring and the state not 16-byte aligned, over two splits."""
+    from rattention_ext.decode import RAttentionCache
+
+    B, T, Hq, Hkv, D, w, dtype = 1, 12, 4, 1, 64, 9, BF16
+    q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=21)
+    k2, v2 = _unaligned(k.shape, dtype), _unaligned(v.shape, dtype)
+    k2.copy_(k)
+    v2.copy_(v)
+    ga, gb = mix_weights(Hq, D, seed=22)
+    cos, sin = rotary_tables(T, D, torch.float32)
+    scale = 1 / math.sqrt(D)
 
     def run():
-        cache = emu_cache(B, w, Hkv, D, dtype)
+        cache = RAttentionCache(_unaligned((B, w + 1, Hkv, D), dtype),
+                                _unaligned((B, w + 1, Hkv, D), dtype),
+                                _unaligned((B, Hkv, 2 * D, D), torch.float32),
+                                torch.zeros(B, dtype=torch.int64))
         rows = []
         for t in range(T):
-            rows.append(emu.decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache.keys,
-                                        cache.values, cache.state, cache.positions, fm, scale,
-                                        H0, cos, sin, ga, gb, 1e-8))
-        return torch.cat(rows, dim=1), cache.state, cache
+            rows.append(emu.decode_step(q[:, t:t + 1], k2[:, t:t + 1], v2[:, t:t + 1], cache.keys,
+                                        cache.values, cache.state, cache.positions, "softmax",
+                                        scale, None, cos, sin, ga, gb, 1e-8, target_ctas=2))
+        grids = {r["grid"] for r in emu.take_launch_records()}
+        return [torch.cat(rows, dim=1)[0]], cache, grids
 
-    got, _, cache = under_schedules(emu, run)
-    assert cache.positions.tolist() == [T] * B
-    kw = dict(window_size=w, feature_map=fm, softmax_scale=scale,
-              initial_state=None if H0 is None else H0.double(),
-              swa_norm_weight=ga.double(), rla_norm_weight=gb.double())
-    if rot:
-        kw.update(rotary_cos=cos.double(), rotary_sin=sin.double())
-    want = ref.forward(q.double(), k.double(), v.double(), **kw)
-    assert got.dtype == dtype
-    assert rel_err(got, want) < 2e-2  # bf16/fp16 inputs, cache and output; fp32 math inside
-    _, state = ref.residual_linear_attention(q.double(), k.double(), v.double(), window_size=w,
-                                             feature_map=fm, return_final_state=True)
-    assert rel_err(cache.state, state) < 1e-2
+    emu.take_launch_records()
+    got, cache, grids = under_schedules(emu, run)
+    assert (1, 2, 1) in grids  # the split kernel: 2 splits
+    check_decode(got, cache, q, k, v, w, "softmax", scale, None, cos, sin, ga, gb)
 
 
 @emu_kernel("decode.cu")

@@ -189,7 +189,7 @@ def test_launch_json_schema(dump_rows, tmp_path):
     ctas = the grid's product, waves from ctas_per_sm, and a clear problem for a kernel the
     report lacks."""
     names = {"swa_fwd_kernel": "swa_fwd_kernel<SwaFwdTraits<bf16,128>>",
-             "decode_step_kernel": "decode_impl::decode_step_kernel<bf16,128>"}
+             "decode_split_kernel": "decode_impl::decode_split_kernel<bf16,128>"}
     # one bf16 and one fp16 instantiation per kernel (a name twice would be ambiguous)
     report, seen = [], set()
     for r in dump_rows:
@@ -233,7 +233,7 @@ def test_structural_targets_read_the_rows():
             row("S1", "forward", "rla_fwd_prefix_reduce_kernel", ctas=1, mma=0),  # no MMA: out
             row("S1", "forward", "swa_fwd_kernel<SwaFwdTraits<bf16,128>>"),
             row("S2", "backward", "rla_bwd_dq_kernel<RlaTraits<bf16,128,64>>", ws=2**31),
-            row("D1", "decode_step", "decode_impl::decode_step_kernel<bf16,128>", ctas=64)]
+            row("D1", "decode_step", "decode_impl::decode_split_kernel<bf16,128>", ctas=64)]
     got = {(what, shape): (v, met) for what, shape, v, _, _, met in launch_plan.targets(rows)}
     assert got[("RLA tensor-core launches: CTAs", "S1")] == (8, False)
     assert got[("RLA tensor-core launches: serial chunk steps", "S1")] == (4, True)

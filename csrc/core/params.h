@@ -315,6 +315,9 @@ struct DecodeParams {
   int64_t window_size;
   double softmax_scale;
   double eps;
+  // The CTA count the CUDA decode aims at when it splits a (sequence, kv head) across CTAs
+  // (the device's SM count); 0: the plan's default (cuda/decode_plan.h).
+  int64_t target_ctas;
 };
 
 }  // namespace rattention

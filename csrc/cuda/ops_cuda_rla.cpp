@@ -120,8 +120,13 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   // No position check on the host (it would synchronise): the kernel writes NaN outputs for
   // a sequence whose position is past the rotary table.
   if (!r.run_kernel) return r.out;
+  // the split across CTAs aims at one wave of the device (properties are cached: no sync)
+  r.params.target_ctas = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   check_smem_fits(cuda::decode_smem_bytes(r.params), "decode_step", r.params.head_dim);
-  check_launch(cuda::decode_step(r.params, at::cuda::getCurrentCUDAStream()), "decode_step");
+  // from the caching allocator on the current stream: capturable in a CUDA graph
+  at::Tensor ws = at::empty({cuda::decode_workspace_bytes(r.params)}, q.options().dtype(at::kByte));
+  check_launch(cuda::decode_step(r.params, ws.data_ptr(), at::cuda::getCurrentCUDAStream()),
+               "decode_step");
   return r.out;
 }
 

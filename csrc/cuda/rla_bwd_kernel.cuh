@@ -286,11 +286,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       // dv += phi(k) dS (dS = everything after this chunk)
       gemm_s_state_split(mma, acc_dv, sPhiK, sdS_B, sdS_B, false);
     }
-    if (has_keys) {
-      RATT_COVER("chunk_with_keys");
-    } else {
-      RATT_COVER("queries_without_keys");
-    }
+    // A chunk here has keys: one without keys is skipped above unless it updates dS, and
+    // update_ds needs s_base > 0, which puts key s_base in the chunk.
+    if (has_keys) RATT_COVER("chunk_with_keys");
     if (G == 1) {
       RATT_COVER("dk_shared_slot");
     } else {

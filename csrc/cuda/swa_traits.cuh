@@ -211,17 +211,53 @@ CUTE_DEVICE void copy_rows_pred(TiledCopy const& tiled_copy, S const& src, D& ds
 
 // Half-split rotary on a (rows x D) shared-memory tile whose first row is token `t0`:
 //   [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] (inverse: s -> -s). Rows >= rows_left are skipped.
-// Each thread owns whole (row, i) pairs, so no two threads touch the same element.
+// Each thread owns whole (row, i) pairs, so no two threads touch the same element. Vectorised:
+// a thread takes 8 consecutive pairs, i.e. one 16-byte chunk of x1 and one of x2 (the swizzle
+// permutes whole 16-byte chunks, so 8 elements from a multiple of 8 stay contiguous) and two
+// float4 of each table; tables whose rows are not 16-byte aligned take the scalar loop.
 template <int kRows, int kHeadDim, int kNThreads, typename STensor>
 CUTE_DEVICE void rotate_tile_smem(STensor& s, const float* cos, const float* sin, int64_t t0,
                                   int rows_left, bool inverse) {
+  using E = typename STensor::value_type;
   constexpr int kHalf = kHeadDim / 2;
+  constexpr int kVec = 16 / int(sizeof(E));  // elements of one 16-byte chunk
+  static_assert(kHalf % kVec == 0 && kVec == 8, "whole 16-byte chunks of 2-byte elements");
+  const bool aligned = ((reinterpret_cast<uintptr_t>(cos) | reinterpret_cast<uintptr_t>(sin)) & 15) == 0;
+  if (aligned) {
+    RATT_COVER_ANY("rotary_vectorised");
+    constexpr int kChunks = kHalf / kVec;  // per row
+    for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kNThreads) {
+      const int r = idx / kChunks, i0 = (idx % kChunks) * kVec;
+      if (r >= rows_left) continue;
+      const float4* c4 = reinterpret_cast<const float4*>(cos + (t0 + r) * kHalf + i0);
+      const float4* s4 = reinterpret_cast<const float4*>(sin + (t0 + r) * kHalf + i0);
+      const float4 ca = c4[0], cb = c4[1], sa = s4[0], sb = s4[1];
+      const float c[kVec] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+      const float sg = inverse ? -1.f : 1.f;
+      const float sn[kVec] = {sg * sa.x, sg * sa.y, sg * sa.z, sg * sa.w,
+                              sg * sb.x, sg * sb.y, sg * sb.z, sg * sb.w};
+      uint4* p1 = reinterpret_cast<uint4*>(&s(r, i0));
+      uint4* p2 = reinterpret_cast<uint4*>(&s(r, i0 + kHalf));
+      uint4 u1 = *p1, u2 = *p2;
+      E* x1 = reinterpret_cast<E*>(&u1);
+      E* x2 = reinterpret_cast<E*>(&u2);
+      CUTE_UNROLL
+      for (int e = 0; e < kVec; ++e) {
+        const float a = static_cast<float>(x1[e]), b = static_cast<float>(x2[e]);
+        x1[e] = static_cast<E>(a * c[e] - b * sn[e]);
+        x2[e] = static_cast<E>(b * c[e] + a * sn[e]);
+      }
+      *p1 = u1;
+      *p2 = u2;
+    }
+    return;
+  }
+  RATT_COVER_ANY("rotary_scalar");
   for (int idx = threadIdx.x; idx < kRows * kHalf; idx += kNThreads) {
     const int r = idx / kHalf, i = idx % kHalf;
     if (r >= rows_left) continue;
     const float c = cos[(t0 + r) * kHalf + i];
     const float sn = inverse ? -sin[(t0 + r) * kHalf + i] : sin[(t0 + r) * kHalf + i];
-    using E = typename STensor::value_type;
     const float x1 = static_cast<float>(s(r, i));
     const float x2 = static_cast<float>(s(r, i + kHalf));
     s(r, i) = static_cast<E>(x1 * c - x2 * sn);

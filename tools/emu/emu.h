@@ -123,6 +123,18 @@ T shfl_xor(T v, int lane_mask) {
   return out;
 }
 
+// __shfl_sync with a width of 32: lane src_lane's value (CUDA takes it modulo the width).
+template <class T>
+T shfl(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = warp_exchange(bits, src_lane & 31);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
 template <class... Rest>
 constexpr int first_of(int n, Rest...) {
   return n;
@@ -144,6 +156,7 @@ constexpr int first_of(int n, Rest...) {
 #define gridDim (::emu::grid_dim())
 #define __syncthreads() ::emu::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) ::emu::shfl_xor(v, lane_mask)
+#define __shfl_sync(mask, v, src_lane) ::emu::shfl(v, src_lane)
 
 inline float atomicAdd(float* p, float v) { return ::emu::atomic_add(p, v); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }

@@ -264,9 +264,11 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        at::Tensor k_cache, at::Tensor v_cache, at::Tensor state, at::Tensor pos,
                        const std::string& fm, double scale, c10::optional<at::Tensor> h0,
                        c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin,
-                       const at::Tensor& ga, const at::Tensor& gb, double eps) {
+                       const at::Tensor& ga, const at::Tensor& gb, double eps,
+                       int64_t target_ctas) {
   auto r = prepare_decode_step(q, k, v, k_cache, v_cache, state, pos, fm, scale, h0, cos, sin, ga,
                                gb, eps, /*cuda_backend=*/true);
+  r.params.target_ctas = target_ctas;  // 0: the plan's default; tests force other splits
   Sandbox box("decode_step");
   box.reserve(24);
   add_keep(box, r.keep, {"q", "k", "v", "initial_state", "rotary_cos", "rotary_sin", "swa_weight",
@@ -276,8 +278,9 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   box.add("state", state, Role::kInOut);
   box.add("positions", pos, Role::kInOut);
   box.add("out", r.out, Role::kOut);
+  float* ws = box.workspace(cuda::decode_workspace_bytes(r.params) / int64_t(sizeof(float)));
   box.redirect(r.params);
-  box.finish(cuda::decode_step(r.params, nullptr));
+  box.finish(cuda::decode_step(r.params, ws, nullptr));
   return r.out;
 }
 
@@ -309,7 +312,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_sms") = rattention::cuda::kRlaReferenceSms);
   m.def("mix_fwd", &rattention::mix_fwd);
   m.def("mix_bwd", &rattention::mix_bwd);
-  m.def("decode_step", &rattention::decode_step);
+  m.def("decode_step", &rattention::decode_step, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("state"), py::arg("pos"), py::arg("fm"),
+        py::arg("scale"), py::arg("h0"), py::arg("cos"), py::arg("sin"), py::arg("ga"),
+        py::arg("gb"), py::arg("eps"), py::arg("target_ctas") = 0);
   add_launch_plan_bindings(m);
 
   m.def("set_schedule", [](const std::string& order, uint64_t seed) {
