@@ -73,21 +73,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = seg.n_chunks;
-  const int64_t every = p.checkpoint_every;
   const int64_t ck = seg.z;
-  const int64_t c_begin = ck * every, c_end = imin(n_chunks, c_begin + every);
   // This CTA's part of the checkpoint segment (parts per segment; packed: 1): it advances S
   // from the checkpoint through the chunks before the part (state updates only), then writes
-  // dphi(q) for the part's chunks [out_begin, out_end).
-  const int64_t part = blockIdx.z % parts, part_chunks = ceil_div(every, parts);
-  const int64_t out_begin = c_begin + part * part_chunks;
-  const int64_t out_end = imin(c_end, out_begin + part_chunks);
-  if (out_begin >= out_end) {
+  // dphi(q) for the part's chunks [part_begin, part_end).
+  if (seg.part_begin >= seg.part_end) {
     RATT_COVER_ANY("empty_part");
     return;  // a part past a short last segment (the whole CTA leaves)
   }
-  if (part > 0) RATT_COVER_ANY("later_part");
+  if (seg.part > 0) RATT_COVER_ANY("later_part");
 
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
@@ -103,21 +97,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor tScS = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));
   Tensor tQcQ = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));  // (C q, 64 feat)
   Tensor tSsP = thr.partition_C(sP);
-  auto state_update = [&]() {  // S += phi(k)^T v (as in the forward); sPhiK, sV loaded
-    CUTE_UNROLL
-    for (int m = 0; m < F / C; ++m) {
-      Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
-      Tensor tUsS = thr.partition_C(sS_m);
-      Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
-      gemm_ss(mma, acc_u, local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sVt);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
-    }
-  };
 
-  for (int64_t c = c_begin; c < out_end; ++c) {
+  for (int64_t c = seg.seg_begin; c < seg.part_end; ++c) {
     const int64_t t0 = c * C;
     const int rows = static_cast<int>(imin(C, T - t0));
     const TileRange keys = rla_chunk_keys(c, C, T, w);
@@ -131,11 +112,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
       load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
     }
-    if (c < out_begin) {  // before the part: only the state advances
+    if (c < seg.part_begin) {  // before the part: only the state advances
       if (has_keys) {
         RATT_COVER_ANY("advance_state");
         __syncthreads();  // sPhiK, sV complete
-        state_update();
+        rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
       }
       continue;
     }
@@ -189,7 +170,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       __syncthreads();  // sdO, sP free
     }
-    if (has_keys && c + 1 < out_end) state_update();  // none after the part's last chunk
+    if (has_keys && c + 1 < seg.part_end) {  // none after the part's last chunk
+      rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+    }
   }
 }
 
@@ -232,7 +215,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t c_begin = seg.z * segs.chunks, c_end = imin(seg.n_chunks, c_begin + segs.chunks);
+  const int64_t c_begin = seg.seg_begin, c_end = seg.seg_end;
   if (seg.z + 1 < seg.n_seg) RATT_COVER("later_segments");
   // token rows of the q/k-shaped workspaces and gradients (packed: all documents)
   const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;

@@ -214,6 +214,29 @@ __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA c
   }
 }
 
+// S += phi(k)^T v for the key rows of a chunk (sPhiK, sV loaded), the fp32 state slice
+// sS [2D, BV] updated in place in 64-row tiles: the forward's passes 1 and 3 and the
+// backward's dq pass.
+template <class Tr, class TiledMma, class TS, class TK, class TV>
+__device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
+                                                 TV const& sVt) {
+  using namespace cute;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  CUTE_UNROLL
+  for (int m = 0; m < F / C; ++m) {
+    Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));         // (C, BV)
+    Tensor sPhiKt_m = local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (C feat, C keys)
+    Tensor tUsS = thr.partition_C(sS_m);
+    Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
+    gemm_ss(mma, acc_u, sPhiKt_m, sVt);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
+  }
+}
+
 // ---- feature map of one row, one warp ---------------------------------------------------
 // Lane l owns entries [l*E, l*E + E) of the row (E = D/32); x holds them in fp32.
 // Writes phi(x) = [f(x), f(-x)] (2D values) into y as Element. Row reductions are warp
@@ -330,16 +353,21 @@ __device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_strid
 // The (sequence, kv head, segment) of a CTA of the segment grids, segments of `seg_chunks`
 // chunks: the checkpoint segments (rla_fwd_state_kernel, rla_fwd_kernel, rla_bwd_dq_kernel)
 // or the backward's dk/dv segments (RlaBwdSegments). Dense: grid y = b * Hkv + kv head,
-// z = segment. Packed: y = kv head, z = a slot of the O(1) tile-slot rule
+// z = segment * parts + part. Packed: y = kv head, z = a slot of the O(1) tile-slot rule
 // (QkvParams::packed_tile_slots with kChunk * seg_chunks rows; for the checkpoints that is
 // RlaCommonParams::ckpt_slot0); a slot past the document's last segment has no work (!valid).
+// `parts` CTAs share a dense checkpoint segment when the segments alone do not fill the GPU
+// (rla_segment_parts; packed: 1): part k owns ceil(len / parts) of the segment's len chunks,
+// [part_begin, part_end), possibly none; the kernels that need the state at part_begin
+// advance it from the checkpoint at seg_begin.
 struct RlaSegmentCta {
   int64_t b, hk, z;  // sequence, kv head, segment inside the sequence
   int64_t T;         // rows of the sequence
   int64_t n_chunks, n_seg;
+  int64_t seg_begin, seg_end;    // the segment's chunks
+  int64_t part, part_begin, part_end;  // this CTA's part and its chunks
   bool valid;
 };
-// `parts` CTAs share a dense segment (grid z = segment * parts + part; rla_bwd_dq_kernel).
 template <int kChunk>
 __device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p, int64_t seg_chunks,
                                                          int64_t parts = 1) {
@@ -349,15 +377,22 @@ __device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& 
     s.b = p.seq_of_tile_slot(blockIdx.z, kChunk * seg_chunks);
     s.hk = blockIdx.y;
     s.z = blockIdx.z - p.tile_slot0(s.b, kChunk * seg_chunks);
+    s.part = 0;
   } else {
     s.b = blockIdx.y / Hkv;
     s.hk = blockIdx.y % Hkv;
     s.z = blockIdx.z / parts;
+    s.part = blockIdx.z % parts;
   }
   s.T = p.seqlen_q(s.b);
   s.n_chunks = ceil_div(s.T, kChunk);
   s.n_seg = ceil_div(s.n_chunks, seg_chunks);
   s.valid = s.z < s.n_seg;
+  s.seg_begin = s.z * seg_chunks;
+  s.seg_end = imin(s.n_chunks, s.seg_begin + seg_chunks);
+  const int64_t part_chunks = ceil_div(imax(0, s.seg_end - s.seg_begin), parts);
+  s.part_begin = s.seg_begin + s.part * part_chunks;
+  s.part_end = imin(s.seg_end, s.part_begin + part_chunks);
   return s;
 }
 // The backward's dk/dv segments, `chunks` chunks each (rla_bwd_plan chooses it from the SM
@@ -375,10 +410,5 @@ struct RlaBwdSegments {
                       : (b * heads + head) * slots + z;
   }
 };
-
-template <int kChunk>
-__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p) {
-  return rla_segment_cta<kChunk>(p, p.checkpoint_every);
-}
 
 }  // namespace rattention::cuda
