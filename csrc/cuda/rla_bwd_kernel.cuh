@@ -142,9 +142,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         CUTE_UNROLL
         for (int i = 0; i < size(acc_s); ++i)
           tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
-        // emu-mutants: redundant across warps because warp w writes exactly rows 16w..16w+15
-        // of sP (its MMA accumulator partition) and only warp w reads them (the A-operand
-        // rows of its sP phi(k) MMAs); what it orders is lanes of one warp (a __syncwarp would do).
+        // the two warps of a row block wrote half of its sP columns each; all are read below
         __syncthreads();
       }
       float* ws = wsQ + (p.q_row(b, t0) * Hq + h) * F;  // row i at + i * Hq * F

@@ -135,9 +135,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
           const bool keep = get<1>(tScS(i)) <= get<0>(tScS(i));  // key j <= row i
           tSsP(i) = Element(keep ? acc_s(i) : 0.f);
         }
-        // emu-mutants: redundant across warps because warp w writes exactly rows 16w..16w+15
-        // of sP (its MMA accumulator partition) and only warp w reads them (the A-operand
-        // rows of its MMAs below); what it orders is lanes of one warp (a __syncwarp would do).
+        // the two warps of a row block wrote half of its sP columns each; all are read below
         __syncthreads();  // sP complete
         gemm_ss(mma, acc_o, sP, sVt);
       }

@@ -44,17 +44,27 @@ struct RlaTraits {
   static constexpr int kFeat = 2 * kHeadDim_;    // 2D, width of phi
   static constexpr int kChunk = 64;              // C: rows per chunk (the op requires 64)
   static constexpr int kBlockV = kBlockV_;       // value columns per CTA
-  static constexpr int kNWarps = 4;
+  // 8 warps: 4 along M (16 rows each) x 2 along N, so an SM holds 8 resident warps even
+  // when the shared memory of a CTA (up to 161 KB at D = 128) allows only one CTA.
+  static constexpr int kNWarps = 8;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kNVBlocks = kHeadDim / kBlockV;
   static_assert(kHeadDim % kBlockV == 0, "value slices must tile D");
   static_assert(kHeadDim % 32 == 0, "phi rows: each lane owns D/32 entries");
   static_assert(kFeat % kChunk == 0, "state update walks 2D in kChunk-row tiles");
 
-  // 4 warps stacked along M: each warp owns 16 rows of a 64-row tile; Tile<64,16,16>.
+  // Warps 4 (M) x 2 (N): warp (m, n) owns rows 16m..16m+15 of a 64-row tile and, of every
+  // 32 columns, the 16 at 16n..16n+15 (the N permutation (8,2,2):(1,16,8) puts the warp's two
+  // 8-column atoms side by side, so one ldmatrix.x4 loads its B fragment of a 16-wide K
+  // slice); Tile<64,32,16>. Two warps share every row of an accumulator, so a tile written
+  // through the accumulator partition (sP, the state) needs a CTA barrier before another GEMM
+  // reads it as an operand.
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename RlaMmaAtom<Element>::type>,
-                                  cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<64>, cute::_16, cute::_16>>;
+                                  cute::Layout<cute::Shape<cute::_4, cute::_2, cute::_1>>,
+                                  cute::Tile<cute::Int<64>,
+                                             cute::Layout<cute::Shape<cute::_8, cute::_2, cute::_2>,
+                                                          cute::Stride<cute::_1, cute::_16, cute::_8>>,
+                                             cute::_16>>;
 
   // Padded row strides (elements): keeps the transposed operand reads off one bank.
   static constexpr int kPhiStride = kFeat + 8;    // sPhiQ, sPhiK [C, 2D]
