@@ -428,7 +428,11 @@ def test_rla_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
 
 # The dk/dv pass in segments planned from the SM count (rla_bwd_plan): a small num_sms gives
 # segments of several chunks, and a segment count that differs from the checkpoint count.
+# The forward and the dq pass split checkpoint segments into parts from the SM count
+# (rla_segment_parts): the 132-SM cases above run as many parts as a segment has chunks.
 # Segment chunks = clamp(n_chunks * D/64 * B*Hkv // num_sms, 1, 16); n_chunks = ceil(T / 64).
+# dq CTAs per checkpoint segment = clamp(ceil(num_sms / (D/64 * B*Hkv * n_ckpt)), 1, every)
+# (the 132-SM cases above with every = 2 run two per segment).
 RLA_SEGMENT_CASES = [
     # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms -> segments x chunks
     # 5 chunks, G = 4: segments of 2, 2, 1 chunks (3 segments, 3 checkpoints); per-batch H0
@@ -441,6 +445,9 @@ RLA_SEGMENT_CASES = [
     pytest.param(1, 260, 4, 4, 64, 17, "softmax", None, 1, False, FP16, 6),
     # one segment of all 4 chunks (num_sms = 1), D = 128, relu, H0 per batch
     pytest.param(1, 230, 2, 1, 128, 40, "relu", "batch", 2, True, BF16, 1),
+    # dq in parts: checkpoint segments of 4 + 1 chunks, 2 CTAs each (the second part of the
+    # first advances the state over 2 chunks; that of the second has no chunk)
+    pytest.param(1, 260, 2, 1, 64, 20, "softmax", "batch", 4, True, BF16, 4),
 ]
 
 
@@ -451,8 +458,8 @@ def test_rla_segments_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_fin
 
 
 def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms=132):
-    """RLA forward and backward (the backward planned for num_sms SMs) under every schedule
-    against the float64 reference."""
+    """RLA forward and backward (both planned for num_sms SMs) under every schedule against
+    the float64 reference; the checkpoints against those of a forward planned for other SMs."""
     q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=T + D + w)
     g = torch.Generator().manual_seed(2)
     H0 = None
@@ -463,11 +470,16 @@ def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sm
     gfs = torch.randn(B, Hkv, 2 * D, D, generator=g) if grad_final else None
 
     def run():
-        o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every)
+        o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every, num_sms=num_sms)
         return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, num_sms=num_sms)
 
     # dq accumulates across CTAs with float atomics (flat position 3)
     o, fs, ck, (dq, dk, dv, dh0) = under_schedules(emu, run, atomic=(3,))
+    # The checkpoints do not depend on how the segments are split into parts (132 SMs: as
+    # many parts as chunks per segment here; 1 SM: none), up to the order of the fp32 sums.
+    _, fs_other, ck_other = emu.rla_fwd(q, k, v, w, fm, H0, every, num_sms=1 if num_sms > 1 else 132)
+    for name, x, y in (("checkpoints", ck, ck_other), ("final_state", fs, fs_other)):
+        assert (x - y).abs().max() <= 1e-5 * (y.abs().max() + 1e-30), name
 
     l64 = [x.double().requires_grad_() for x in (q, k, v)]
     h64 = None if H0 is None else H0.double().requires_grad_()

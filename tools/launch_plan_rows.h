@@ -24,7 +24,7 @@ struct PlanShape {
   // > 0: a packed batch of this many documents in `seqlen` rows in all (batch is ignored)
   int64_t packed_seqs = 0;
   int64_t checkpoint_every = 4;  // python/rattention_ext/api.py DEFAULT_CHECKPOINT_EVERY
-  int num_sms = kRlaReferenceSms;  // the GPU the RLA backward's segments are planned for
+  int num_sms = kRlaReferenceSms;  // the GPU the RLA passes' segments (and parts) are planned for
   DType dtype = DType::kBFloat16;
 };
 
@@ -128,7 +128,7 @@ inline std::vector<PlanRow> plan_rows(const std::string& op, const PlanShape& s)
     else if (one == "swa_bwd")
       append_plan_rows(rows, "swa_bwd", swa_bwd_plan(plan_swa_bwd_params(s)));
     else if (one == "rla_fwd")
-      append_plan_rows(rows, "rla_fwd", rla_fwd_plan(plan_rla_fwd_params(s)));
+      append_plan_rows(rows, "rla_fwd", rla_fwd_plan(plan_rla_fwd_params(s), s.num_sms));
     else if (one == "rla_bwd")
       append_plan_rows(rows, "rla_bwd", rla_bwd_plan(plan_rla_bwd_params(s), s.num_sms));
     else if (one == "mix_fwd")

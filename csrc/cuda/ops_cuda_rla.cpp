@@ -39,7 +39,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cuda(
                            carried_state);
   if (!r.run_kernel) return {r.out, r.final_state, r.checkpoints};  // empty inputs
   check_smem_fits(cuda::rla_fwd_smem_bytes(r.params), "rla_fwd", r.params.dims.head_dim);
-  check_launch(cuda::rla_fwd(r.params, at::cuda::getCurrentCUDAStream()), "rla_fwd");
+  // the segment parts (and so the workspace) are sized for this GPU's SMs
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t ws_floats = cuda::rla_fwd_workspace_floats(r.params, num_sms);
+  at::Tensor ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
+  check_launch(cuda::rla_fwd(r.params, num_sms, ws_floats > 0 ? ws.data_ptr<float>() : nullptr,
+                             at::cuda::getCurrentCUDAStream()),
+               "rla_fwd");
   return {r.out, r.final_state, r.checkpoints};
 }
 

@@ -35,7 +35,7 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace,
   if ((err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.dq.smem_bytes))) != cudaSuccess)
     return err;
-  RATT_LAUNCH_PLANNED(plan.dq, stream, dq)(p, wsQ);
+  RATT_LAUNCH_PLANNED(plan.dq, stream, dq)(p, plan.dq_parts, wsQ);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   // dS at every dk/dv segment start: local sums, then the suffix scan (and dH0)

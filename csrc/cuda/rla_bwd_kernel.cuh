@@ -8,10 +8,11 @@
 // Packed batches: the grids run over slots of the O(1) tile-slot rule (D/BV, Hkv, slots),
 // the dq grid over the checkpoint slots as the forward does, the dk/dv grids over their
 // segments' (RlaBwdSegments); workspaces and gradients are row-indexed.
-// 1. rla_bwd_dq_kernel, grid (D/BV, B*Hkv, n_checkpoints): forward direction. A CTA starts
-//    from its checkpoint (this is what the checkpoints are for: segments run in parallel)
-//    and per chunk and head adds the column slice's share of dphi(q) into the fp32
-//    workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
+// 1. rla_bwd_dq_kernel, grid (D/BV, B*Hkv, n_checkpoints * parts): forward direction. A CTA
+//    starts from its checkpoint (this is what the checkpoints are for: segments run in
+//    parallel), advances S without outputs to its part of the segment (parts planned from the
+//    SM count; packed: 1) and per chunk and head adds the column slice's share of dphi(q) into
+//    the fp32 workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
 // 2. rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel (rla_bwd_state_kernel.cuh): the suffix
 //    state dS at the start of every dk/dv segment (segments of RlaBwdSegments::chunks chunks,
 //    planned from the SM count), and dH0 (per head and segment, summed in order).
@@ -39,7 +40,7 @@ namespace rattention::cuda {
 // ---------------------------------------------------------------------------------------
 template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDq>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
-    rla_bwd_dq_kernel(const RlaBwdParams p, float* wsQ) {
+    rla_bwd_dq_kernel(const RlaBwdParams p, const int64_t parts, float* wsQ) {
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 
   const int tid = threadIdx.x;
   const int64_t Hkv = p.dims.heads_kv, Hq = p.dims.heads_q, G = Hq / Hkv;
-  const RlaSegmentCta seg = rla_segment_cta<C>(p);
+  const RlaSegmentCta seg = rla_segment_cta<C>(p, p.checkpoint_every, parts);
   if (p.packed()) RATT_COVER_ANY("packed");
   if (!seg.valid) {
     RATT_COVER_ANY("packed_idle_slot");
@@ -72,10 +73,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = seg.n_chunks;
-  const int64_t every = p.checkpoint_every;
   const int64_t ck = seg.z;
-  const int64_t c_begin = ck * every, c_end = imin(n_chunks, c_begin + every);
+  // This CTA's part of the checkpoint segment (parts per segment; packed: 1): it advances S
+  // from the checkpoint through the chunks before the part (state updates only), then writes
+  // dphi(q) for the part's chunks [part_begin, part_end).
+  if (seg.part_begin >= seg.part_end) {
+    RATT_COVER_ANY("empty_part");
+    return;  // a part past a short last segment (the whole CTA leaves)
+  }
+  if (seg.part > 0) RATT_COVER_ANY("later_part");
 
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
@@ -92,7 +98,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor tQcQ = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<C>>{}));  // (C q, 64 feat)
   Tensor tSsP = thr.partition_C(sP);
 
-  for (int64_t c = c_begin; c < c_end; ++c) {
+  for (int64_t c = seg.seg_begin; c < seg.part_end; ++c) {
     const int64_t t0 = c * C;
     const int rows = static_cast<int>(imin(C, T - t0));
     const TileRange keys = rla_chunk_keys(c, C, T, w);
@@ -100,11 +106,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const bool has_keys = keys.end > keys.begin;
     const bool has_state = s_base > 0;
     const bool has_h0 = gH0 != nullptr;
-    __syncthreads();
+    __syncthreads();  // S final for this chunk start; sPhiK, sV free
     if (has_keys) {
       auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
       load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    }
+    if (c < seg.part_begin) {  // before the part: only the state advances
+      if (has_keys) {
+        RATT_COVER_ANY("advance_state");
+        __syncthreads();  // sPhiK, sV complete
+        rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+      }
+      continue;
     }
     if (!has_keys && !has_state && !has_h0) {
       RATT_COVER("chunk_skipped");
@@ -128,9 +142,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         CUTE_UNROLL
         for (int i = 0; i < size(acc_s); ++i)
           tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
-        // emu-mutants: redundant across warps because warp w writes exactly rows 16w..16w+15
-        // of sP (its MMA accumulator partition) and only warp w reads them (the A-operand
-        // rows of its sP phi(k) MMAs); what it orders is lanes of one warp (a __syncwarp would do).
+        // the two warps of a row block wrote half of its sP columns each; all are read below
         __syncthreads();
       }
       float* ws = wsQ + (p.q_row(b, t0) * Hq + h) * F;  // row i at + i * Hq * F
@@ -156,19 +168,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       __syncthreads();  // sdO, sP free
     }
-    if (has_keys) {
-      // S += phi(k)^T v (as in the forward)
-      CUTE_UNROLL
-      for (int m = 0; m < F / C; ++m) {
-        Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
-        Tensor tUsS = thr.partition_C(sS_m);
-        Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
-        gemm_ss(mma, acc_u, local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sVt);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
-      }
+    if (has_keys && c + 1 < seg.part_end) {  // none after the part's last chunk
+      rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
     }
   }
 }
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t c_begin = seg.z * segs.chunks, c_end = imin(seg.n_chunks, c_begin + segs.chunks);
+  const int64_t c_begin = seg.seg_begin, c_end = seg.seg_end;
   if (seg.z + 1 < seg.n_seg) RATT_COVER("later_segments");
   // token rows of the q/k-shaped workspaces and gradients (packed: all documents)
   const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;

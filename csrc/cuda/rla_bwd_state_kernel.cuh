@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t c_begin = seg.z * segs.chunks, c_end = imin(seg.n_chunks, c_begin + segs.chunks);
+  const int64_t c_begin = seg.seg_begin, c_end = seg.seg_end;
   const Element* gQ = static_cast<const Element*>(p.q);
   const float* gdO = static_cast<const float*>(p.grad_out);
   const bool has_h0 = gdH0part != nullptr;

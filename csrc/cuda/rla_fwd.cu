@@ -8,14 +8,15 @@ namespace rattention::cuda {
 namespace {
 
 template <class Tr>
-cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
+cudaError_t launch_rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace,
+                           cudaStream_t stream) {
   const int64_t bh = p.dims.batch * p.dims.heads_kv;
   if (bh == 0) return cudaSuccess;
   if (p.dims.seqlen == 0) {  // no tokens: the final state is empty (zero), no checkpoints
     return cudaMemsetAsync(p.final_state, 0, sizeof(float) * bh * 2 * p.dims.head_dim * p.dims.head_dim,
                            stream);
   }
-  const RlaFwdPlan plan = rla_fwd_plan<Tr>(p);
+  const RlaFwdPlan plan = rla_fwd_plan<Tr>(p, num_sms);
   cudaError_t err;
   // Packed: an empty document has no segment to write its final state; it is zero.
   if (p.packed() &&
@@ -23,30 +24,31 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
                              sizeof(float) * bh * 2 * p.dims.head_dim * p.dims.head_dim,
                              stream)) != cudaSuccess)
     return err;
-  // 1. local state sum per segment
+  // 1. local state sum per segment (or per part of one, into the workspace)
   auto state = &rla_fwd_state_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(state, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.state.smem_bytes))) != cudaSuccess)
     return err;
-  RATT_LAUNCH_PLANNED(plan.state, stream, state)(p);
+  RATT_LAUNCH_PLANNED(plan.state, stream, state)(p, plan.parts, workspace);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 2. prefix over segments -> checkpoints, final state
-  RATT_LAUNCH_PLANNED(plan.prefix, stream, rla_fwd_prefix_reduce_kernel)(p);
+  RATT_LAUNCH_PLANNED(plan.prefix, stream, rla_fwd_prefix_reduce_kernel)(p, plan.parts, workspace);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  // 3. outputs, every segment from its checkpoint
+  // 3. outputs, every segment (part) from its checkpoint
   auto kernel = &rla_fwd_kernel<Tr>;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.fwd.smem_bytes))) != cudaSuccess)
     return err;
-  RATT_LAUNCH_PLANNED(plan.fwd, stream, kernel)(p);
+  RATT_LAUNCH_PLANNED(plan.fwd, stream, kernel)(p, plan.parts);
   return cudaGetLastError();
 }
 
 template <typename Element>
-cudaError_t dispatch_head_dim(const RlaFwdParams& p, cudaStream_t stream) {
+cudaError_t dispatch_head_dim(const RlaFwdParams& p, int num_sms, float* workspace,
+                              cudaStream_t stream) {
   switch (p.dims.head_dim) {
-    case 64: return launch_rla_fwd<RlaTraits<Element, 64, 64>>(p, stream);
-    case 128: return launch_rla_fwd<RlaTraits<Element, 128, 64>>(p, stream);
+    case 64: return launch_rla_fwd<RlaTraits<Element, 64, 64>>(p, num_sms, workspace, stream);
+    case 128: return launch_rla_fwd<RlaTraits<Element, 128, 64>>(p, num_sms, workspace, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -54,15 +56,19 @@ cudaError_t dispatch_head_dim(const RlaFwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t rla_fwd_smem_bytes(const RlaFwdParams& p) {
-  const RlaFwdPlan plan = rla_fwd_plan(p);
+  const RlaFwdPlan plan = rla_fwd_plan(p, kRlaReferenceSms);  // the SM count changes no smem
   return imax(plan.state.smem_bytes, plan.fwd.smem_bytes);
 }
 
-cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream) {
+int64_t rla_fwd_workspace_floats(const RlaFwdParams& p, int num_sms) {
+  return rla_fwd_plan(p, num_sms).workspace_floats;
+}
+
+cudaError_t rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace, cudaStream_t stream) {
   if (p.chunk_size != kRlaChunk) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, stream);
+    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, num_sms, workspace, stream);
+    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, num_sms, workspace, stream);
     default: return cudaErrorInvalidValue;
   }
 }

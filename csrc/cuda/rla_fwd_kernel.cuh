@@ -26,29 +26,9 @@
 
 namespace rattention::cuda {
 
-// S += phi(k)^T v for the key rows of chunk c (sPhiK, sV loaded): shared by passes 1 and 3.
-template <class Tr, class TiledMma, class TS, class TK, class TV>
-__device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
-                                                 TV const& sVt) {
-  using namespace cute;
-  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
-  auto thr = mma.get_thread_slice(threadIdx.x);
-  CUTE_UNROLL
-  for (int m = 0; m < F / C; ++m) {
-    Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));         // (C, BV)
-    Tensor sPhiKt_m = local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (C feat, C keys)
-    Tensor tUsS = thr.partition_C(sS_m);
-    Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
-    gemm_ss(mma, acc_u, sPhiKt_m, sVt);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
-  }
-}
-
 template <class Tr, class Smem = DynSmem<Tr::kSmemFwd>>
-__global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdParams p) {
+__global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdParams p,
+                                                                    const int64_t parts) {
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
@@ -72,19 +52,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
 
   const int tid = threadIdx.x;
   const int64_t Hkv = p.dims.heads_kv, G = p.dims.heads_q / p.dims.heads_kv;
-  const RlaSegmentCta seg = rla_segment_cta<C>(p);
+  const RlaSegmentCta seg = rla_segment_cta<C>(p, p.checkpoint_every, parts);
   if (p.packed()) RATT_COVER_ANY("packed");
   if (!seg.valid) {
     RATT_COVER_ANY("packed_idle_slot");
     return;  // a checkpoint slot past the document's last segment (the whole CTA leaves)
   }
+  if (seg.part_begin >= seg.part_end) {
+    RATT_COVER_ANY("empty_part");
+    return;  // a part past a short last segment (the whole CTA leaves)
+  }
+  if (seg.part > 0) RATT_COVER_ANY("later_part");
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = seg.n_chunks;
-  const int64_t every = p.checkpoint_every;
-  const int64_t z = seg.z;  // segment: chunks [z * every, min(n_chunks, (z + 1) * every))
-  const int64_t c_end = imin(n_chunks, (z + 1) * every);
+  const int64_t z = seg.z;
 
   const Element* gQ = static_cast<const Element*>(p.q);
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
@@ -104,7 +86,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));
   Tensor tSsP = thr.partition_C(sP);
 
-  for (int64_t c = z * every; c < c_end; ++c) {
+  // From the checkpoint: the chunks before this CTA's part only advance S, then the part's
+  // chunks [part_begin, part_end) write outputs.
+  for (int64_t c = seg.seg_begin; c < seg.part_end; ++c) {
     const int64_t t0 = c * C;
     const int rows = static_cast<int>(imin(C, T - t0));
     const TileRange keys = rla_chunk_keys(c, C, T, w);  // valid shifted keys [begin, end)
@@ -120,10 +104,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       // Pointers of invalid rows are never dereferenced (predicated by key_valid).
       phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid,
                            sPhiK_ptr);
-      v_mine = load_v_tile_zero_nonfinite<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t,
-                                              key_valid, sV_ptr);
+      if (c < seg.part_begin) {  // the state update alone takes the values as they are
+        load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+      } else {
+        v_mine = load_v_tile_zero_nonfinite<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t,
+                                                key_valid, sV_ptr);
+      }
     } else {
       RATT_COVER("chunk_without_keys");
+    }
+    if (c < seg.part_begin) {  // before the part: only the state advances
+      if (has_keys) {
+        RATT_COVER_ANY("advance_state");
+        __syncthreads();  // sPhiK, sV complete
+        rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+      }
+      continue;
     }
 
     bool v_nonfinite = false;
@@ -148,9 +144,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
           const bool keep = get<1>(tScS(i)) <= get<0>(tScS(i));  // key j <= row i
           tSsP(i) = Element(keep ? acc_s(i) : 0.f);
         }
-        // emu-mutants: redundant across warps because warp w writes exactly rows 16w..16w+15
-        // of sP (its MMA accumulator partition) and only warp w reads them (the A-operand
-        // rows of its MMAs below); what it orders is lanes of one warp (a __syncwarp would do).
+        // the two warps of a row block wrote half of its sP columns each; all are read below
         __syncthreads();  // sP complete
         gemm_ss(mma, acc_o, sP, sVt);
         if (v_nonfinite) {  // their terms, only for the rows i >= j the mask lets in
@@ -183,7 +177,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       __syncthreads();  // sPhiQ, sP free for the next head; S reads done
     }
 
-    if (has_keys && c + 1 < c_end) {  // the segment's last update is pass 1's business
+    if (has_keys && c + 1 < seg.part_end) {  // the part's last update would go unread
       if (v_nonfinite) {  // every key enters the state: the values as they are
         load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, [&](int j) {
           return s_base + j >= keys.begin && s_base + j < keys.end;
@@ -197,10 +191,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
 }
 
 // Pass 1: the local state sum of segment z (chunks [z*every, (z+1)*every)), from zero.
-// Written to checkpoint slot z + 1, or to final_state for the last segment; the z == 0 CTA
-// also writes slot 0 (the state at the start is empty).
+// One part per segment (parts == 1): written to checkpoint slot z + 1, or to final_state for
+// the last segment; the z == 0 CTA also writes slot 0 (the state at the start is empty).
+// Several (dense only): the sum of the part's chunks to sums [B * Hkv, n_ckpt, parts, 2D, D]
+// (an empty part writes zeros), which pass 2 reduces.
 template <class Tr, class Smem = DynSmem<Tr::kSmemState>>
-__global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const RlaFwdParams p) {
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+    rla_fwd_state_kernel(const RlaFwdParams p, const int64_t parts, float* sums) {
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
@@ -214,7 +211,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
 
   const int tid = threadIdx.x;
   const int64_t Hkv = p.dims.heads_kv;
-  const RlaSegmentCta seg = rla_segment_cta<C>(p);
+  const RlaSegmentCta seg = rla_segment_cta<C>(p, p.checkpoint_every, parts);
   if (p.packed()) RATT_COVER_ANY("packed");
   if (!seg.valid) {
     RATT_COVER_ANY("packed_idle_slot");
@@ -223,23 +220,29 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
   const int64_t b = seg.b, hk = seg.hk, T = seg.T;
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
-  const int64_t n_chunks = seg.n_chunks;
-  const int64_t every = p.checkpoint_every;
   const int64_t n_ckpt = seg.n_seg;
   const int64_t z = seg.z;
-  const int64_t c_end = imin(n_chunks, (z + 1) * every);
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* gV = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk) + col0;
   float* gCkpt = static_cast<float*>(p.checkpoints) + p.ckpt_index(b, hk, 0) * F * D + col0;
-  float* gDst = z + 1 < n_ckpt ? gCkpt + (z + 1) * F * D
-                               : static_cast<float*>(p.final_state) + (b * Hkv + hk) * F * D + col0;
+  float* gDst;
+  if (parts > 1) {
+    RATT_COVER_ANY("to_part_sum");
+    gDst = sums + (((b * Hkv + hk) * n_ckpt + z) * parts + seg.part) * F * D + col0;
+  } else if (z + 1 < n_ckpt) {
+    RATT_COVER_ANY("to_checkpoint");
+    gDst = gCkpt + (z + 1) * F * D;
+  } else {
+    RATT_COVER("to_final_state");
+    gDst = static_cast<float*>(p.final_state) + (b * Hkv + hk) * F * D + col0;
+  }
 
   for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = 0.f;
-  if (z == 0) {
+  if (z == 0 && parts == 1) {
     for (int i = tid; i < F * BV; i += Tr::kNThreads) gCkpt[(i / BV) * D + i % BV] = 0.f;
   }
   typename Tr::TiledMma mma;
-  for (int64_t c = z * every; c < c_end; ++c) {
+  for (int64_t c = seg.part_begin; c < seg.part_end; ++c) {
     const TileRange keys = rla_chunk_keys(c, C, T, w);
     if (keys.end <= keys.begin) {
       RATT_COVER("chunk_without_keys");
@@ -254,19 +257,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_state_kernel(const R
     __syncthreads();
     rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
   }
-  if (z + 1 < n_ckpt) {
-    RATT_COVER_ANY("to_checkpoint");
-  } else {
-    RATT_COVER("to_final_state");
-  }
   __syncthreads();
   for (int i = tid; i < F * BV; i += Tr::kNThreads) gDst[(i / BV) * D + i % BV] = sS(i / BV, i % BV);
 }
 
-// Pass 2: in place, per state element: ckpt[z] = sum_{y < z} local[y] (slot 0 is zero),
-// final = ckpt[n-1] + local[n-1]. Fixed order, deterministic. An empty document has no
-// segment; its final state is the zero the launcher wrote.
-static __global__ void __launch_bounds__(256) rla_fwd_prefix_reduce_kernel(const RlaFwdParams p) {
+// Pass 2, per state element, fixed order (deterministic). One part per segment: in place,
+// ckpt[z] = sum_{y < z} local[y] (slot 0 is zero), final = ckpt[n-1] + local[n-1]. Several:
+// ckpt[z] = the sum of all part sums of the segments before z, final = all of them. An empty
+// document has no segment; its final state is the zero the launcher wrote.
+static __global__ void __launch_bounds__(256)
+    rla_fwd_prefix_reduce_kernel(const RlaFwdParams p, const int64_t parts, const float* sums) {
   const int64_t D = p.dims.head_dim, F = 2 * D;
   const int64_t per_head = F * D;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -285,12 +285,23 @@ static __global__ void __launch_bounds__(256) rla_fwd_prefix_reduce_kernel(const
   } else {
     RATT_COVER("one_segment");
   }
+  float* final_state = static_cast<float*>(p.final_state) + bh * per_head + e;
   float run = 0.f;
+  if (parts > 1) {
+    RATT_COVER_ANY("part_sums");
+    const float* part = sums + bh * n_ckpt * parts * per_head + e;
+    for (int64_t z = 0; z < n_ckpt; ++z) {
+      ck[z * per_head] = run;
+      for (int64_t k = 0; k < parts; ++k) run += part[(z * parts + k) * per_head];
+    }
+    *final_state = run;
+    return;
+  }
   for (int64_t z = 1; z < n_ckpt; ++z) {
     run += ck[z * per_head];
     ck[z * per_head] = run;
   }
-  static_cast<float*>(p.final_state)[bh * per_head + e] += run;
+  *final_state += run;
 }
 
 }  // namespace rattention::cuda

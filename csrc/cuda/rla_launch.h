@@ -22,14 +22,18 @@ constexpr int64_t rla_dk_slots(int64_t group, int64_t head_dim) {
   return group == 1 ? 1 : head_dim / kRlaBlockV;
 }
 
-// The backward's dk/dv passes cut each sequence into segments sized from the GPU's SM count
-// (rla_bwd_plan): the op passes the device's count, launch.json plans for an H200's.
+// The forward's and the backward's passes split each sequence into segments (and parts of
+// segments) sized from the GPU's SM count (rla_fwd_plan, rla_bwd_plan): the op passes the
+// device's count, launch.json plans for an H200's.
 constexpr int kRlaReferenceSms = 132;
 // Longest segment in chunks: bounds the serial chain of one dk/dv CTA and keeps the waves of
 // a large batch short.
 constexpr int64_t kRlaMaxSegmentChunks = 16;
 
-cudaError_t rla_fwd(const RlaFwdParams& p, cudaStream_t stream);
+// The forward needs an fp32 workspace of rla_fwd_workspace_floats(p, num_sms) entries (often
+// none: null is fine then); num_sms as for the backward.
+int64_t rla_fwd_workspace_floats(const RlaFwdParams& p, int num_sms);
+cudaError_t rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace, cudaStream_t stream);
 // Dynamic shared memory per block the kernels of an op need (the op layer checks it against
 // the device's opt-in limit for a clear error on GPUs with less, e.g. sm_86 / sm_89).
 int64_t rla_fwd_smem_bytes(const RlaFwdParams& p);

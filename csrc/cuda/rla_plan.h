@@ -12,15 +12,29 @@ namespace rattention::cuda {
 constexpr int kRlaElementwiseThreads = 256;  // prefix-reduce and phi post-process kernels
 constexpr int kRlaRowsPerPostprocessCta = 8;  // rla_bwd_phi_postprocess_kernel: a warp per row
 
-// Forward. The sequence is cut into segments of checkpoint_every chunks, one CTA per
-// (value slice, b * kv head, segment) in passes 1 and 3; pass 2 is a thread per state element
-// walking the segments in order. Packed: one CTA per (value slice, kv head, checkpoint slot),
-// a document's segments being its slots (RlaCommonParams::ckpt_slot0); the plan reads only
-// the sizes (total rows, N), and its serial_steps bound a document by one as long as all rows.
+// CTAs per checkpoint segment: enough that the (value slice, b * kv head, segment, part)
+// CTAs cover num_sms SMs, at most one per chunk of the segment. A part k of n walks
+// ceil(every / n) * (k + 1) chunks (the earlier ones advance the state only), so the serial
+// chain stays at most checkpoint_every chunks. The forward's passes 1 and 3 and the
+// backward's dq pass split their checkpoint segments this way.
+inline int64_t rla_segment_parts(int64_t ctas, int64_t every, int num_sms) {
+  return imax(1, imin(every, ceil_div(imax(1, num_sms), imax(1, ctas))));
+}
+
+// Forward. The sequence is cut into segments of checkpoint_every chunks, `parts` CTAs per
+// (value slice, b * kv head, segment) in passes 1 and 3 (rla_segment_parts from the SM count;
+// packed: 1); pass 2 is a thread per state element walking the segments (and their parts) in
+// order. Packed: one CTA per (value slice, kv head, checkpoint slot), a document's segments
+// being its slots (RlaCommonParams::ckpt_slot0); the plan reads only the sizes (total rows,
+// N), and its serial_steps bound a document by one as long as all rows.
+// Workspace (fp32): with parts > 1 the part sums of pass 1, [B * Hkv, n_ckpt, parts, 2D, D];
+// none otherwise (pass 1 writes into the checkpoints, pass 2 scans them in place).
 struct RlaFwdPlan {
   KernelLaunch state, prefix, fwd;  // rla_fwd_state_kernel, ..._prefix_reduce_kernel, rla_fwd_kernel
   int64_t n_checkpoints = 0;
-  int64_t workspace_bytes = 0;  // none: checkpoints and final state are outputs
+  int64_t parts = 1;  // CTAs per checkpoint segment in passes 1 and 3
+  int64_t workspace_floats = 0;
+  int64_t workspace_bytes = 0;
   template <class F>
   void for_each(F&& f) const {
     f(state);
@@ -30,25 +44,35 @@ struct RlaFwdPlan {
 };
 
 template <class Tr>
-RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p) {
+RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
   const AttnDims& d = p.dims;
   const int64_t bh = d.batch * d.heads_kv, D = Tr::kHeadDim;
   const int64_t n_chunks = ceil_div(d.seqlen, Tr::kChunk);
   RlaFwdPlan plan;
   plan.n_checkpoints = rla_num_checkpoints(n_chunks, p.checkpoint_every);
   const int64_t segment_chunks = imin(p.checkpoint_every, n_chunks);
+  plan.parts = p.packed() ? 1
+                          : rla_segment_parts(Tr::kNVBlocks * bh * plan.n_checkpoints,
+                                              segment_chunks, num_sms);
+  if (plan.parts > 1) plan.workspace_floats = bh * plan.n_checkpoints * plan.parts * 2 * D * D;
+  plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
   const GridDims grid = p.packed() ? GridDims{Tr::kNVBlocks, d.heads_kv, p.ckpt_slots()}
-                                   : GridDims{Tr::kNVBlocks, bh, plan.n_checkpoints};
-  plan.state = make_launch("rla_fwd_state_kernel", grid, Tr::kNThreads, Tr::kSmemState, segment_chunks);
+                                   : GridDims{Tr::kNVBlocks, bh, plan.n_checkpoints * plan.parts};
+  plan.state = make_launch("rla_fwd_state_kernel", grid, Tr::kNThreads, Tr::kSmemState,
+                           ceil_div(segment_chunks, plan.parts));
   plan.prefix = make_launch("rla_fwd_prefix_reduce_kernel",
                             {ceil_div(bh * 2 * D * D, kRlaElementwiseThreads)},
-                            kRlaElementwiseThreads, 0, imax(1, plan.n_checkpoints - 1));
+                            kRlaElementwiseThreads, 0,
+                            plan.parts > 1 ? plan.n_checkpoints * plan.parts
+                                           : imax(1, plan.n_checkpoints - 1));
   plan.fwd = make_launch("rla_fwd_kernel", grid, Tr::kNThreads, Tr::kSmemFwd, segment_chunks);
   return plan;
 }
 
 // Backward, five launches:
-//   dq: restarts every checkpoint segment from its checkpoint (grid as the forward's);
+//   dq: restarts every checkpoint segment from its checkpoint (grid as the forward's), split
+//     into dq_parts CTAs per segment when the segments alone would not cover num_sms SMs
+//     (rla_segment_parts; packed: 1): a later part first advances the state to its start;
 //   state, scan, dkv: the dk/dv pass cut into segments of `segments.chunks` chunks, chosen
 //     from the SM count and T (rla_bwd_segment_chunks), not from checkpoint_every: per
 //     segment the sum of phi(q)^T dO (state), the reverse exclusive scan over segments that
@@ -68,6 +92,7 @@ struct RlaBwdPlan {
   // rla_bwd_phi_postprocess_kernel, in launch order
   KernelLaunch dq, state, scan, dkv, postprocess;
   RlaBwdSegments segments{1, 0};
+  int64_t dq_parts = 1;  // dq CTAs per checkpoint segment
   int64_t ws_q = 0, ws_k = 0, ws_dh0 = 0, ws_ds = 0;  // offsets in floats
   int64_t zeroed_floats = 0;                          // [0, zeroed_floats): wsQ and wsK
   int64_t workspace_floats = 0;
@@ -123,10 +148,11 @@ RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
   plan.workspace_floats = plan.ws_ds + seqs * Hkv * segs.slots * state;
   plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
   // launches
+  const int64_t every = imin(p.checkpoint_every, n_chunks);
+  plan.dq_parts = p.packed() ? 1 : rla_segment_parts(Tr::kNVBlocks * bh * n_ckpt, every, num_sms);
   const GridDims dq_grid = p.packed() ? GridDims{Tr::kNVBlocks, Hkv, p.ckpt_slots()}
-                                      : GridDims{Tr::kNVBlocks, bh, n_ckpt};
-  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads, Sm::kDq,
-                        imin(p.checkpoint_every, n_chunks));
+                                      : GridDims{Tr::kNVBlocks, bh, n_ckpt * plan.dq_parts};
+  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads, Sm::kDq, every);
   const GridDims seg_grid{Tr::kNVBlocks, seg_heads, segs.slots};
   plan.state = make_launch("rla_bwd_state_kernel", seg_grid, Tr::kNThreads, Sm::kState, segs.chunks);
   // a thread per element of the (sequence, kv head) states; it walks the segments (and
@@ -156,9 +182,9 @@ R with_rla_traits(DType dtype, int64_t head_dim, F&& f) {
   return R{};
 }
 
-inline RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p) {
+inline RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
   return with_rla_traits<RlaFwdPlan>(p.dtype, p.dims.head_dim,
-                                     [&](auto tr) { return rla_fwd_plan<decltype(tr)>(p); });
+                                     [&](auto tr) { return rla_fwd_plan<decltype(tr)>(p, num_sms); });
 }
 inline RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
   return with_rla_traits<RlaBwdPlan>(p.dtype, p.dims.head_dim,

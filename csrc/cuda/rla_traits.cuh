@@ -44,17 +44,27 @@ struct RlaTraits {
   static constexpr int kFeat = 2 * kHeadDim_;    // 2D, width of phi
   static constexpr int kChunk = 64;              // C: rows per chunk (the op requires 64)
   static constexpr int kBlockV = kBlockV_;       // value columns per CTA
-  static constexpr int kNWarps = 4;
+  // 8 warps: 4 along M (16 rows each) x 2 along N, so an SM holds 8 resident warps even
+  // when the shared memory of a CTA (up to 161 KB at D = 128) allows only one CTA.
+  static constexpr int kNWarps = 8;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kNVBlocks = kHeadDim / kBlockV;
   static_assert(kHeadDim % kBlockV == 0, "value slices must tile D");
   static_assert(kHeadDim % 32 == 0, "phi rows: each lane owns D/32 entries");
   static_assert(kFeat % kChunk == 0, "state update walks 2D in kChunk-row tiles");
 
-  // 4 warps stacked along M: each warp owns 16 rows of a 64-row tile; Tile<64,16,16>.
+  // Warps 4 (M) x 2 (N): warp (m, n) owns rows 16m..16m+15 of a 64-row tile and, of every
+  // 32 columns, the 16 at 16n..16n+15 (the N permutation (8,2,2):(1,16,8) puts the warp's two
+  // 8-column atoms side by side, so one ldmatrix.x4 loads its B fragment of a 16-wide K
+  // slice); Tile<64,32,16>. Two warps share every row of an accumulator, so a tile written
+  // through the accumulator partition (sP, the state) needs a CTA barrier before another GEMM
+  // reads it as an operand.
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename RlaMmaAtom<Element>::type>,
-                                  cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<64>, cute::_16, cute::_16>>;
+                                  cute::Layout<cute::Shape<cute::_4, cute::_2, cute::_1>>,
+                                  cute::Tile<cute::Int<64>,
+                                             cute::Layout<cute::Shape<cute::_8, cute::_2, cute::_2>,
+                                                          cute::Stride<cute::_1, cute::_16, cute::_8>>,
+                                             cute::_16>>;
 
   // Padded row strides (elements): keeps the transposed operand reads off one bank.
   static constexpr int kPhiStride = kFeat + 8;    // sPhiQ, sPhiK [C, 2D]
@@ -214,6 +224,29 @@ __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA c
   }
 }
 
+// S += phi(k)^T v for the key rows of a chunk (sPhiK, sV loaded), the fp32 state slice
+// sS [2D, BV] updated in place in 64-row tiles: the forward's passes 1 and 3 and the
+// backward's dq pass.
+template <class Tr, class TiledMma, class TS, class TK, class TV>
+__device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
+                                                 TV const& sVt) {
+  using namespace cute;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  CUTE_UNROLL
+  for (int m = 0; m < F / C; ++m) {
+    Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));         // (C, BV)
+    Tensor sPhiKt_m = local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (C feat, C keys)
+    Tensor tUsS = thr.partition_C(sS_m);
+    Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) acc_u(i) = tUsS(i);
+    gemm_ss(mma, acc_u, sPhiKt_m, sVt);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
+  }
+}
+
 // ---- feature map of one row, one warp ---------------------------------------------------
 // Lane l owns entries [l*E, l*E + E) of the row (E = D/32); x holds them in fp32.
 // Writes phi(x) = [f(x), f(-x)] (2D values) into y as Element. Row reductions are warp
@@ -330,32 +363,46 @@ __device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_strid
 // The (sequence, kv head, segment) of a CTA of the segment grids, segments of `seg_chunks`
 // chunks: the checkpoint segments (rla_fwd_state_kernel, rla_fwd_kernel, rla_bwd_dq_kernel)
 // or the backward's dk/dv segments (RlaBwdSegments). Dense: grid y = b * Hkv + kv head,
-// z = segment. Packed: y = kv head, z = a slot of the O(1) tile-slot rule
+// z = segment * parts + part. Packed: y = kv head, z = a slot of the O(1) tile-slot rule
 // (QkvParams::packed_tile_slots with kChunk * seg_chunks rows; for the checkpoints that is
 // RlaCommonParams::ckpt_slot0); a slot past the document's last segment has no work (!valid).
+// `parts` CTAs share a dense checkpoint segment when the segments alone do not fill the GPU
+// (rla_segment_parts; packed: 1): part k owns ceil(len / parts) of the segment's len chunks,
+// [part_begin, part_end), possibly none; the kernels that need the state at part_begin
+// advance it from the checkpoint at seg_begin.
 struct RlaSegmentCta {
   int64_t b, hk, z;  // sequence, kv head, segment inside the sequence
   int64_t T;         // rows of the sequence
   int64_t n_chunks, n_seg;
+  int64_t seg_begin, seg_end;    // the segment's chunks
+  int64_t part, part_begin, part_end;  // this CTA's part and its chunks
   bool valid;
 };
 template <int kChunk>
-__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p, int64_t seg_chunks) {
+__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p, int64_t seg_chunks,
+                                                         int64_t parts = 1) {
   const int64_t Hkv = p.dims.heads_kv;
   RlaSegmentCta s;
   if (p.packed()) {
     s.b = p.seq_of_tile_slot(blockIdx.z, kChunk * seg_chunks);
     s.hk = blockIdx.y;
     s.z = blockIdx.z - p.tile_slot0(s.b, kChunk * seg_chunks);
+    s.part = 0;
   } else {
     s.b = blockIdx.y / Hkv;
     s.hk = blockIdx.y % Hkv;
-    s.z = blockIdx.z;
+    s.z = blockIdx.z / parts;
+    s.part = blockIdx.z % parts;
   }
   s.T = p.seqlen_q(s.b);
   s.n_chunks = ceil_div(s.T, kChunk);
   s.n_seg = ceil_div(s.n_chunks, seg_chunks);
   s.valid = s.z < s.n_seg;
+  s.seg_begin = s.z * seg_chunks;
+  s.seg_end = imin(s.n_chunks, s.seg_begin + seg_chunks);
+  const int64_t part_chunks = ceil_div(imax(0, s.seg_end - s.seg_begin), parts);
+  s.part_begin = s.seg_begin + s.part * part_chunks;
+  s.part_end = imin(s.seg_end, s.part_begin + part_chunks);
   return s;
 }
 // The backward's dk/dv segments, `chunks` chunks each (rla_bwd_plan chooses it from the SM
@@ -373,10 +420,5 @@ struct RlaBwdSegments {
                       : (b * heads + head) * slots + z;
   }
 };
-
-template <int kChunk>
-__device__ __forceinline__ RlaSegmentCta rla_segment_cta(const RlaCommonParams& p) {
-  return rla_segment_cta<kChunk>(p, p.checkpoint_every);
-}
 
 }  // namespace rattention::cuda

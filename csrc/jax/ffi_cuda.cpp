@@ -96,7 +96,7 @@ ffi::Error swa_bwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   });
 }
 
-ffi::Error rla_fwd_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error rla_fwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer h0, ffi::Result<ffi::AnyBuffer> out,
                         ffi::Result<ffi::AnyBuffer> final_state,
                         ffi::Result<ffi::AnyBuffer> checkpoints, int64_t window_size,
@@ -108,7 +108,10 @@ ffi::Error rla_fwd_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
     const RlaFwdParams p =
         rla_fwd_params(q, k, v, h0, *out, *final_state, *checkpoints, cfg, kCuda);
     check_smem_fits(cuda::rla_fwd_smem_bytes(p), "rla_fwd", p.dims.head_dim);
-    check_launch(cuda::rla_fwd(p, stream), "rla_fwd");
+    const int num_sms = current_device_sms();  // sizes the segment parts and the workspace
+    const int64_t ws_floats = cuda::rla_fwd_workspace_floats(p, num_sms);
+    float* ws = ws_floats > 0 ? scratch_floats(scratch, ws_floats, "rla_fwd") : nullptr;
+    check_launch(cuda::rla_fwd(p, num_sms, ws, stream), "rla_fwd");
   });
 }
 
@@ -199,6 +202,7 @@ RATT_FFI_HANDLER(rattention_swa_bwd_cuda, rj::swa_bwd_cuda,
 RATT_FFI_HANDLER(rattention_rla_fwd_cuda, rj::rla_fwd_cuda,
                  rj::ffi::Ffi::Bind()
                      .Ctx<Stream>()
+                     .Ctx<rj::ffi::ScratchAllocator>()
                      .Arg<Buf>()  // q
                      .Arg<Buf>()  // k
                      .Arg<Buf>()  // v

@@ -192,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
                                                        const std::string& fm,
                                                        c10::optional<at::Tensor> h0,
                                                        int64_t every,
-                                                       c10::optional<at::Tensor> cu_seqlens) {
+                                                       c10::optional<at::Tensor> cu_seqlens,
+                                                       int64_t num_sms) {
+  TORCH_CHECK_VALUE(num_sms > 0, "num_sms must be positive, got ", num_sms);
   auto r = prepare_rla_fwd(q, k, v, w, fm, h0, cuda::kRlaChunk, every, /*cuda_backend=*/true,
                            cu_seqlens);
   Sandbox box("rla_fwd");
@@ -202,8 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
   box.add("out", r.out, Role::kOut);
   box.add("final_state", r.final_state, Role::kOut);
   box.add("checkpoints", r.checkpoints, Role::kOut);
+  const int sms = static_cast<int>(num_sms);
+  float* ws = box.workspace(cuda::rla_fwd_workspace_floats(r.params, sms));
   box.redirect(r.params);
-  box.finish(cuda::rla_fwd(r.params, nullptr));
+  box.finish(cuda::rla_fwd(r.params, sms, ws, nullptr));
   return {r.out, r.final_state, r.checkpoints};
 }
 
@@ -304,7 +308,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("w"),
         py::arg("scale"), py::arg("cos"), py::arg("sin"), cu);
   m.def("rla_fwd", &rattention::rla_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("w"),
-        py::arg("feature_map"), py::arg("initial_state"), py::arg("every"), cu);
+        py::arg("feature_map"), py::arg("initial_state"), py::arg("every"), cu,
+        // the SM count the segment parts are planned for (a large one: more parts)
+        py::arg("num_sms") = rattention::cuda::kRlaReferenceSms);
   m.def("rla_bwd", &rattention::rla_bwd, py::arg("grad_out"), py::arg("grad_final_state"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("initial_state"),
         py::arg("checkpoints"), py::arg("w"), py::arg("feature_map"), py::arg("every"), cu,
