@@ -108,6 +108,58 @@ CUTE_DEVICE void add_nonfinite_entries(Acc& acc, Coord const& coord, const Eleme
   }
 }
 
+// The products whose contracted operand is a feature tile computed on chip (the RLA
+// backward's P phi(k) over keys and P^T phi(q) over queries): the same three steps, with the
+// tile's own shared copy as the record of its non-finite entries (there is no global copy
+// of phi to re-read), so they are read before the tile is zeroed:
+//   hits = nonfinite_hits(...)       (flagged tiles only; a bit per accumulator entry)
+//   barrier, zero_nonfinite_tile, barrier, the MMA on the zeroed tile, add_nan_hits,
+//   and the tile recomputed before anything else reads it.
+// Bit m * size(coord) + i: accumulator entry i = (row, col) of column tile m (kTileCols
+// columns) of a product contracting the tile's rows, where some tile row j < n_rows with
+// visible(row, j) holds a NaN / Inf at column m * kTileCols + col. Those terms of the
+// gradients have a factor of either sign (or zero), so their sum is NaN or +-Inf: NaN stands
+// for it, as in add_nonfinite_entries.
+template <int kTiles, int kTileCols, class Coord, class Element, class Visible>
+CUTE_DEVICE uint64_t nonfinite_hits(Coord const& coord, const Element* s, int stride, int n_rows,
+                                    Visible const& visible) {
+  using namespace cute;
+  constexpr int kN = decltype(size(coord))::value;
+  static_assert(kTiles * kN <= 64, "one 64-bit mask holds every tile's accumulator entries");
+  uint64_t hits = 0;
+#pragma unroll 1
+  for (int m = 0; m < kTiles; ++m) {
+    CUTE_UNROLL
+    for (int i = 0; i < kN; ++i) {
+      const int row = int(get<0>(coord(i))), col = m * kTileCols + int(get<1>(coord(i)));
+      bool hit = false;
+#pragma unroll 1
+      for (int j = 0; j < n_rows; ++j) hit |= visible(row, j) && is_nonfinite(s[j * stride + col]);
+      if (hit) hits |= uint64_t(1) << (m * kN + i);
+    }
+  }
+  return hits;
+}
+
+// Zero the NaN / Inf entries of a (kRows, kCols) shared tile of row stride `stride`, strided
+// over the CTA (after a barrier that orders every read of them).
+template <int kRows, int kCols, class Element>
+CUTE_DEVICE void zero_nonfinite_tile(Element* s, int stride) {
+  for (int idx = threadIdx.x; idx < kRows * kCols; idx += blockDim.x) {
+    Element& x = s[(idx / kCols) * stride + idx % kCols];
+    if (is_nonfinite(x)) x = Element(0.f);
+  }
+}
+
+// acc(i) += NaN where bit `first + i` of `hits` is set (see nonfinite_hits).
+template <class Acc>
+CUTE_DEVICE void add_nan_hits(Acc& acc, uint64_t hits, int first) {
+  CUTE_UNROLL
+  for (int i = 0; i < cute::size(acc); ++i) {
+    if ((hits >> (first + i)) & 1) acc(i) += NAN;
+  }
+}
+
 }  // namespace rattention::cuda
 
 namespace rattention::cuda {

@@ -107,9 +107,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const bool has_state = s_base > 0;
     const bool has_h0 = gH0 != nullptr;
     __syncthreads();  // S final for this chunk start; sPhiK, sV free
+    auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    bool k_mine = false;  // a NaN / Inf this thread wrote into sPhiK
     if (has_keys) {
-      auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
-      phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
+      k_mine = phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t,
+                                    key_valid, sPhiK_ptr);
       load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
     }
     if (c < seg.part_begin) {  // before the part: only the state advances
@@ -127,6 +129,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     if (has_keys) RATT_COVER("chunk_with_keys");
     if (has_state) RATT_COVER("inter_chunk_state");
     if (has_h0) RATT_COVER("h0");
+    // A NaN / Inf key (nan_tiles.cuh): P phi(k) takes it only into the rows i >= j that see
+    // key j; the MMAs run on sPhiK with it zeroed, the state update below on phi(k) as it is.
+    const bool k_nonfinite = has_keys && __syncthreads_or(k_mine);  // sPhiK complete
+    uint64_t k_hits = 0;
+    if (k_nonfinite) {
+      RATT_COVER_ANY("nonfinite_keys");
+      k_hits = nonfinite_hits<F / C, C>(tQcQ, sPhiK_ptr, Tr::kPhiStride, C,
+                                        [](int i, int j) { return j <= i; });
+      __syncthreads();  // every hit read before the zeroing (the head loop's barrier follows it)
+      zero_nonfinite_tile<C, F>(sPhiK_ptr, Tr::kPhiStride);
+    }
 
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
@@ -153,6 +166,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         Tensor acc_q = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
         clear(acc_q);
         if (has_keys) gemm_ss(mma, acc_q, sP, local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
+        if (k_nonfinite) add_nan_hits(acc_q, k_hits, m * int(size(acc_q)));
         if (has_state || has_h0) {
           Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
           Tensor gH0_m = make_tensor(make_gmem_ptr(h0 + m * C * D),
@@ -169,6 +183,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       __syncthreads();  // sdO, sP free
     }
     if (has_keys && c + 1 < seg.part_end) {  // none after the part's last chunk
+      if (k_nonfinite) {  // every key enters the state: phi(k) as it is
+        phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid,
+                             sPhiK_ptr);
+        __syncthreads();  // the restored tile is complete before the update reads it
+      }
       rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
     }
   }
@@ -281,13 +300,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
-      phi_tile_to_smem<Tr>(p.feature_map,
-                           gQ + p.q_offset(p.q_stride, b, t0, h),
-                           p.q_stride.t, [&](int i) { return i < rows; }, sPhiQ_ptr);
+      const Element* q_rows = gQ + p.q_offset(p.q_stride, b, t0, h);
+      auto q_valid = [&](int i) { return i < rows; };
+      const bool q_mine = phi_tile_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr);
       load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
                        p.grad_out_stride.t, rows, sdO_ptr);
-      __syncthreads();
+      // sPhiQ, sdO complete; whether phi(q) holds a NaN / Inf (nan_tiles.cuh): P^T phi(q)
+      // then takes it only into the keys j <= i query i sees, on sPhiQ with it zeroed.
+      const bool q_nonfinite = __syncthreads_or(q_mine);
       if (has_keys) {
+        uint64_t q_hits = 0;
+        if (q_nonfinite) {
+          RATT_COVER_ANY("nonfinite_queries");
+          q_hits = nonfinite_hits<F / C, C>(tScS, sPhiQ_ptr, Tr::kPhiStride, C,
+                                            [](int j, int i) { return j <= i; });
+        }
         // P = mask(dO v^T) (C q, C keys)
         Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
         clear(acc_s);
@@ -295,7 +322,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         CUTE_UNROLL
         for (int i = 0; i < size(acc_s); ++i)
           tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
-        __syncthreads();
+        __syncthreads();  // sP complete; the hits are read
+        if (q_nonfinite) {
+          zero_nonfinite_tile<C, F>(sPhiQ_ptr, Tr::kPhiStride);
+          __syncthreads();  // sPhiQ zeroed before the MMAs read it
+        }
         // dphi(k)[:, tile m] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
         float* ws = wsK + ((dk_slot * tokens + p.k_row(b, s_base)) * Hkv + hk) * D2;  // key j: + j * Hkv * 2D
 #pragma unroll 1  // feature tiles one at a time: acc_dv stays live across the head loop
@@ -303,6 +334,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
           clear(acc_k);
           gemm_ss(mma, acc_k, sPt, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
+          if (q_nonfinite) add_nan_hits(acc_k, q_hits, m * int(size(acc_k)));
           if (g == 0) {
             Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
             gemm_s_state_split(mma, acc_k, sV, sdS_m, sdS_m, false);
@@ -320,6 +352,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           }
         }
         __syncthreads();  // sP (dO v^T) consumed
+        if (q_nonfinite) {  // dv and dS take phi(q) as it is
+          phi_tile_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr);
+          __syncthreads();  // the restored tile is complete before it is read
+        }
         // Pk = mask(phi(q) phi(k)^T);  dv += Pk^T dO
         clear(acc_s);
         gemm_ss(mma, acc_s, sPhiQ, sPhiK);

@@ -23,6 +23,7 @@
 #include "cuda/launch.cuh"
 #include "dyn_smem.cuh"  // DynSmem<N>: dynamic smem in the kernel name for tools/cuda_check.py
 #include "core/params.h"
+#include "nan_tiles.cuh"  // is_nonfinite: phi_tile_to_smem reports the NaN / Inf it wrote
 
 namespace rattention::cuda {
 
@@ -307,14 +308,16 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
 
 // phi of `kChunk` rows into sPhi [kChunk, 2D] (stride kPhiStride). Row r reads
 // gX + r * row_stride when valid(r), else writes zeros (masked keys/queries must be exact
-// zeros: they enter the K dimension of the state update).
+// zeros: they enter the K dimension of the state update). Returns whether this thread wrote
+// a NaN / Inf (the CTA's OR comes from the barrier that completes the tile; nan_tiles.cuh).
 template <class Tr, class Valid>
-__device__ __forceinline__ void phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
+__device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
                                                  int64_t row_stride, Valid valid,
                                                  typename Tr::Element* sPhi) {
   using Element = typename Tr::Element;
   constexpr int E = Tr::kHeadDim / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  bool nonfinite = false;
   for (int r = warp; r < Tr::kChunk; r += Tr::kNWarps) {
     Element* y = sPhi + r * Tr::kPhiStride;
     if (!valid(r)) {
@@ -332,10 +335,13 @@ __device__ __forceinline__ void phi_tile_to_smem(FeatureMap fm, const typename T
     phi_lane<E>(fm, x, pos, neg);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      y[lane * E + e] = Element(pos[e]);
-      y[Tr::kHeadDim + lane * E + e] = Element(neg[e]);
+      const Element a(pos[e]), b(neg[e]);
+      nonfinite |= is_nonfinite(a) | is_nonfinite(b);
+      y[lane * E + e] = a;
+      y[Tr::kHeadDim + lane * E + e] = b;
     }
   }
+  return nonfinite;
 }
 
 // A [kChunk, kBlockV] slice of value rows into sV (stride kVStride); invalid rows are zero.

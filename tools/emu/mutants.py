@@ -3,7 +3,8 @@
 For every `__syncthreads()`, `__syncthreads_or(p)` and every `cp_async_wait<N>()` in
 csrc/cuda, one mutation at a time: the barrier deleted (`__syncthreads_or(p)` then gives each
 thread its own p); the wait shortened to `cp_async_wait<N+1>()` and deleted. Each
-mutation must make the matching emulated tests fail (tests/test_cuda_emulated.py, the cases
+mutation must make the matching emulated tests fail (tests/test_cuda_emulated.py and
+tests/test_nan_rule_emulated.py, whose poisoned inputs run the non-finite-tile paths; the cases
 marked `mutants` whose `emu_kernel(...)` marker names the mutated file). Prints caught /
 missed per site with the test (and its message) that caught it.
 
@@ -210,7 +211,7 @@ def run_tests(python: str, module: Path, file: str, mutant: int, timeout: int):
         ([str(ROOT / "python")] if in_place else []) + [str(ROOT / "tools" / "emu")] +
         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [python, "-m", "pytest", "-q", "-x", "-rfE", "-p", "mutants_plugin", "-m", "mutants",
-           "-p", "no:cacheprovider", "test_cuda_emulated.py"]
+           "-p", "no:cacheprovider", "test_cuda_emulated.py", "test_nan_rule_emulated.py"]
     t0 = time.time()
     try:
         r = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True,
