@@ -134,7 +134,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const bool k_nonfinite = has_keys && __syncthreads_or(k_mine);  // sPhiK complete
     uint64_t k_hits = 0;
     if (k_nonfinite) {
-      RATT_COVER_ANY("nonfinite_keys");
       k_hits = nonfinite_hits<F / C, C>(tQcQ, sPhiK_ptr, Tr::kPhiStride, C,
                                         [](int i, int j) { return j <= i; });
       __syncthreads();  // every hit read before the zeroing (the head loop's barrier follows it)
@@ -311,7 +310,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       if (has_keys) {
         uint64_t q_hits = 0;
         if (q_nonfinite) {
-          RATT_COVER_ANY("nonfinite_queries");
           q_hits = nonfinite_hits<F / C, C>(tScS, sPhiQ_ptr, Tr::kPhiStride, C,
                                             [](int j, int i) { return j <= i; });
         }
