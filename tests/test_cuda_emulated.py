@@ -457,9 +457,12 @@ def test_rla_segments_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_fin
     check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms)
 
 
-def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms=132):
-    """RLA forward and backward (both planned for num_sms SMs) under every schedule against
-    the float64 reference; the checkpoints against those of a forward planned for other SMs."""
+def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms=132,
+              bwd_cap=None):
+    """RLA forward and backward (both planned for num_sms SMs; the backward's sub-batches
+    sized to bwd_cap bytes of temporaries, None: the default) under every schedule against
+    the float64 reference; the checkpoints against those of a forward planned for other SMs.
+    Returns the inputs and the checkpoints the backward ran on."""
     q, k, v = inputs(B, T, Hq, Hkv, D, dtype, seed=T + D + w)
     g = torch.Generator().manual_seed(2)
     H0 = None
@@ -469,9 +472,12 @@ def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sm
 
     gfs = torch.randn(B, Hkv, 2 * D, D, generator=g) if grad_final else None
 
+    cap = {} if bwd_cap is None else dict(temporaries_cap_bytes=bwd_cap)
+
     def run():
         o, fs, ck = emu.rla_fwd(q, k, v, w, fm, H0, every, num_sms=num_sms)
-        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, num_sms=num_sms)
+        return o, fs, ck, emu.rla_bwd(go, gfs, q, k, v, H0, ck, w, fm, every, num_sms=num_sms,
+                                      **cap)
 
     # dq accumulates across CTAs with float atomics (flat position 3)
     o, fs, ck, (dq, dk, dv, dh0) = under_schedules(emu, run, atomic=(3,))
@@ -511,6 +517,51 @@ def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sm
         assert dh0.shape == H0.shape
         # phi(q)^T dO with both rounded to the input dtype for the MMA, fp32 accumulation
         assert rel_err(dh0, want[3]) < 1e-2
+    return dict(q=q, k=k, v=v, H0=H0, go=go, gfs=gfs, ck=ck, grads=(dq, dk, dv, dh0))
+
+
+# The backward in sub-batches (rla_bwd_plan): a small cap on the temporaries makes it run its
+# five launches once per sub-batch, in one workspace sized for a sub-batch, with the pointers
+# offset to it. Each case is checked against the reference (check_rla) and bit for bit
+# against one launch over the whole batch planned the same way: its segments and dq parts
+# follow B * Hkv / num_sms, so a single launch for num_sms * sub_batches SMs has the
+# sub-batches' plan. cap 1: a sequence per sub-batch; "half": two sub-batches.
+RLA_SUB_BATCH_CASES = [
+    # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms, cap -> sub-batches
+    # GQA 2, broadcast H0 (its gradient summed over the sub-batches), ragged T: 2 x 1
+    # sequence, dk/dv segments of 2, 2, 1 chunks
+    pytest.param(2, 300, 4, 2, 64, 5, "relu", "broadcast", 1, True, BF16, 4, 1, 2),
+    # D = 128 (two value slices), per-batch H0, fp16: 2 x 1 sequence, 4 one-chunk segments,
+    # dq in 2 parts per checkpoint segment
+    pytest.param(2, 200, 2, 1, 128, 40, "softmax", "batch", 2, True, FP16, 8, 1, 2),
+    # GQA 4, no H0, no final-state gradient, 132 SMs: 2 x 2 sequences
+    pytest.param(4, 70, 4, 1, 64, 9, "softmax", None, 1, False, BF16, 132, "half", 2),
+]
+
+
+@emu_kernel(*RLA_SOURCES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype,num_sms,cap,runs",
+                         RLA_SUB_BATCH_CASES)
+def test_rla_sub_batches_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype,
+                                  num_sms, cap, runs):
+    name = "bf16" if dtype == BF16 else "fp16"
+    plan = lambda batch, **kw: emu.plan_rows("rla_bwd", batch, T, Hq, Hkv, D, w, name, every,  # noqa: E731
+                                             num_sms=num_sms, **kw)
+    if cap == "half":  # the workspace of B / 2 sequences (no H0 here) + all saved states
+        cap = plan(B // 2)[0]["workspace_bytes"] + plan(B)[0]["saved_state_bytes"]
+    rows = plan(B, temporaries_cap_bytes=cap)
+    assert {r["sub_batches"] for r in rows} == {runs} and len(rows) == 5 * runs
+    x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms, cap)
+
+    emu.take_launch_records()
+    sub = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w, fm, every,
+                      num_sms=num_sms, temporaries_cap_bytes=cap)
+    assert len(emu.take_launch_records()) == 5 * runs  # the five launches per sub-batch
+    whole = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w, fm,
+                        every, num_sms=num_sms * runs, temporaries_cap_bytes=2**62)
+    assert len(emu.take_launch_records()) == 5
+    for what, a, b in zip(("dq", "dk", "dv", "dh0"), sub, whole):
+        assert torch.equal(a, b), what
 
 
 # Packed RLA: the same document mixes; each document starts from its own H0 (per document,

@@ -100,6 +100,47 @@ def test_emulated_launches_are_the_plans(emu, B, T, Hq, Hkv, D, w, dtype, every)
     assert launched(emu) == plan("decode_step", seqlen=W1)
 
 
+def test_emulated_sub_batch_launches_are_the_plans(emu):
+    """The RLA backward in sub-batches: each runs the five planned launches (one row per
+    launch, rows sub_batch 0..n-1 of n, identical otherwise), all with one sub-batch's
+    workspace; a packed batch stays one launch whatever the cap."""
+    B, T, Hq, Hkv, D, w, every = 3, 97, 4, 2, 64, 9, 1
+    q, k, v = (rnd(B, T, H, D, dtype=torch.bfloat16, seed=i) for i, H in enumerate((Hq, Hkv, Hkv)))
+    go = rnd(B, T, Hq, D, seed=5)
+    rows = lambda batch, **kw: emu.plan_rows("rla_bwd", batch, T, Hq, Hkv, D, w, "bf16",  # noqa: E731
+                                             every, **kw)
+    _, _, ckpt = emu.rla_fwd(q, k, v, w, "softmax", None, every)
+    emu.take_launch_records()
+    emu.rla_bwd(go, None, q, k, v, None, ckpt, w, "softmax", every, temporaries_cap_bytes=1)
+    split = rows(B, temporaries_cap_bytes=1)
+    assert launched(emu) == [(tuple(r["grid"]), r["threads"], r["smem_bytes"]) for r in split]
+    one = rows(1)  # a sub-batch is planned as a batch of its size
+    assert [r["sub_batch"] for r in split] == [i for i in range(B) for _ in one]
+    strip = lambda r: {x: y for x, y in r.items() if x not in ("sub_batch", "sub_batches",  # noqa: E731
+                                                                "saved_state_bytes")}
+    assert all(strip(r) == strip(one[i % len(one)]) and r["sub_batches"] == B
+               for i, r in enumerate(split))
+    assert {r["saved_state_bytes"] for r in split} == {rows(B)[0]["saved_state_bytes"]} != {0}
+    assert {r["sub_batches"] for r in rows(B)} == {1}  # the default cap: one launch here
+    packed = emu.plan_rows("rla_bwd", 1, 200, Hq, Hkv, D, w, "bf16", every, packed_seqs=3,
+                           temporaries_cap_bytes=1)
+    assert {r["sub_batches"] for r in packed} == {1}
+
+
+def test_s2_rla_temporaries_fit_the_cap_and_fill_the_gpu(emu):
+    """At S2 the backward's sub-batches keep its workspace + the forward's checkpoints and
+    final state within the 1 GiB cap, and every tensor-core launch of a sub-batch still has
+    at least 132 CTAs (132 SMs)."""
+    s = launch_plan.SHAPES["S2"]
+    for op in ("rla_fwd", "rla_bwd"):
+        rows = emu.plan_rows(op, s["B"], s["T"], s["Hq"], s["Hkv"], s["D"], s["w"], "bf16", 4)
+        assert max(r["workspace_bytes"] + r["saved_state_bytes"] for r in rows) <= 2**30, op
+        for r in rows:
+            if r["kernel"] in ("rla_bwd_dq_kernel", "rla_bwd_state_kernel", "rla_bwd_dkv_kernel",
+                               "rla_fwd_state_kernel", "rla_fwd_kernel"):
+                assert r["grid"][0] * r["grid"][1] * r["grid"][2] >= 132, (op, r)
+
+
 def test_emulated_packed_launches_are_the_plans(emu):
     """Packed batches (cu_seqlens): the grids over the documents' tile slots are the plans'
     (which see only the total rows and the document count)."""
@@ -226,18 +267,23 @@ def test_occupancy_model():
 def test_structural_targets_read_the_rows():
     """The issue goals cuda-check reports: selected by shape, kernel family and tensor-core
     use; a bound on the worst row; a shape without rows is reported, never met."""
-    def row(shape, op, kernel, ctas=200, warps=8, serial=4, ws=0, mma=64):
+    def row(shape, op, kernel, ctas=200, warps=8, serial=4, ws=0, saved=0, mma=64):
         return {"shape": shape, "op": op, "kernel": kernel, "ctas": ctas, "warps_per_sm": warps,
-                "serial_steps": serial, "workspace_bytes": ws, "mma": mma}
+                "serial_steps": serial, "workspace_bytes": ws, "saved_state_bytes": saved,
+                "mma": mma}
     rows = [row("S1", "backward", "rla_bwd_dkv_kernel<RlaTraits<bf16,128,64>>", ctas=8),
             row("S1", "forward", "rla_fwd_prefix_reduce_kernel", ctas=1, mma=0),  # no MMA: out
             row("S1", "forward", "swa_fwd_kernel<SwaFwdTraits<bf16,128>>"),
-            row("S2", "backward", "rla_bwd_dq_kernel<RlaTraits<bf16,128,64>>", ws=2**31),
+            row("S2", "backward", "rla_bwd_dq_kernel<RlaTraits<bf16,128,64>>", ws=2**31,
+                saved=2**28),
+            row("S2", "forward", "rla_fwd_kernel<RlaTraits<bf16,128,64>>", saved=2**28),
             row("D1", "decode_step", "decode_impl::decode_split_kernel<bf16,128>", ctas=64)]
     got = {(what, shape): (v, met) for what, shape, v, _, _, met in launch_plan.targets(rows)}
     assert got[("RLA tensor-core launches: CTAs", "S1")] == (8, False)
     assert got[("RLA tensor-core launches: serial chunk steps", "S1")] == (4, True)
-    assert got[("RLA backward workspace MiB", "S2")] == (2048.0, False)
+    # the workspace and the saved checkpoints + final state, of the worst RLA launch
+    assert got[("RLA temporaries MiB (workspace + checkpoints + final state)", "S2")] == \
+        (2304.0, False)
     assert got[("SWA tensor-core launches: resident warps per SM", "S1")] == (8, True)
     assert got[("SWA tensor-core launches: resident warps per SM", "S2")] == (None, False)
     assert got[("decode step: CTAs of its largest launch", "D1")] == (64, True)

@@ -125,6 +125,10 @@ def enrich(rows, report, gpu=H200):
             "threads": r["threads"], "smem_bytes": r["smem_bytes"], "ctas": ctas,
             "ctas_per_sm": per_sm, "waves": round(waves, 3), "serial_steps": r["serial_steps"],
             "workspace_bytes": r["workspace_bytes"],
+            # the RLA backward runs its launches once per sub-batch: row sub_batch of sub_batches
+            "sub_batch": r["sub_batch"], "sub_batches": r["sub_batches"],
+            # RLA calls: the forward's checkpoints + final state, live next to the workspace
+            "saved_state_bytes": r["saved_state_bytes"],
             # beyond the schema: the op call, what limits ctas_per_sm, resident warps per SM
             # at that occupancy, SMs with work, registers and static smem from the report
             "call": r["call"], "occupancy_limit": limit,
@@ -135,13 +139,20 @@ def enrich(rows, report, gpu=H200):
     return out, problems
 
 
+def collapse_sub_batches(rows):
+    """The rows with each run of sub-batches shown once: the rows of sub-batch 0 of a call,
+    paired with its sub-batch count (the other sub-batches repeat them)."""
+    return [(r, r.get("sub_batches", 1)) for r in rows if r.get("sub_batch", 0) == 0]
+
+
 def format_table(rows):
     head = ("shape", "op", "kernel", "grid", "thr", "smem", "regs", "ctas", "cta/SM", "warp/SM",
-            "waves", "serial", "workspace MiB")
+            "waves", "serial", "workspace MiB", "runs")
     body = [(r["shape"], r["op"], r["kernel"], "x".join(map(str, r["grid"])), str(r["threads"]),
              str(r["smem_bytes"]), str(r["registers"]), str(r["ctas"]), str(r["ctas_per_sm"]),
              str(r["warps_per_sm"]), f"{r['waves']:.3f}", str(r["serial_steps"]),
-             f"{r['workspace_bytes'] / 2**20:.1f}") for r in rows]
+             f"{r['workspace_bytes'] / 2**20:.1f}", f"x {n}" if n > 1 else "")
+            for r, n in collapse_sub_batches(rows)]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths)))
@@ -167,8 +178,10 @@ TARGETS = [
     ("RLA tensor-core launches: serial chunk steps", "S1",
      lambda r: _family("rla_")(r) and _tensor_core(r),
      lambda rows: max(r["serial_steps"] for r in rows), "<=", 16),
-    ("RLA backward workspace MiB", "S2", lambda r: _family("rla_")(r) and r["op"] == "backward",
-     lambda rows: max(r["workspace_bytes"] for r in rows) / 2**20, "<=", 1024),
+    # a launch's own workspace plus the checkpoints and final state the forward saved
+    ("RLA temporaries MiB (workspace + checkpoints + final state)", "S2", _family("rla_"),
+     lambda rows: max(r["workspace_bytes"] + r["saved_state_bytes"] for r in rows) / 2**20,
+     "<=", 1024),
     ("SWA tensor-core launches: resident warps per SM", "S1",
      lambda r: _family("swa_")(r) and _tensor_core(r),
      lambda rows: min(r["warps_per_sm"] for r in rows), ">=", 8),

@@ -7,7 +7,8 @@
 // OP: forward, backward, decode_step, or a single op (swa_fwd, swa_mix_fwd, swa_bwd,
 // rla_fwd, rla_bwd, mix_fwd, mix_bwd); DTYPE bf16 (default) or fp16. Output: a JSON list of
 // {shape, op, call, kernel, dtype, head_dim, grid, threads, smem_bytes, serial_steps,
-// workspace_bytes}, one per kernel launch, in launch order. Exit 2 on a bad argument.
+// workspace_bytes, sub_batch, sub_batches, saved_state_bytes}, one per kernel launch, in
+// launch order (see PlanRow). Exit 2 on a bad argument.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -70,12 +71,14 @@ int main(int argc, char** argv) {
       std::printf("%s\n {\"shape\": \"%s\", \"op\": \"%s\", \"call\": \"%s\", \"kernel\": \"%s\", "
                   "\"dtype\": \"%s\", \"head_dim\": %lld, \"grid\": [%lld, %lld, %lld], "
                   "\"threads\": %d, \"smem_bytes\": %lld, \"serial_steps\": %lld, "
-                  "\"workspace_bytes\": %lld}",
+                  "\"workspace_bytes\": %lld, \"sub_batch\": %lld, \"sub_batches\": %lld, "
+                  "\"saved_state_bytes\": %lld}",
                   first ? "" : ",", f[0].c_str(), f[1].c_str(), r.call.c_str(), l.kernel,
                   dtype.c_str(), static_cast<long long>(s.head_dim), static_cast<long long>(l.grid.x),
                   static_cast<long long>(l.grid.y), static_cast<long long>(l.grid.z), l.threads,
                   static_cast<long long>(l.smem_bytes), static_cast<long long>(l.serial_steps),
-                  static_cast<long long>(r.workspace_bytes));
+                  static_cast<long long>(r.workspace_bytes), static_cast<long long>(r.sub_batch),
+                  static_cast<long long>(r.sub_batches), static_cast<long long>(r.saved_state_bytes));
       first = false;
     }
   }

@@ -25,6 +25,8 @@ struct PlanShape {
   int64_t packed_seqs = 0;
   int64_t checkpoint_every = 4;  // python/rattention_ext/api.py DEFAULT_CHECKPOINT_EVERY
   int num_sms = kRlaReferenceSms;  // the GPU the RLA passes' segments (and parts) are planned for
+  // what the RLA backward's sub-batches are sized to (rla_bwd_plan); tests lower it
+  int64_t rla_temporaries_cap_bytes = kRlaTemporariesCapBytes;
   DType dtype = DType::kBFloat16;
 };
 
@@ -32,6 +34,12 @@ struct PlanRow {
   std::string call;  // the op whose launcher issues it
   KernelLaunch launch;
   int64_t workspace_bytes;  // the scratch that call allocates (the same on each of its rows)
+  // The RLA backward runs its launches once per sub-batch (rla_bwd_plan): row sub_batch of
+  // sub_batches, the runs' rows identical otherwise. 0 of 1 for every other call.
+  int64_t sub_batch = 0, sub_batches = 1;
+  // RLA calls: the forward's checkpoints + final state of the whole batch, live during the
+  // launch next to the workspace (the RLA temporaries). 0 for other calls.
+  int64_t saved_state_bytes = 0;
 };
 
 // Batches without a halo (what the CUDA kernels take): seqlen_k = seqlen.
@@ -55,9 +63,23 @@ inline int64_t plan_tokens(const PlanShape& s) {
   return s.packed_seqs > 0 ? s.seqlen : s.batch * s.seqlen;
 }
 
+// Sub-batches and saved RLA state of a plan (only RLA plans have them).
+template <class Plan>
+int64_t plan_sub_batches(const Plan&) { return 1; }
+inline int64_t plan_sub_batches(const RlaBwdPlan& p) { return p.sub_batches; }
+template <class Plan>
+int64_t plan_saved_state_bytes(const Plan&) { return 0; }
+inline int64_t plan_saved_state_bytes(const RlaFwdPlan& p) { return p.saved_state_bytes; }
+inline int64_t plan_saved_state_bytes(const RlaBwdPlan& p) { return p.saved_state_bytes; }
+
+// The plan's launches in launch order: those of each sub-batch in turn.
 template <class Plan>
 void append_plan_rows(std::vector<PlanRow>& rows, const char* call, const Plan& plan) {
-  plan.for_each([&](const KernelLaunch& l) { rows.push_back(PlanRow{call, l, plan.workspace_bytes}); });
+  const int64_t n = plan_sub_batches(plan);
+  for (int64_t i = 0; i < n; ++i)
+    plan.for_each([&](const KernelLaunch& l) {
+      rows.push_back(PlanRow{call, l, plan.workspace_bytes, i, n, plan_saved_state_bytes(plan)});
+    });
 }
 
 inline SwaFwdParams plan_swa_fwd_params(const PlanShape& s) {
@@ -130,7 +152,8 @@ inline std::vector<PlanRow> plan_rows(const std::string& op, const PlanShape& s)
     else if (one == "rla_fwd")
       append_plan_rows(rows, "rla_fwd", rla_fwd_plan(plan_rla_fwd_params(s), s.num_sms));
     else if (one == "rla_bwd")
-      append_plan_rows(rows, "rla_bwd", rla_bwd_plan(plan_rla_bwd_params(s), s.num_sms));
+      append_plan_rows(rows, "rla_bwd", rla_bwd_plan(plan_rla_bwd_params(s), s.num_sms,
+                                                     s.rla_temporaries_cap_bytes));
     else if (one == "mix_fwd")
       append_plan_rows(rows, "mix_fwd", mix_fwd_plan(plan_mix_fwd_params(s)));
     else if (one == "mix_bwd")

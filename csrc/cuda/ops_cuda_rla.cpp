@@ -65,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_c
     return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
             r.grad_carried};
   check_smem_fits(cuda::rla_bwd_smem_bytes(r.params), "rla_bwd", r.params.dims.head_dim);
-  // the dk/dv segments (and so the workspace) are sized for this GPU's SMs
+  // the dk/dv segments (and so the workspace) are sized for this GPU's SMs; the workspace is
+  // one sub-batch's (kRlaTemporariesCapBytes), the launches reuse it in turn
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor ws = at::empty({cuda::rla_bwd_workspace_floats(r.params, num_sms)},
                             q.options().dtype(at::kFloat));

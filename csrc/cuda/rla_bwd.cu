@@ -8,20 +8,21 @@
 namespace rattention::cuda {
 namespace {
 
+// The five launches over the sequences of `p` (one sub-batch of the plan), in `workspace`.
 template <class Tr>
-cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream) {
+cudaError_t launch_rla_bwd_batch(const RlaBwdParams& p, const RlaBwdPlan& plan, float* workspace,
+                                 cudaStream_t stream) {
   const int64_t B = p.dims.batch, T = p.dims.seqlen, Hq = p.dims.heads_q, Hkv = p.dims.heads_kv;
   const int64_t D = p.dims.head_dim;
   const int64_t tokens = p.packed() ? T : B * T;  // rows of q / k (packed: all documents)
-  const RlaBwdPlan plan = rla_bwd_plan<Tr>(p, num_sms);
   float* wsQ = workspace + plan.ws_q;
   float* wsK = workspace + plan.ws_k;
   float* dH0part = p.grad_initial_state != nullptr ? workspace + plan.ws_dh0 : nullptr;
   float* dS = workspace + plan.ws_ds;
   cudaError_t err;
   // Zeros: wsQ and wsK (accumulation targets), dv (keys that never enter a state keep 0),
-  // dH0 (an empty packed document has no segment to write it). The kernels write the
-  // per-segment buffers in full.
+  // dH0 (an empty packed document has no segment to write it), each of this sub-batch only.
+  // The kernels write the per-segment buffers in full.
   if ((err = cudaMemsetAsync(workspace, 0, sizeof(float) * plan.zeroed_floats, stream)) != cudaSuccess)
     return err;
   if ((err = cudaMemsetAsync(p.grad_v, 0, sizeof(typename Tr::Element) * tokens * Hkv * D, stream)) != cudaSuccess)
@@ -59,19 +60,35 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace,
   return cudaGetLastError();
 }
 
+// The batch in the plan's sub-batches, one after another on the stream: they share the
+// workspace (sized for one sub-batch), each zeroing it first.
+template <class Tr>
+cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, int64_t cap, float* workspace,
+                           cudaStream_t stream) {
+  const RlaBwdPlan plan = rla_bwd_plan<Tr>(p, num_sms, cap);
+  if (plan.sub_batches == 1) return launch_rla_bwd_batch<Tr>(p, plan, workspace, stream);
+  for (int64_t i = 0; i < plan.sub_batches; ++i) {
+    const RlaBwdParams sub = rla_bwd_sub_batch(p, i * plan.batch_per_launch, plan.batch_per_launch);
+    const cudaError_t err = launch_rla_bwd_batch<Tr>(sub, plan, workspace, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <typename Element>
-cudaError_t dispatch_head_dim(const RlaBwdParams& p, int num_sms, float* ws, cudaStream_t stream) {
+cudaError_t dispatch_head_dim(const RlaBwdParams& p, int num_sms, int64_t cap, float* ws,
+                              cudaStream_t stream) {
   switch (p.dims.head_dim) {
-    case 64: return launch_rla_bwd<RlaTraits<Element, 64, 64>>(p, num_sms, ws, stream);
-    case 128: return launch_rla_bwd<RlaTraits<Element, 128, 64>>(p, num_sms, ws, stream);
+    case 64: return launch_rla_bwd<RlaTraits<Element, 64, 64>>(p, num_sms, cap, ws, stream);
+    case 128: return launch_rla_bwd<RlaTraits<Element, 128, 64>>(p, num_sms, cap, ws, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-int64_t rla_bwd_workspace_floats(const RlaBwdParams& p, int num_sms) {
-  return rla_bwd_plan(p, num_sms).workspace_floats;
+int64_t rla_bwd_workspace_floats(const RlaBwdParams& p, int num_sms, int64_t temporaries_cap_bytes) {
+  return rla_bwd_plan(p, num_sms, temporaries_cap_bytes).workspace_floats;
 }
 
 int64_t rla_bwd_smem_bytes(const RlaBwdParams& p) {
@@ -79,11 +96,13 @@ int64_t rla_bwd_smem_bytes(const RlaBwdParams& p) {
   return imax(imax(plan.dq.smem_bytes, plan.state.smem_bytes), plan.dkv.smem_bytes);
 }
 
-cudaError_t rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream) {
+cudaError_t rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream,
+                    int64_t temporaries_cap_bytes) {
   if (p.chunk_size != kRlaChunk || num_sms <= 0) return cudaErrorInvalidValue;
+  const int64_t cap = temporaries_cap_bytes;
   switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, num_sms, workspace, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, num_sms, workspace, stream);
+    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, num_sms, cap, workspace, stream);
+    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, num_sms, cap, workspace, stream);
     default: return cudaErrorInvalidValue;
   }
 }

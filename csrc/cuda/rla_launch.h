@@ -38,10 +38,20 @@ cudaError_t rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace, cudaSt
 // the device's opt-in limit for a clear error on GPUs with less, e.g. sm_86 / sm_89).
 int64_t rla_fwd_smem_bytes(const RlaFwdParams& p);
 int64_t rla_bwd_smem_bytes(const RlaBwdParams& p);
-// The backward needs an fp32 workspace of rla_bwd_workspace_floats(p, num_sms) entries (it
-// zeroes what it accumulates into); num_sms is the SM count of the GPU it runs on (> 0), the
-// same in both calls.
-int64_t rla_bwd_workspace_floats(const RlaBwdParams& p, int num_sms);
-cudaError_t rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream);
+// What the RLA temporaries of one layer may take while its backward runs: the backward's
+// fp32 workspace plus the forward's checkpoints and final state (live until the backward
+// ends). The backward runs a dense batch in sub-batches sized to stay under it
+// (rla_bwd_plan, rla_plan.h); never fewer than one batch element per launch, so a single
+// sequence above it still runs (in one launch); a packed batch runs in one launch.
+constexpr int64_t kRlaTemporariesCapBytes = int64_t(1) << 30;
+
+// The backward needs an fp32 workspace of rla_bwd_workspace_floats(p, num_sms, cap) entries
+// (one sub-batch's; it zeroes what it accumulates into); num_sms is the SM count of the GPU it
+// runs on (> 0), and num_sms and cap the same in both calls. The cap (bytes, see
+// kRlaTemporariesCapBytes) is a parameter only so that tests can force several sub-batches.
+int64_t rla_bwd_workspace_floats(const RlaBwdParams& p, int num_sms,
+                                 int64_t temporaries_cap_bytes = kRlaTemporariesCapBytes);
+cudaError_t rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream,
+                    int64_t temporaries_cap_bytes = kRlaTemporariesCapBytes);
 
 }  // namespace rattention::cuda

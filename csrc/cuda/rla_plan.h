@@ -21,6 +21,17 @@ inline int64_t rla_segment_parts(int64_t ctas, int64_t every, int num_sms) {
   return imax(1, imin(every, ceil_div(imax(1, num_sms), imax(1, ctas))));
 }
 
+// Bytes of what the forward saves for the backward, for the whole batch: the checkpoints
+// ([B | 1, Hkv, slots, 2D, D]) and the final state ([B, Hkv, 2D, D]), fp32. They are live
+// while the backward runs, so its sub-batches are sized with them counted
+// (kRlaTemporariesCapBytes).
+inline int64_t rla_saved_state_bytes(const RlaCommonParams& p) {
+  const AttnDims& d = p.dims;
+  const int64_t state = 2 * d.head_dim * d.head_dim;
+  const int64_t ckpt_rows = (p.packed() ? 1 : d.batch) * d.heads_kv * p.ckpt_slots();
+  return (ckpt_rows + d.batch * d.heads_kv) * state * int64_t(sizeof(float));
+}
+
 // Forward. The sequence is cut into segments of checkpoint_every chunks, `parts` CTAs per
 // (value slice, b * kv head, segment) in passes 1 and 3 (rla_segment_parts from the SM count;
 // packed: 1); pass 2 is a thread per state element walking the segments (and their parts) in
@@ -35,6 +46,7 @@ struct RlaFwdPlan {
   int64_t parts = 1;  // CTAs per checkpoint segment in passes 1 and 3
   int64_t workspace_floats = 0;
   int64_t workspace_bytes = 0;
+  int64_t saved_state_bytes = 0;  // the checkpoints and final state it writes
   template <class F>
   void for_each(F&& f) const {
     f(state);
@@ -56,6 +68,7 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
                                               segment_chunks, num_sms);
   if (plan.parts > 1) plan.workspace_floats = bh * plan.n_checkpoints * plan.parts * 2 * D * D;
   plan.workspace_bytes = plan.workspace_floats * int64_t(sizeof(float));
+  plan.saved_state_bytes = rla_saved_state_bytes(p);
   const GridDims grid = p.packed() ? GridDims{Tr::kNVBlocks, d.heads_kv, p.ckpt_slots()}
                                    : GridDims{Tr::kNVBlocks, bh, plan.n_checkpoints * plan.parts};
   plan.state = make_launch("rla_fwd_state_kernel", grid, Tr::kNThreads, Tr::kSmemState,
@@ -87,16 +100,30 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
 //   | dS [seg rows of Hkv, 2D, D] (per segment: its local sum, then its starting suffix state)
 // with seg rows of H = B * H * slots (dense) or H * slots (packed); the launcher zeroes only
 // wsQ and wsK (accumulation targets), the kernels write every element of the rest.
+//
+// Sub-batches: wsQ and wsK grow with B * T, so a dense batch runs as `sub_batches` runs of
+// the five launches, each over `batch_per_launch` sequences (pointers offset to them,
+// dims.batch = batch_per_launch; the kernels are those of a batch of that size), one after
+// another on the stream, all in one workspace sized for a sub-batch. batch_per_launch is the
+// largest divisor of B whose workspace plus the whole layer's saved checkpoints and final
+// state (rla_saved_state_bytes) fits the cap, at least 1. A divisor, so that every sub-batch
+// has the same launches: one workspace size, and each sequence's result does not depend on
+// where in the batch it sits. The segments (and dq parts) are planned for the sub-batch, so
+// every launch still covers the SMs. Packed batches: one launch (their documents share tile
+// slots of one grid).
 struct RlaBwdPlan {
   // rla_bwd_dq_kernel, rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel, rla_bwd_dkv_kernel,
-  // rla_bwd_phi_postprocess_kernel, in launch order
+  // rla_bwd_phi_postprocess_kernel, in launch order: the launches of one sub-batch
   KernelLaunch dq, state, scan, dkv, postprocess;
   RlaBwdSegments segments{1, 0};
   int64_t dq_parts = 1;  // dq CTAs per checkpoint segment
   int64_t ws_q = 0, ws_k = 0, ws_dh0 = 0, ws_ds = 0;  // offsets in floats
   int64_t zeroed_floats = 0;                          // [0, zeroed_floats): wsQ and wsK
-  int64_t workspace_floats = 0;
+  int64_t workspace_floats = 0;  // of one sub-batch: the launches reuse it in turn
   int64_t workspace_bytes = 0;
+  int64_t batch_per_launch = 0;  // sequences per sub-batch (packed: all documents)
+  int64_t sub_batches = 1;       // runs of the five launches
+  int64_t saved_state_bytes = 0;  // the forward's checkpoints + final state, whole batch
   template <class F>
   void for_each(F&& f) const {
     f(dq);
@@ -116,8 +143,10 @@ inline int64_t rla_bwd_segment_chunks(int64_t n_chunks, int64_t ctas_per_segment
   return imax(1, imin(fill, imin(kRlaMaxSegmentChunks, imax(1, n_chunks))));
 }
 
+// The launches and workspace of one backward run over all of p's sequences (a sub-batch
+// when rla_bwd_plan splits the batch).
 template <class Tr>
-RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
+RlaBwdPlan rla_bwd_batch_plan(const RlaBwdParams& p, int num_sms) {
   using Sm = RlaBwdSmem<Tr>;
   static_assert(Tr::kBlockV == kRlaBlockV, "rla_dk_slots assumes kRlaBlockV value columns");
   const AttnDims& d = p.dims;
@@ -164,6 +193,68 @@ RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
   plan.postprocess = make_launch("rla_bwd_phi_postprocess_kernel",
                                  {ceil_div(tokens * (Hq + Hkv), kRlaRowsPerPostprocessCta)},
                                  kRlaElementwiseThreads, 0, 1);
+  plan.batch_per_launch = B;
+  return plan;
+}
+
+// Bytes of one q / k / v element (the CUDA kernels take bf16 and fp16).
+inline int64_t rla_element_bytes(DType t) {
+  return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2;
+}
+
+// The params of sequences [b0, b0 + n) of a dense batch: every batch-indexed pointer moved to
+// sequence b0 (q / k / v / grad_out by their batch strides, H0 by its own, 0 when broadcast;
+// the contiguous checkpoints, states and gradients by their per-sequence sizes) and
+// dims.batch = n, so the kernels run on the sub-batch as on a batch of n. Packed batches are
+// returned as they are (rla_bwd_plan never splits them).
+inline RlaBwdParams rla_bwd_sub_batch(const RlaBwdParams& p, int64_t b0, int64_t n) {
+  if (p.packed()) return p;
+  const AttnDims& d = p.dims;
+  const int64_t e = rla_element_bytes(p.dtype), f = int64_t(sizeof(float));
+  const int64_t state = 2 * d.head_dim * d.head_dim;
+  auto at = [](const void* ptr, int64_t bytes) -> const char* {
+    return ptr == nullptr ? nullptr : static_cast<const char*>(ptr) + bytes;
+  };
+  auto at_mut = [](void* ptr, int64_t bytes) -> char* {
+    return ptr == nullptr ? nullptr : static_cast<char*>(ptr) + bytes;
+  };
+  RlaBwdParams s = p;
+  s.dims.batch = n;
+  s.q = at(p.q, b0 * p.q_stride.b * e);
+  s.k = at(p.k, b0 * p.k_stride.b * e);
+  s.v = at(p.v, b0 * p.v_stride.b * e);
+  s.grad_out = at(p.grad_out, b0 * p.grad_out_stride.b * f);
+  s.initial_state = at(p.initial_state, b0 * p.initial_state_bstride * f);
+  s.checkpoints = at(p.checkpoints, b0 * d.heads_kv * p.ckpt_slots() * state * f);
+  s.grad_final_state = at(p.grad_final_state, b0 * d.heads_kv * state * f);
+  s.grad_q = at_mut(p.grad_q, b0 * d.seqlen * d.heads_q * d.head_dim * e);
+  s.grad_k = at_mut(p.grad_k, b0 * d.seqlen_k * d.heads_kv * d.head_dim * e);
+  s.grad_v = at_mut(p.grad_v, b0 * d.seqlen_k * d.heads_kv * d.head_dim * e);
+  s.grad_initial_state = at_mut(p.grad_initial_state, b0 * d.heads_q * state * f);
+  s.grad_carried_state = at_mut(p.grad_carried_state, b0 * d.heads_kv * state * f);
+  return s;
+}
+
+// The backward's plan: the sub-batch size (see RlaBwdPlan) and the launches of one sub-batch.
+template <class Tr>
+RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms, int64_t temporaries_cap_bytes) {
+  const int64_t B = p.dims.batch;
+  const int64_t saved = rla_saved_state_bytes(p);
+  if (p.packed() || B <= 1) {
+    RlaBwdPlan plan = rla_bwd_batch_plan<Tr>(p, num_sms);
+    plan.saved_state_bytes = saved;
+    return plan;
+  }
+  RlaBwdPlan plan;
+  for (int64_t n = B; n >= 1; --n) {  // the largest divisor that fits; 1 if none does
+    if (B % n != 0) continue;
+    RlaBwdParams sub = p;
+    sub.dims.batch = n;
+    plan = rla_bwd_batch_plan<Tr>(sub, num_sms);
+    if (plan.workspace_bytes + saved <= temporaries_cap_bytes) break;
+  }
+  plan.sub_batches = B / plan.batch_per_launch;
+  plan.saved_state_bytes = saved;
   return plan;
 }
 
@@ -186,9 +277,11 @@ inline RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
   return with_rla_traits<RlaFwdPlan>(p.dtype, p.dims.head_dim,
                                      [&](auto tr) { return rla_fwd_plan<decltype(tr)>(p, num_sms); });
 }
-inline RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms) {
-  return with_rla_traits<RlaBwdPlan>(p.dtype, p.dims.head_dim,
-                                     [&](auto tr) { return rla_bwd_plan<decltype(tr)>(p, num_sms); });
+inline RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms,
+                               int64_t temporaries_cap_bytes = kRlaTemporariesCapBytes) {
+  return with_rla_traits<RlaBwdPlan>(p.dtype, p.dims.head_dim, [&](auto tr) {
+    return rla_bwd_plan<decltype(tr)>(p, num_sms, temporaries_cap_bytes);
+  });
 }
 
 }  // namespace rattention::cuda

@@ -214,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd(
     const at::Tensor& go, c10::optional<at::Tensor> gfs, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, c10::optional<at::Tensor> h0, const at::Tensor& ckpt, int64_t w,
-    const std::string& fm, int64_t every, c10::optional<at::Tensor> cu_seqlens, int64_t num_sms) {
+    const std::string& fm, int64_t every, c10::optional<at::Tensor> cu_seqlens, int64_t num_sms,
+    int64_t temporaries_cap_bytes) {
   TORCH_CHECK_VALUE(num_sms > 0, "num_sms must be positive, got ", num_sms);
   auto r = prepare_rla_bwd(go, gfs, q, k, v, h0, ckpt, w, fm, cuda::kRlaChunk, every,
                            /*cuda_backend=*/true, cu_seqlens);
@@ -227,9 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd(
   box.add("grad_v", r.grad_v, Role::kOut);
   box.add("grad_initial_state", r.grad_h0, Role::kOut);
   const int sms = static_cast<int>(num_sms);
-  float* ws = box.workspace(cuda::rla_bwd_workspace_floats(r.params, sms));
+  const int64_t cap = temporaries_cap_bytes;
+  float* ws = box.workspace(cuda::rla_bwd_workspace_floats(r.params, sms, cap));
   box.redirect(r.params);
-  box.finish(cuda::rla_bwd(r.params, sms, ws, nullptr));
+  box.finish(cuda::rla_bwd(r.params, sms, ws, nullptr, cap));
   at::Tensor gh0 = r.grad_h0;
   if (gh0.numel() > 0 && h0->size(0) == 1 && gh0.size(0) > 1) gh0 = gh0.sum(0, true);
   return {r.grad_q, r.grad_k, r.grad_v, gh0};
@@ -315,7 +317,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("initial_state"),
         py::arg("checkpoints"), py::arg("w"), py::arg("feature_map"), py::arg("every"), cu,
         // the SM count the dk/dv segments are planned for (a small one: more segments)
-        py::arg("num_sms") = rattention::cuda::kRlaReferenceSms);
+        py::arg("num_sms") = rattention::cuda::kRlaReferenceSms,
+        // what the sub-batches are sized to (a small one: a sequence per sub-batch)
+        py::arg("temporaries_cap_bytes") = rattention::cuda::kRlaTemporariesCapBytes);
   m.def("mix_fwd", &rattention::mix_fwd);
   m.def("mix_bwd", &rattention::mix_bwd);
   m.def("decode_step", &rattention::decode_step, py::arg("q"), py::arg("k"), py::arg("v"),
