@@ -195,11 +195,11 @@ def test_swa_packed_nan_tail_leaves_other_documents_unchanged(emu):
 RLA_T, RLA_W, RLA_S = 100, 5, 40
 
 
-def rla_run(emu, qkv, fm, H0, gfs, go, backward):
-    o, fs, ck = emu.rla_fwd(*qkv, RLA_W, fm, H0, 2)
+def rla_run(emu, qkv, fm, H0, gfs, go, backward, num_sms):
+    o, fs, ck = emu.rla_fwd(*qkv, RLA_W, fm, H0, 2, num_sms=num_sms)
     if not backward:
         return dict(o=o, fs=fs)
-    dq, dk, dv, dh0 = emu.rla_bwd(go, gfs, *qkv, H0, ck, RLA_W, fm, 2)
+    dq, dk, dv, dh0 = emu.rla_bwd(go, gfs, *qkv, H0, ck, RLA_W, fm, 2, num_sms=num_sms)
     return dict(o=o, fs=fs, dq=dq, dk=dk, dv=dv, dh0=dh0)
 
 
@@ -212,31 +212,43 @@ RLA_CASES = [
 ]
 
 
+# The SM count the segments are planned for: 132 splits the two chunks into one part each;
+# with 1 a CTA walks both, so the poisoned chunk's tiles are restored for the state update
+# that the next chunk reads.
+RLA_SMS = [pytest.param(132, id="parts"), pytest.param(1, id="one-cta")]
+
+
+@pytest.mark.parametrize("num_sms", RLA_SMS)
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("D,dtype,fm,h0", RLA_CASES)
-def test_rla_forward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which):
-    check_rla(emu, D, dtype, fm, h0, which, backward=False)
+def test_rla_forward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which,
+                                                                 num_sms):
+    check_rla(emu, D, dtype, fm, h0, which, backward=False, num_sms=num_sms)
 
 
+@pytest.mark.parametrize("num_sms", RLA_SMS)
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("D,dtype,fm,h0", RLA_CASES)
-def test_rla_backward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which):
-    check_rla(emu, D, dtype, fm, h0, which, backward=True)
+def test_rla_backward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which,
+                                                                  num_sms):
+    check_rla(emu, D, dtype, fm, h0, which, backward=True, num_sms=num_sms)
 
 
-def check_rla(emu, D, dtype, fm, h0, which, backward):
+def check_rla(emu, D, dtype, fm, h0, which, backward, num_sms):
     """Forward (output, final state) or backward (dq, dk, dv, dH0) with token RLA_S of
-    `which` poisoned by NaN and by +Inf, against the clean run."""
+    `which` poisoned by NaN and by +Inf, against the clean run, the segments planned for
+    `num_sms` SMs."""
     Hq, Hkv = 2, 1
     qkv = inputs(1, RLA_T, Hq, Hkv, D, dtype, seed=D + 11)
     g = torch.Generator().manual_seed(2)
     H0 = 0.1 * torch.randn(1, Hq, 2 * D, D, generator=g) if h0 else None
     go = torch.randn(1, RLA_T, Hq, D, generator=g)
     gfs = torch.randn(1, Hkv, 2 * D, D, generator=g)
-    clean = rla_run(emu, qkv, fm, H0, gfs, go, backward)
+    clean = rla_run(emu, qkv, fm, H0, gfs, go, backward, num_sms)
     rows, q_rows, kv_rows = rla_unchanged_positions(RLA_T, RLA_W, RLA_S, which)
     for value in (NAN, INF):
-        bad = rla_run(emu, poisoned(qkv, which, RLA_S, value), fm, H0, gfs, go, backward)
+        bad = rla_run(emu, poisoned(qkv, which, RLA_S, value), fm, H0, gfs, go, backward,
+                      num_sms)
         tag = f"{which}={value}"
         if not backward:
             assert_same(bad["o"][:, rows], clean["o"][:, rows], f"o ({tag})")
