@@ -218,20 +218,14 @@ RLA_CASES = [
 RLA_SMS = [pytest.param(132, id="parts"), pytest.param(1, id="one-cta")]
 
 
+@pytest.mark.parametrize("backward", [pytest.param(False, id="forward"),
+                                      pytest.param(True, id="backward")])
 @pytest.mark.parametrize("num_sms", RLA_SMS)
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("D,dtype,fm,h0", RLA_CASES)
-def test_rla_forward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which,
-                                                                 num_sms):
-    check_rla(emu, D, dtype, fm, h0, which, backward=False, num_sms=num_sms)
-
-
-@pytest.mark.parametrize("num_sms", RLA_SMS)
-@pytest.mark.parametrize("which", ["q", "k", "v"])
-@pytest.mark.parametrize("D,dtype,fm,h0", RLA_CASES)
-def test_rla_backward_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which,
-                                                                  num_sms):
-    check_rla(emu, D, dtype, fm, h0, which, backward=True, num_sms=num_sms)
+def test_rla_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which, num_sms,
+                                                        backward):
+    check_rla(emu, D, dtype, fm, h0, which, backward=backward, num_sms=num_sms)
 
 
 def check_rla(emu, D, dtype, fm, h0, which, backward, num_sms):
