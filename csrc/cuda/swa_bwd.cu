@@ -16,7 +16,8 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   float* dq_ws = ws + plan.ws_dq;
   float* dk_ws = ws + plan.ws_dk;
 
-  RATT_LAUNCH_PLANNED(plan.preprocess, stream, swa_bwd_preprocess_kernel)(p, di);
+  // dO in the input dtype is staged in grad_q until swa_bwd_convert_kernel writes dQ there.
+  RATT_LAUNCH_PLANNED(plan.preprocess, stream, swa_bwd_preprocess_kernel)(p, di, p.grad_q);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 

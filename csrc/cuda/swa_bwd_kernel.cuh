@@ -1,6 +1,8 @@
 // SWA backward on tensor cores. Four launches, all deterministic (no atomics):
-//   1. swa_bwd_preprocess_kernel: Di = rowsum(dO * O) - grad_lse   (one warp per row; dO
-//      rounded to the input dtype like the MMAs' copy of it)
+//   1. swa_bwd_preprocess_kernel: Di = rowsum(dO * O) - grad_lse (one warp per row), and dO
+//      in the input dtype, the copy both MMA kernels load with cp.async. That copy is staged
+//      in grad_q (dtype, q-shaped, contiguous), which nothing reads or writes until step 4
+//      overwrites it with dQ, so it costs no workspace.
 // Packed batches: the tile kernels run over the documents' tile slots (QkvParams::tile_slot0)
 // and stay inside their document; the row kernels (1, 4) see the packed rows as one sequence.
 //   2. swa_bwd_dkdv_kernel, one CTA per (b, kv head, key tile, D slice): loops over the
@@ -11,10 +13,14 @@
 //        dP^T = V dO^T, dS^T = P^T (dP^T - Di) scale,  dK += dS^T Q.
 //      Each CTA owns kDSlice = 64 output columns of dK/dV (D = 128 runs two slices that
 //      recompute S^T and dP^T) so the fp32 dK/dV accumulators fit in registers.
+//      Pipeline: Q is double-buffered (the next tile's Q loads during the whole iteration);
+//      dO, lse and Di are single-buffered and the next tile's load after dS^T is formed,
+//      under dK += dS^T Q (2 CTAs per SM still fit an A100's 164 KB at D = 128).
 //   3. swa_bwd_dq_kernel, one CTA per (b, q head, query tile) over its key tiles:
 //        S = Q K^T, P, dP = dO V^T, dS = P (dP - Di) scale,  dQ += dS K.
+//      Pipeline: K is double-buffered (the next tile's K loads during the whole iteration);
+//      V is single-buffered and the next tile's V loads once dP = dO V^T is done.
 //   4. swa_bwd_convert_kernel: fp32 dQ/dK workspaces -> input dtype, inverse rotary.
-// dO (fp32) is converted to the input dtype while staged into shared memory.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -27,16 +33,25 @@
 
 namespace rattention::cuda {
 
-// dO as the MMAs see it: the dkdv / dq kernels stage the fp32 dO in the input dtype.
-__device__ __forceinline__ float round_like_staged(float x, DType dtype) {
-  return dtype == DType::kBFloat16 ? float(cutlass::bfloat16_t(x)) : float(cutlass::half_t(x));
+// dO in the input dtype (the copy the MMA kernels load), and back in fp32.
+__device__ __forceinline__ float store_in_dtype(float x, DType dtype, void* dst, int64_t i) {
+  if (dtype == DType::kBFloat16) {
+    const cutlass::bfloat16_t y(x);
+    static_cast<cutlass::bfloat16_t*>(dst)[i] = y;
+    return float(y);
+  }
+  const cutlass::half_t y(x);
+  static_cast<cutlass::half_t*>(dst)[i] = y;
+  return float(y);
 }
 
-// Di[b, h, t] = sum_d dO * O - grad_lse (the -grad_lse term: d lse / d z = P). dO is rounded
-// as the MMAs round it, so that dP - Di (dP = dO V^T from the rounded dO) cancels where it
-// should: the row sums of dS stay ~0 and, e.g., w = 0 (P = 1, O = V) gives dQ = dK = 0
-// rather than rounding noise (found by the host emulator, tests/test_cuda_emulated.py).
-__global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdParams p, float* di) {
+// Di[b, h, t] = sum_d dO * O - grad_lse (the -grad_lse term: d lse / d z = P), and dO in the
+// input dtype into do_lp (q-shaped, contiguous). Di is summed from that rounded dO, so that
+// dP - Di (dP = dO V^T from the same dO) cancels where it should: the row sums of dS stay ~0
+// and, e.g., w = 0 (P = 1, O = V) gives dQ = dK = 0 rather than rounding noise (found by the
+// host emulator, tests/test_cuda_emulated.py).
+__global__ void __launch_bounds__(256)
+    swa_bwd_preprocess_kernel(const SwaBwdParams p, float* di, void* do_lp) {
   // Packed: rows (h, r) of the [Hq, total] lse layout, i.e. one sequence of all rows.
   const int64_t B = p.packed() ? 1 : p.dims.batch;
   const int64_t T = p.dims.seqlen, H = p.dims.heads_q, D = p.dims.head_dim;
@@ -48,9 +63,11 @@ __global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdPar
                     t * p.grad_out_stride.t + h * p.grad_out_stride.h;
   const float* o = static_cast<const float*>(p.out) + b * p.out_stride.b + t * p.out_stride.t +
                    h * p.out_stride.h;
+  const int64_t lp_row = ((b * T + t) * H + h) * D;  // packed: b == 0, t == the token
   float acc = 0.f;
   for (int64_t d = lane; d < D; d += 32)
-    acc += round_like_staged(go[d * p.grad_out_stride.d], p.dtype) * o[d * p.out_stride.d];
+    acc += store_in_dtype(go[d * p.grad_out_stride.d], p.dtype, do_lp, lp_row + d) *
+           o[d * p.out_stride.d];
   acc = quad_allreduce(acc, SumOp{});
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
   acc += __shfl_xor_sync(0xffffffffu, acc, 8);
@@ -63,17 +80,6 @@ __global__ void __launch_bounds__(256) swa_bwd_preprocess_kernel(const SwaBwdPar
   if (lane == 0) {
     const float g = p.grad_lse ? static_cast<const float*>(p.grad_lse)[row] : 0.f;
     di[row] = acc - g;  // row == (b * H + h) * T + t: the lse layout
-  }
-}
-
-// Stage a (kRows x D) fp32 tile (row stride `ld_t`, D contiguous) into smem in the input
-// dtype; rows >= rows_left are zero.
-template <int kRows, int kHeadDim, int kNThreads, typename STensor>
-CUTE_DEVICE void stage_fp32_tile(STensor& s, const float* g, int64_t ld_t, int rows_left) {
-  using E = typename STensor::value_type;
-  for (int idx = threadIdx.x; idx < kRows * kHeadDim; idx += kNThreads) {
-    const int r = idx / kHeadDim, c = idx % kHeadDim;
-    s(r, c) = static_cast<E>(r < rows_left ? g[r * ld_t + c] : 0.f);
   }
 }
 
@@ -103,7 +109,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     }
   }
   const int64_t T = p.seqlen_q(b);
-  const int64_t G = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t Hq = p.dims.heads_q;
+  const int64_t G = Hq / p.dims.heads_kv;
   const int64_t window = p.window_size;
   const int tid = threadIdx.x;
   const int64_t n0 = int64_t(n_block) * kBlockN;
@@ -111,20 +118,25 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float scale = float(p.softmax_scale);
   const float scale_log2 = float(p.softmax_scale * M_LOG2E);
 
+  // sK, sV (N, D); sQ (M, D) x 2 stages; sdO (M, D); lse and Di of the query tile.
   RATT_DYNAMIC_SMEM(char, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKV{});     // (N, D)
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});    // (N, D)
-  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});     // (M, D)
-  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});    // (M, D)
+  Tensor sdO = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});    // (M, D)
+  Tensor sQ0 = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutQ{});  // (M, D)
+  float* s_lse = reinterpret_cast<float*>(smem_raw + Traits::kSmemQ * 3 + Traits::kSmemKV * 2);
+  float* s_di = s_lse + kBlockM;
   // Column slice [64 slice, 64 slice + 64) of sQ / sdO, transposed: (Ds, M). The swizzled
   // (M, D) layout stores each 64-column block as a contiguous (64, 64) block of the same
   // swizzle, so the slice is the 64x64 transposed layout at offset slice * 64 * 64.
-  Tensor sQt = make_tensor(sQ.data() + slice * kBlockM * kBwdDSlice, typename Traits::SmemLayoutPt{});
   Tensor sdOt = make_tensor(sdO.data() + slice * kBlockM * kBwdDSlice, typename Traits::SmemLayoutPt{});
-  Tensor sQtNoSwizzle = make_tensor(sQt.data(), typename Traits::SmemLayoutPtNoSwizzle{});
-  float* s_lse = reinterpret_cast<float*>(smem_raw + Traits::kSmemQ * 2 + Traits::kSmemKV * 2);
-  float* s_di = s_lse + kBlockM;
+  // Stage s of the Q tile and its transposed slice view.
+  auto sQ_at = [&](int s) { return make_tensor(sQ0.data() + s * size(sQ0), typename Traits::SmemLayoutQ{}); };
+  auto sQt_at = [&](int s) {
+    return make_tensor(sQ0.data() + s * size(sQ0) + slice * kBlockM * kBwdDSlice,
+                       typename Traits::SmemLayoutPt{});
+  };
 
   const Element* k_ptr = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* v_ptr = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk);
@@ -141,19 +153,54 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
   Tensor tKsK = gmem_thr.partition_D(sK);
   Tensor tVsV = gmem_thr.partition_D(sV);
-  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
   copy_rows_pred(gmem_copy, gmem_thr.partition_S(gK), tKsK, tKVcKV, rows_k);
   copy_rows_pred(gmem_copy, gmem_thr.partition_S(gV), tVsV, tKVcKV, rows_k);
+  cp_async_fence();
+
+  // The (query head, query tile) pairs this key tile meets, head-major: pair i is head
+  // hk G + i / n_m and query tile mt.begin + i % n_m.
+  const TileRange mt = swa_query_tiles_for_key_tile(n_block, kBlockM, kBlockN, T, window);
+  const int64_t n_m = mt.end - mt.begin;
+  const int64_t n_pairs = G * n_m;
+  const float* lse_base = static_cast<const float*>(p.lse);
+  const Element* do_lp = static_cast<const Element*>(p.grad_q);  // dO in dtype (preprocess)
+  // cp.async of pair i's Q tile into stage s.
+  auto load_q = [&](int64_t i, int s) {
+    const int64_t hq = hk * G + i / n_m, m0 = (mt.begin + i % n_m) * kBlockM;
+    Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, m0, hq)),
+                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride.t, _1{}));
+    Tensor tQsQ = gmem_thr.partition_D(sQ_at(s));
+    copy_rows_pred(gmem_copy, gmem_thr.partition_S(gQ), tQsQ, tQcQ, int(imin(kBlockM, T - m0)));
+  };
+  // cp.async of pair i's dO tile, plain loads of its lse (log2 units) and Di.
+  auto load_do_lse_di = [&](int64_t i) {
+    const int64_t hq = hk * G + i / n_m, m0 = (mt.begin + i % n_m) * kBlockM;
+    const int rows_q = int(imin(kBlockM, T - m0));
+    Tensor gdO = make_tensor(make_gmem_ptr(do_lp + (p.q_row(b, m0) * Hq + hq) * kHeadDim),
+                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(Hq * kHeadDim, _1{}));
+    copy_rows_pred(gmem_copy, gmem_thr.partition_S(gdO), tdOsdO, tQcQ, rows_q);
+    const int64_t row0 = p.lse_index(b, hq, m0);
+    for (int r = tid; r < kBlockM; r += kNThreads) {
+      s_lse[r] = r < rows_q ? lse_base[row0 + r] * float(M_LOG2E) : 0.f;
+      s_di[r] = r < rows_q ? di[row0 + r] : 0.f;
+    }
+  };
+  if (n_pairs > 0) {
+    load_q(0, 0);
+    load_do_lse_di(0);
+  }
   cp_async_fence();
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor tSrK = thr_mma.partition_fragment_A(sK);            // S^T = K Q^T
-  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ0);
   Tensor tPrV = thr_mma.partition_fragment_A(sV);            // dP^T = V dO^T
   Tensor tPrdO = thr_mma.partition_fragment_B(sdO);
-  Tensor tVrdOt = thr_mma.partition_fragment_B(sQtNoSwizzle);  // dV += P^T dO_slice
-  Tensor tKrQt = thr_mma.partition_fragment_B(sQtNoSwizzle);   // dK += dS^T Q_slice
+  Tensor sPtNoSwizzle = make_tensor(sdOt.data(), typename Traits::SmemLayoutPtNoSwizzle{});
+  Tensor tVrdOt = thr_mma.partition_fragment_B(sPtNoSwizzle);  // dV += P^T dO_slice
+  Tensor tKrQt = thr_mma.partition_fragment_B(sPtNoSwizzle);   // dK += dS^T Q_slice
 
   auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto thr_a = copy_a.get_thread_slice(tid);
@@ -163,10 +210,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   auto thr_bt = copy_bt.get_thread_slice(tid);
   Tensor tSsK = thr_a.partition_S(sK);
   Tensor tPsV = thr_a.partition_S(sV);
-  Tensor tSsQ = thr_b.partition_S(sQ);
   Tensor tPsdO = thr_b.partition_S(sdO);
   Tensor tVsdOt = thr_bt.partition_S(sdOt);
-  Tensor tKsQt = thr_bt.partition_S(sQt);
 
   Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
   Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
@@ -178,100 +223,94 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
-  bool k_rotated = false;
   if constexpr (kNSlices > 1) {
     if (slice > 0) RATT_COVER("second_d_slice");
   }
-  const TileRange mt = swa_query_tiles_for_key_tile(n_block, kBlockM, kBlockN, T, window);
-  for (int64_t hq = hk * G; hq < hk * G + G; ++hq) {
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    const int64_t hq = hk * G + i / n_m, m = mt.begin + i % n_m;
     if (hq > hk * G) RATT_COVER("group_head");
-    const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, 0, hq);
-    Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
-                            make_stride(p.q_stride.t, _1{}));
-    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));
-    Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, m_tiles)
-    const float* go_ptr =
-        static_cast<const float*>(p.grad_out) + p.q_offset(p.grad_out_stride, b, 0, hq);
-    const float* lse_ptr = static_cast<const float*>(p.lse) + p.lse_index(b, hq, 0);
-    const float* di_ptr = di + p.lse_index(b, hq, 0);
-    for (int64_t m = mt.begin; m < mt.end; ++m) {
-      const int64_t m0 = m * kBlockM;
-      const int rows_q = int(imin(kBlockM, T - m0));
-      copy_rows_pred(gmem_copy, tQgQ(_, _, _, m), tQsQ, tQcQ, rows_q);
-      cp_async_fence();
-      stage_fp32_tile<kBlockM, kHeadDim, kNThreads>(sdO, go_ptr + m0 * p.grad_out_stride.t,
-                                                    p.grad_out_stride.t, rows_q);
-      for (int i = tid; i < kBlockM; i += kNThreads) {
-        s_lse[i] = i < rows_q ? lse_ptr[m0 + i] * float(M_LOG2E) : 0.f;
-        s_di[i] = i < rows_q ? di_ptr[m0 + i] : 0.f;
-      }
-      cp_async_wait<0>();
-      // Q tile landed; the barrier also says whether it holds a NaN / Inf (nan_tiles.cuh).
-      const bool q_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tQsQ));
-      if (rot_cos != nullptr) {
-        RATT_COVER("rotary");
-        if (!k_rotated) {
-          rotate_tile_smem<kBlockN, kHeadDim, kNThreads>(sK, rot_cos, rot_sin, n0, rows_k, false);
-          k_rotated = true;
-        }
-        rotate_tile_smem<kBlockM, kHeadDim, kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q, false);
-        __syncthreads();
-      } else {
-        RATT_COVER("no_rotary");
-      }
+    const int64_t m0 = m * kBlockM;
+    const int rows_q = int(imin(kBlockM, T - m0));
+    const int stage = int(i & 1);
+    Tensor sQ = sQ_at(stage);
+    Tensor tQsQ = gmem_thr.partition_D(sQ);
+    cp_async_wait<0>();
+    // Q(i), dO(i) (and K, V) landed; every warp is past pair i - 1, whose Q stage is now
+    // free. The barrier also says whether Q holds a NaN / Inf (nan_tiles.cuh).
+    const bool q_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tQsQ));
+    if (i + 1 < n_pairs) {
+      RATT_COVER("prefetch_next_q");
+      load_q(i + 1, stage ^ 1);
+    }
+    cp_async_fence();
+    if (rot_cos != nullptr) {
+      RATT_COVER("rotary");
+      if (i == 0) rotate_tile_smem<kBlockN, kHeadDim, kNThreads>(sK, rot_cos, rot_sin, n0, rows_k, false);
+      rotate_tile_smem<kBlockM, kHeadDim, kNThreads>(sQ, rot_cos, rot_sin, m0, rows_q, false);
+      __syncthreads();
+    } else {
+      RATT_COVER("no_rotary");
+    }
 
-      // S^T (N, M) and P^T = exp2(S^T scale log2e - lse log2e), masked at the window edges.
-      Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
-      clear(acc_s);
-      gemm_ss(acc_s, tSrK, tSrQ, tSsK, tSsQ, tiled_mma, copy_a, copy_b, thr_a, thr_b);
-      const bool need_mask = swa_tile_needs_mask(m, n_block, kBlockM, kBlockN, T, window);
-      if (need_mask) {
-        RATT_COVER("masked_tile");
-      } else {
-        RATT_COVER("unmasked_tile");
-      }
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        const int j = get<0>(tScS(i)), qi = get<1>(tScS(i));
-        const int64_t t = m0 + qi, sk = n0 + j;
-        const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
-        acc_s(i) = vis ? exp2f(acc_s(i) * scale_log2 - s_lse[qi]) : 0.f;
-      }
-      // dV_slice += P^T dO_slice
-      Tensor rP = convert_frag<Element>(acc_s);
-      gemm_rs(acc_dv, make_tensor(rP.data(), acc_as_a(rP.layout())), tVrdOt, tVsdOt, tiled_mma,
-              copy_bt, thr_bt);
-      // dP^T = V dO^T, then dS^T = P^T (dP^T - Di) scale (in place in acc_dp).
-      Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
-      clear(acc_dp);
-      gemm_ss(acc_dp, tPrV, tPrdO, tPsV, tPsdO, tiled_mma, copy_a, copy_b, thr_a, thr_b);
-      // Masked pairs by select: dP^T or Di may be NaN there (a NaN value or output row).
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dp); ++i) {
-        const int j = get<0>(tScS(i)), qi = get<1>(tScS(i));
-        const int64_t t = m0 + qi, sk = n0 + j;
-        const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
-        acc_dp(i) = vis ? acc_s(i) * (acc_dp(i) - s_di[qi]) * scale : 0.f;
-      }
-      if (q_nonfinite) {  // the MMA below sees the tile's NaN / Inf entries as zeros
-        __syncthreads();  // every warp is done with S^T = K Q^T
-        zero_nonfinite_chunks(tQsQ);
-        __syncthreads();  // the zeroed tile is complete before any warp's dS^T Q
-      }
-      // dK_slice += dS^T Q_slice
-      Tensor rdS = convert_frag<Element>(acc_dp);
-      gemm_rs(acc_dk, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tKrQt, tKsQt, tiled_mma,
-              copy_bt, thr_bt);
-      // ... and they reach only the keys that see those queries (nan_tiles.cuh)
-      if (q_nonfinite) {
-        add_nonfinite_entries<false>(acc_dk, tKcK, q_ptr + m0 * p.q_stride.t, p.q_stride.t,
-                                     rows_q, slice * kBwdDSlice, rot_cos ? kHeadDim / 2 : 0,
-                                     [&](int key, int query) {
-          const int64_t t = m0 + query, sk = n0 + key;
-          return sk < T && swa_visible(t, sk, window);
-        });
-      }
-      __syncthreads();  // sQ / sdO / s_lse / s_di are refilled next iteration
+    // S^T (N, M) and P^T = exp2(S^T scale log2e - lse log2e), masked at the window edges.
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrK, tSrQ, tSsK, thr_b.partition_S(sQ), tiled_mma, copy_a, copy_b, thr_a,
+            thr_b);
+    const bool need_mask = swa_tile_needs_mask(m, n_block, kBlockM, kBlockN, T, window);
+    if (need_mask) {
+      RATT_COVER("masked_tile");
+    } else {
+      RATT_COVER("unmasked_tile");
+    }
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc_s); ++e) {
+      const int j = get<0>(tScS(e)), qi = get<1>(tScS(e));
+      const int64_t t = m0 + qi, sk = n0 + j;
+      const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
+      acc_s(e) = vis ? exp2f(acc_s(e) * scale_log2 - s_lse[qi]) : 0.f;
+    }
+    // dV_slice += P^T dO_slice
+    Tensor rP = convert_frag<Element>(acc_s);
+    gemm_rs(acc_dv, make_tensor(rP.data(), acc_as_a(rP.layout())), tVrdOt, tVsdOt, tiled_mma,
+            copy_bt, thr_bt);
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - Di) scale (in place in acc_dp).
+    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, tPrV, tPrdO, tPsV, tPsdO, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+    // Masked pairs by select: dP^T or Di may be NaN there (a NaN value or output row).
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc_dp); ++e) {
+      const int j = get<0>(tScS(e)), qi = get<1>(tScS(e));
+      const int64_t t = m0 + qi, sk = n0 + j;
+      const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
+      acc_dp(e) = vis ? acc_s(e) * (acc_dp(e) - s_di[qi]) * scale : 0.f;
+    }
+    // Every warp is done with sdO, s_lse, s_di and with S^T = K Q^T: the next pair's dO, lse
+    // and Di load under dK += dS^T Q.
+    __syncthreads();
+    if (i + 1 < n_pairs) {
+      RATT_COVER("prefetch_next_do");
+      load_do_lse_di(i + 1);
+    }
+    cp_async_fence();
+    if (q_nonfinite) {  // the MMA below sees the tile's NaN / Inf entries as zeros
+      zero_nonfinite_chunks(tQsQ);
+      __syncthreads();  // the zeroed tile is complete before any warp's dS^T Q
+    }
+    // dK_slice += dS^T Q_slice
+    Tensor rdS = convert_frag<Element>(acc_dp);
+    gemm_rs(acc_dk, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tKrQt,
+            thr_bt.partition_S(sQt_at(stage)), tiled_mma, copy_bt, thr_bt);
+    // ... and they reach only the keys that see those queries (nan_tiles.cuh)
+    if (q_nonfinite) {
+      const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, m0, hq);
+      add_nonfinite_entries<false>(acc_dk, tKcK, q_ptr, p.q_stride.t, rows_q,
+                                   slice * kBwdDSlice, rot_cos ? kHeadDim / 2 : 0,
+                                   [&](int key, int query) {
+        const int64_t t = m0 + query, sk = n0 + key;
+        return sk < T && swa_visible(t, sk, window);
+      });
     }
   }
 
@@ -281,13 +320,13 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int64_t Hkv = p.dims.heads_kv;
   Element* dv = static_cast<Element*>(p.grad_v);
   CUTE_UNROLL
-  for (int i = 0; i < size(acc_dv); ++i) {
-    const int64_t sk = n0 + get<0>(tCc(i));
-    const int c = slice * kBwdDSlice + get<1>(tCc(i));
+  for (int e = 0; e < size(acc_dv); ++e) {
+    const int64_t sk = n0 + get<0>(tCc(e));
+    const int c = slice * kBwdDSlice + get<1>(tCc(e));
     if (sk < T) {
       const int64_t off = (p.k_row(b, sk) * Hkv + hk) * kHeadDim + c;
-      dv[off] = static_cast<Element>(acc_dv(i));
-      dk_ws[off] = acc_dk(i);
+      dv[off] = static_cast<Element>(acc_dv(e));
+      dk_ws[off] = acc_dk(e);
     }
   }
 }
@@ -315,7 +354,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     }
   }
   const int64_t T = p.seqlen_q(b);
-  const int64_t hk = h / (p.dims.heads_q / p.dims.heads_kv);
+  const int64_t Hq = p.dims.heads_q;
+  const int64_t hk = h / (Hq / p.dims.heads_kv);
   const int64_t window = p.window_size;
   const int tid = threadIdx.x;
   const int64_t m0 = int64_t(m_block) * kBlockM;
@@ -323,18 +363,21 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float scale = float(p.softmax_scale);
   const float scale_log2 = float(p.softmax_scale * M_LOG2E);
 
+  // sQ, sdO (M, D); sV (N, D); sK (N, D) x 2 stages.
   RATT_DYNAMIC_SMEM(char, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});      // (M, D)
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});    // (M, D)
-  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});  // (N, D)
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});    // (N, D)
-  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (D, N)
-  Tensor sKtNoSwizzle = make_tensor(sK.data(), typename Traits::SmemLayoutKtNoSwizzle{});
+  Tensor sV = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});  // (N, D)
+  Tensor sK0 = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutKV{});   // (N, D)
+  auto sK_at = [&](int s) { return make_tensor(sK0.data() + s * size(sK0), typename Traits::SmemLayoutKV{}); };
+  auto sKt_at = [&](int s) { return make_tensor(sK0.data() + s * size(sK0), typename Traits::SmemLayoutKt{}); };
+  Tensor sKtNoSwizzle = make_tensor(sK0.data(), typename Traits::SmemLayoutKtNoSwizzle{});
 
   const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, 0, h);
   const Element* k_ptr = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* v_ptr = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk);
+  const Element* do_lp = static_cast<const Element*>(p.grad_q);  // dO in dtype (preprocess)
   Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(T, Int<kHeadDim>{}),
                           make_stride(p.q_stride.t, _1{}));
   Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(T, Int<kHeadDim>{}),
@@ -342,6 +385,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(T, Int<kHeadDim>{}),
                           make_stride(p.v_stride.t, _1{}));
   Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gdO = make_tensor(make_gmem_ptr(do_lp + (p.q_row(b, m0) * Hq + h) * kHeadDim),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(Hq * kHeadDim, _1{}));
   Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));
   Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));
 
@@ -350,20 +395,25 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
   Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
   Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
   Tensor tKgK = gmem_thr.partition_S(gK);
   Tensor tVgV = gmem_thr.partition_S(gV);
-  Tensor tKsK = gmem_thr.partition_D(sK);
   Tensor tVsV = gmem_thr.partition_D(sV);
+  const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
+  auto rows_of = [&](int64_t n) { return int(imin(kBlockN, T - n * kBlockN)); };
   copy_rows_pred(gmem_copy, gmem_thr.partition_S(gQ), tQsQ, tQcQ, rows_q);
+  copy_rows_pred(gmem_copy, gmem_thr.partition_S(gdO), tdOsdO, tQcQ, rows_q);
+  if (tiles.begin < tiles.end) {
+    Tensor tKsK0 = gmem_thr.partition_D(sK0);
+    copy_rows_pred(gmem_copy, tKgK(_, _, _, tiles.begin), tKsK0, tKVcKV, rows_of(tiles.begin));
+    copy_rows_pred(gmem_copy, tVgV(_, _, _, tiles.begin), tVsV, tKVcKV, rows_of(tiles.begin));
+  }
   cp_async_fence();
-  const float* go_ptr = static_cast<const float*>(p.grad_out) +
-                        p.q_offset(p.grad_out_stride, b, m0, h);
-  stage_fp32_tile<kBlockM, kHeadDim, kNThreads>(sdO, go_ptr, p.grad_out_stride.t, rows_q);
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // S = Q K^T
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK0);
   Tensor tPrdO = thr_mma.partition_fragment_A(sdO);           // dP = dO V^T
   Tensor tPrV = thr_mma.partition_fragment_B(sV);
   Tensor tQrKt = thr_mma.partition_fragment_B(sKtNoSwizzle);  // dQ += dS K
@@ -376,9 +426,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   auto thr_bt = copy_bt.get_thread_slice(tid);
   Tensor tSsQ = thr_a.partition_S(sQ);
   Tensor tPsdO = thr_a.partition_S(sdO);
-  Tensor tSsK = thr_b.partition_S(sK);
   Tensor tPsV = thr_b.partition_S(sV);
-  Tensor tQsKt = thr_bt.partition_S(sKt);
 
   Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_dq);
@@ -400,16 +448,22 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
-  const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
   for (int64_t n = tiles.begin; n < tiles.end; ++n) {
     const int64_t n0 = n * kBlockN;
-    const int rows_k = int(imin(kBlockN, T - n0));
-    copy_rows_pred(gmem_copy, tKgK(_, _, _, n), tKsK, tKVcKV, rows_k);
-    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
-    cp_async_fence();
+    const int rows_k = rows_of(n);
+    const int stage = int((n - tiles.begin) & 1);
+    Tensor sK = sK_at(stage);
+    Tensor tKsK = gmem_thr.partition_D(sK);
     cp_async_wait<0>();
-    // K/V landed; the barrier also says whether K holds a NaN / Inf (nan_tiles.cuh).
+    // K(n), V(n) (and Q, dO) landed; every warp is past tile n - 1, whose K stage is now
+    // free. The barrier also says whether K holds a NaN / Inf (nan_tiles.cuh).
     const bool k_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tKsK));
+    if (n + 1 < tiles.end) {
+      RATT_COVER("prefetch_next_k");
+      Tensor tKsK_next = gmem_thr.partition_D(sK_at(stage ^ 1));
+      copy_rows_pred(gmem_copy, tKgK(_, _, _, n + 1), tKsK_next, tKVcKV, rows_of(n + 1));
+    }
+    cp_async_fence();
     if (rot_cos != nullptr) {
       RATT_COVER("rotary");
       if (n == tiles.begin) {
@@ -423,10 +477,18 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, thr_b.partition_S(sK), tiled_mma, copy_a, copy_b, thr_a,
+            thr_b);
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
     gemm_ss(acc_dp, tPrdO, tPrV, tPsdO, tPsV, tiled_mma, copy_a, copy_b, thr_a, thr_b);
+    // Every warp is done with sV and with S = Q K^T: V(n + 1) loads under dS and dQ += dS K.
+    __syncthreads();
+    if (n + 1 < tiles.end) {
+      RATT_COVER("prefetch_next_v");
+      copy_rows_pred(gmem_copy, tVgV(_, _, _, n + 1), tVsV, tKVcKV, rows_of(n + 1));
+    }
+    cp_async_fence();
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     const bool need_mask = swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window);
@@ -447,13 +509,12 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       }
     }
     if (k_nonfinite) {  // the MMA below sees the tile's NaN / Inf entries as zeros
-      __syncthreads();  // every warp is done with S = Q K^T
       zero_nonfinite_chunks(tKsK);
       __syncthreads();  // the zeroed tile is complete before any warp's dS K
     }
     Tensor rdS = convert_frag<Element>(acc_dp);
-    gemm_rs(acc_dq, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tQrKt, tQsKt, tiled_mma,
-            copy_bt, thr_bt);
+    gemm_rs(acc_dq, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tQrKt,
+            thr_bt.partition_S(sKt_at(stage)), tiled_mma, copy_bt, thr_bt);
     // ... and they reach only the queries that see those keys (nan_tiles.cuh)
     if (k_nonfinite) {
       add_nonfinite_entries<false>(acc_dq, tQcQ_acc, k_ptr + n0 * p.k_stride.t, p.k_stride.t,
@@ -462,11 +523,9 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         return t < T && sk < T && swa_visible(t, sk, window);
       });
     }
-    __syncthreads();  // sK / sV are refilled next iteration
   }
 
   Tensor tCc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  const int64_t Hq = p.dims.heads_q;
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dq); ++i) {
     const int64_t t = m0 + get<0>(tCc(i));

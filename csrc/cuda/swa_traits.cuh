@@ -93,9 +93,11 @@ struct SwaTiles {
   static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemFwd = kSmemQ + 2 * kSmemKV;  // sQ, sK, sV
-  // Backward: sK, sV, sQ, sdO (+ lse and Di rows for dK/dV).
-  static constexpr int kSmemBwdDq = 2 * kSmemKV + 2 * kSmemQ;
-  static constexpr int kSmemBwdDkdv = kSmemBwdDq + 2 * kBlockM * 4;
+  // Backward (swa_bwd_kernel.cuh): dQ holds sQ, sdO, sV and two stages of sK; dK/dV holds
+  // sK, sV, sdO, two stages of sQ and the lse and Di rows. At D = 128 each is about 81 KB,
+  // so two CTAs per SM fit an A100's 164 KB as well as an H100's 228 KB.
+  static constexpr int kSmemBwdDq = 3 * kSmemKV + 2 * kSmemQ;
+  static constexpr int kSmemBwdDkdv = 2 * kSmemKV + 3 * kSmemQ + 2 * kBlockM * 4;
 };
 
 // Backward (dK/dV and dQ): 64-row query tiles.
