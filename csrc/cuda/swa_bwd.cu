@@ -21,7 +21,7 @@ cudaError_t launch_bwd(const SwaBwdParams& p, float* ws, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  auto dkdv = swa_bwd_dkdv_kernel<Traits>;
+  auto dkdv = swa_bwd_dkdv_kernel<SwaDkdvTraits<Element, kHeadDim>>;
   err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(plan.dkdv.smem_bytes));
   if (err != cudaSuccess) return err;

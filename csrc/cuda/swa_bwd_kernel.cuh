@@ -5,17 +5,16 @@
 //      overwrites it with dQ, so it costs no workspace.
 // Packed batches: the tile kernels run over the documents' tile slots (QkvParams::tile_slot0)
 // and stay inside their document; the row kernels (1, 4) see the packed rows as one sequence.
-//   2. swa_bwd_dkdv_kernel, one CTA per (b, kv head, key tile, D slice): loops over the
+//   2. swa_bwd_dkdv_kernel, one CTA of 8 warps per (b, kv head, key tile): loops over the
 //      group's query heads and the query tiles that see the key tile
-//      (swa_query_tiles_for_key_tile), in the transposed orientation so P^T and dS^T come
-//      out of the MMA accumulator already in the A-operand layout of the next MMA:
-//        S^T = K Q^T,  P^T = exp(scale S^T - lse),  dV += P^T dO,
-//        dP^T = V dO^T, dS^T = P^T (dP^T - Di) scale,  dK += dS^T Q.
-//      Each CTA owns kDSlice = 64 output columns of dK/dV (D = 128 runs two slices that
-//      recompute S^T and dP^T) so the fp32 dK/dV accumulators fit in registers.
+//      (swa_query_tiles_for_key_tile), in the transposed orientation:
+//        S^T = K Q^T,  P^T = exp(scale S^T - lse),  dP^T = V dO^T,
+//        dS^T = P^T (dP^T - Di) scale  (P^T, dS^T to shared memory in the input dtype),
+//        dV += P^T dO,  dK += dS^T Q.
+//      The CTA owns all D columns of its keys' dK and dV, so S^T and dP^T are computed once
+//      per tile pair (4 GEMMs per pair; with dQ's 3, 7 in all).
 //      Pipeline: Q is double-buffered (the next tile's Q loads during the whole iteration);
-//      dO, lse and Di are single-buffered and the next tile's load after dS^T is formed,
-//      under dK += dS^T Q (2 CTAs per SM still fit an A100's 164 KB at D = 128).
+//      dO, lse and Di are single-buffered and the next tile's load under dK += dS^T Q.
 //   3. swa_bwd_dq_kernel, one CTA per (b, q head, query tile) over its key tiles:
 //        S = Q K^T, P, dP = dO V^T, dS = P (dP - Di) scale,  dQ += dS K.
 //      Pipeline: K is double-buffered (the next tile's K loads during the whole iteration);
@@ -92,11 +91,9 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
-  constexpr int kNSlices = kHeadDim / kBwdDSlice;
-  static_assert(kBlockM == 64 && kBwdDSlice == 64, "slice views reuse the 64x64 P layout");
+  static_assert(kBlockM == 64 && kBlockN == 64, "sPt / sdSt use the 64x64 P layout");
 
-  int n_block = blockIdx.x / kNSlices;
-  const int slice = blockIdx.x % kNSlices;
+  int n_block = blockIdx.x;
   int64_t b = blockIdx.y;
   const int64_t hk = blockIdx.z;
   if (p.packed()) {
@@ -118,25 +115,23 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float scale = float(p.softmax_scale);
   const float scale_log2 = float(p.softmax_scale * M_LOG2E);
 
-  // sK, sV (N, D); sQ (M, D) x 2 stages; sdO (M, D); lse and Di of the query tile.
+  // sK, sV (N, D); sdO (M, D); sQ (M, D) x 2 stages; sPt, sdSt (N, M); lse and Di rows.
   RATT_DYNAMIC_SMEM(char, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKV{});     // (N, D)
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});    // (N, D)
   Tensor sdO = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});    // (M, D)
   Tensor sQ0 = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutQ{});  // (M, D)
-  float* s_lse = reinterpret_cast<float*>(smem_raw + Traits::kSmemQ * 3 + Traits::kSmemKV * 2);
+  Tensor sPt = make_tensor(sQ0.data() + 2 * size(sQ0), typename Traits::SmemLayoutP{});  // (N, M)
+  Tensor sdSt = make_tensor(sPt.data() + size(sPt), typename Traits::SmemLayoutP{});     // (N, M)
+  float* s_lse = reinterpret_cast<float*>(smem_raw + Traits::kSmemQ * 3 + Traits::kSmemKV * 2 +
+                                          Traits::kSmemP * 2);
   float* s_di = s_lse + kBlockM;
-  // Column slice [64 slice, 64 slice + 64) of sQ / sdO, transposed: (Ds, M). The swizzled
-  // (M, D) layout stores each 64-column block as a contiguous (64, 64) block of the same
-  // swizzle, so the slice is the 64x64 transposed layout at offset slice * 64 * 64.
-  Tensor sdOt = make_tensor(sdO.data() + slice * kBlockM * kBwdDSlice, typename Traits::SmemLayoutPt{});
-  // Stage s of the Q tile and its transposed slice view.
+  // dO^T / Q^T (D, M) views for the B operands of dV += P^T dO and dK += dS^T Q.
+  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQt{});
+  Tensor sQtNoSwizzle = make_tensor(sQ0.data(), typename Traits::SmemLayoutQtNoSwizzle{});
   auto sQ_at = [&](int s) { return make_tensor(sQ0.data() + s * size(sQ0), typename Traits::SmemLayoutQ{}); };
-  auto sQt_at = [&](int s) {
-    return make_tensor(sQ0.data() + s * size(sQ0) + slice * kBlockM * kBwdDSlice,
-                       typename Traits::SmemLayoutPt{});
-  };
+  auto sQt_at = [&](int s) { return make_tensor(sQ0.data() + s * size(sQ0), typename Traits::SmemLayoutQt{}); };
 
   const Element* k_ptr = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
   const Element* v_ptr = static_cast<const Element*>(p.v) + p.k_offset(p.v_stride, b, 0, hk);
@@ -194,13 +189,14 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor tSrK = thr_mma.partition_fragment_A(sK);            // S^T = K Q^T
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);             // S^T = K Q^T
   Tensor tSrQ = thr_mma.partition_fragment_B(sQ0);
-  Tensor tPrV = thr_mma.partition_fragment_A(sV);            // dP^T = V dO^T
+  Tensor tPrV = thr_mma.partition_fragment_A(sV);             // dP^T = V dO^T
   Tensor tPrdO = thr_mma.partition_fragment_B(sdO);
-  Tensor sPtNoSwizzle = make_tensor(sdOt.data(), typename Traits::SmemLayoutPtNoSwizzle{});
-  Tensor tVrdOt = thr_mma.partition_fragment_B(sPtNoSwizzle);  // dV += P^T dO_slice
-  Tensor tKrQt = thr_mma.partition_fragment_B(sPtNoSwizzle);   // dK += dS^T Q_slice
+  Tensor tVrPt = thr_mma.partition_fragment_A(sPt);           // dV += P^T dO
+  Tensor tVrdOt = thr_mma.partition_fragment_B(sQtNoSwizzle);
+  Tensor tKrdSt = thr_mma.partition_fragment_A(sdSt);         // dK += dS^T Q
+  Tensor tKrQt = thr_mma.partition_fragment_B(sQtNoSwizzle);
 
   auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto thr_a = copy_a.get_thread_slice(tid);
@@ -211,21 +207,20 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tSsK = thr_a.partition_S(sK);
   Tensor tPsV = thr_a.partition_S(sV);
   Tensor tPsdO = thr_b.partition_S(sdO);
+  Tensor tVsPt = thr_a.partition_S(sPt);
   Tensor tVsdOt = thr_bt.partition_S(sdOt);
+  Tensor tKsdSt = thr_a.partition_S(sdSt);
 
-  Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
-  Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBwdDSlice>>{});
+  Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   clear(acc_dk);
   clear(acc_dv);
-  // (row = key j, col = query i) coordinates of the S^T accumulator; (key, slice column) of dK.
+  // (row = key j, col = query i) coordinates of the S^T accumulator; (key, column) of dK.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
-  Tensor tKcK = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBwdDSlice>>{}));
+  Tensor tKcK = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
-  if constexpr (kNSlices > 1) {
-    if (slice > 0) RATT_COVER("second_d_slice");
-  }
   for (int64_t i = 0; i < n_pairs; ++i) {
     const int64_t hq = hk * G + i / n_m, m = mt.begin + i % n_m;
     if (hq > hk * G) RATT_COVER("group_head");
@@ -235,8 +230,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     Tensor sQ = sQ_at(stage);
     Tensor tQsQ = gmem_thr.partition_D(sQ);
     cp_async_wait<0>();
-    // Q(i), dO(i) (and K, V) landed; every warp is past pair i - 1, whose Q stage is now
-    // free. The barrier also says whether Q holds a NaN / Inf (nan_tiles.cuh).
+    // Q(i), dO(i) (and K, V) landed; every warp is past pair i - 1, whose Q stage, sPt and
+    // sdSt are now free. The barrier also says whether Q holds a NaN / Inf (nan_tiles.cuh).
     const bool q_nonfinite = __syncthreads_or(tile_chunks_nonfinite<Element>(tQsQ));
     if (i + 1 < n_pairs) {
       RATT_COVER("prefetch_next_q");
@@ -252,62 +247,50 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       RATT_COVER("no_rotary");
     }
 
-    // S^T (N, M) and P^T = exp2(S^T scale log2e - lse log2e), masked at the window edges.
+    // S^T (N, M) and dP^T = V dO^T, once per tile pair for all D columns.
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_s);
     gemm_ss(acc_s, tSrK, tSrQ, tSsK, thr_b.partition_S(sQ), tiled_mma, copy_a, copy_b, thr_a,
             thr_b);
+    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, tPrV, tPrdO, tPsV, tPsdO, tiled_mma, copy_a, copy_b, thr_a, thr_b);
     const bool need_mask = swa_tile_needs_mask(m, n_block, kBlockM, kBlockN, T, window);
     if (need_mask) {
       RATT_COVER("masked_tile");
     } else {
       RATT_COVER("unmasked_tile");
     }
+    // P^T = exp2(S^T scale log2e - lse log2e) and dS^T = P^T (dP^T - Di) scale, masked
+    // pairs by select (dP^T or Di may be NaN there), into sPt / sdSt in the input dtype.
     CUTE_UNROLL
     for (int e = 0; e < size(acc_s); ++e) {
       const int j = get<0>(tScS(e)), qi = get<1>(tScS(e));
       const int64_t t = m0 + qi, sk = n0 + j;
       const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
-      acc_s(e) = vis ? exp2f(acc_s(e) * scale_log2 - s_lse[qi]) : 0.f;
+      const float pt = vis ? exp2f(acc_s(e) * scale_log2 - s_lse[qi]) : 0.f;
+      sPt(j, qi) = static_cast<Element>(pt);
+      sdSt(j, qi) = static_cast<Element>(vis ? pt * (acc_dp(e) - s_di[qi]) * scale : 0.f);
     }
-    // dV_slice += P^T dO_slice
-    Tensor rP = convert_frag<Element>(acc_s);
-    gemm_rs(acc_dv, make_tensor(rP.data(), acc_as_a(rP.layout())), tVrdOt, tVsdOt, tiled_mma,
-            copy_bt, thr_bt);
-    // dP^T = V dO^T, then dS^T = P^T (dP^T - Di) scale (in place in acc_dp).
-    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
-    clear(acc_dp);
-    gemm_ss(acc_dp, tPrV, tPrdO, tPsV, tPsdO, tiled_mma, copy_a, copy_b, thr_a, thr_b);
-    // Masked pairs by select: dP^T or Di may be NaN there (a NaN value or output row).
-    CUTE_UNROLL
-    for (int e = 0; e < size(acc_dp); ++e) {
-      const int j = get<0>(tScS(e)), qi = get<1>(tScS(e));
-      const int64_t t = m0 + qi, sk = n0 + j;
-      const bool vis = !need_mask || (t < T && sk < T && swa_visible(t, sk, window));
-      acc_dp(e) = vis ? acc_s(e) * (acc_dp(e) - s_di[qi]) * scale : 0.f;
-    }
-    // Every warp is done with sdO, s_lse, s_di and with S^T = K Q^T: the next pair's dO, lse
-    // and Di load under dK += dS^T Q.
+    // sPt / sdSt complete; every warp is done with S^T = K Q^T, s_lse and s_di.
+    __syncthreads();
+    gemm_ss(acc_dv, tVrPt, tVrdOt, tVsPt, tVsdOt, tiled_mma, copy_a, copy_bt, thr_a, thr_bt);
+    if (q_nonfinite) zero_nonfinite_chunks(tQsQ);  // dS^T Q sees them as zeros
+    // Every warp is done with sdO and the zeroed Q tile is complete: the next pair's dO,
+    // lse and Di load under dK += dS^T Q.
     __syncthreads();
     if (i + 1 < n_pairs) {
       RATT_COVER("prefetch_next_do");
       load_do_lse_di(i + 1);
     }
     cp_async_fence();
-    if (q_nonfinite) {  // the MMA below sees the tile's NaN / Inf entries as zeros
-      zero_nonfinite_chunks(tQsQ);
-      __syncthreads();  // the zeroed tile is complete before any warp's dS^T Q
-    }
-    // dK_slice += dS^T Q_slice
-    Tensor rdS = convert_frag<Element>(acc_dp);
-    gemm_rs(acc_dk, make_tensor(rdS.data(), acc_as_a(rdS.layout())), tKrQt,
-            thr_bt.partition_S(sQt_at(stage)), tiled_mma, copy_bt, thr_bt);
-    // ... and they reach only the keys that see those queries (nan_tiles.cuh)
+    gemm_ss(acc_dk, tKrdSt, tKrQt, tKsdSt, thr_bt.partition_S(sQt_at(stage)), tiled_mma, copy_a,
+            copy_bt, thr_a, thr_bt);
+    // ... and the NaN / Inf entries reach only the keys that see those queries (nan_tiles.cuh)
     if (q_nonfinite) {
       const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, m0, hq);
-      add_nonfinite_entries<false>(acc_dk, tKcK, q_ptr, p.q_stride.t, rows_q,
-                                   slice * kBwdDSlice, rot_cos ? kHeadDim / 2 : 0,
-                                   [&](int key, int query) {
+      add_nonfinite_entries<false>(acc_dk, tKcK, q_ptr, p.q_stride.t, rows_q, 0,
+                                   rot_cos ? kHeadDim / 2 : 0, [&](int key, int query) {
         const int64_t t = m0 + query, sk = n0 + key;
         return sk < T && swa_visible(t, sk, window);
       });
@@ -316,13 +299,12 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
   // dV straight to the input dtype (no rotary on v); dK (rotated space) to the fp32
   // workspace, rotated back and converted by swa_bwd_convert_kernel.
-  Tensor tCc = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBwdDSlice>>{}));
   const int64_t Hkv = p.dims.heads_kv;
   Element* dv = static_cast<Element*>(p.grad_v);
   CUTE_UNROLL
   for (int e = 0; e < size(acc_dv); ++e) {
-    const int64_t sk = n0 + get<0>(tCc(e));
-    const int c = slice * kBwdDSlice + get<1>(tCc(e));
+    const int64_t sk = n0 + get<0>(tKcK(e));
+    const int c = get<1>(tKcK(e));
     if (sk < T) {
       const int64_t off = (p.k_row(b, sk) * Hkv + hk) * kHeadDim + c;
       dv[off] = static_cast<Element>(acc_dv(e));

@@ -73,15 +73,16 @@ SwaBwdPlan swa_bwd_plan(const SwaBwdParams& p) {
   plan.preprocess = make_launch("swa_bwd_preprocess_kernel",
                                 {ceil_div(Hq * rows, kSwaRowsPerPreprocessCta)},
                                 kSwaElementwiseThreads, 0, 1);
-  // dK/dV: per key tile and D slice, the G query heads one after another, each over the
-  // query tiles that see the key tile.
+  // dK/dV: per key tile (all D columns, SwaDkdvTraits), the G query heads one after another,
+  // each over the query tiles that see the key tile.
   const int64_t key_tiles = p.packed() ? QkvParams::packed_tile_slots(T, B, Tr::kBlockN)
                                        : ceil_div(T, Tr::kBlockN);
   const int64_t query_tiles = p.packed() ? QkvParams::packed_tile_slots(T, B, Tr::kBlockM)
                                          : ceil_div(T, Tr::kBlockM);
   const int64_t grid_b = p.packed() ? 1 : B;
-  plan.dkdv = make_launch("swa_bwd_dkdv_kernel", {key_tiles * (D / kBwdDSlice), grid_b, Hkv},
-                          Tr::kNThreads, Tr::kSmemBwdDkdv,
+  using Dkdv = SwaDkdvTraits<typename Tr::Element, Tr::kHeadDim>;
+  plan.dkdv = make_launch("swa_bwd_dkdv_kernel", {key_tiles, grid_b, Hkv}, Dkdv::kNThreads,
+                          Dkdv::kSmemBwdDkdv,
                           d.group() * swa_max_query_tiles(T, Tr::kBlockM, Tr::kBlockN, w));
   plan.dq = make_launch("swa_bwd_dq_kernel", {query_tiles, grid_b, Hq}, Tr::kNThreads,
                         Tr::kSmemBwdDq, swa_max_key_tiles(T, Tr::kBlockM, Tr::kBlockN, w));

@@ -23,8 +23,6 @@ struct SwaMmaAtom<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
-constexpr int kBwdDSlice = 64;  // dK/dV output columns per swa_bwd_dkdv_kernel CTA
-
 // The tiles, layouts and copies of both passes; kBlockM_ (a multiple of 64) query rows per tile.
 template <typename Element_, int kHeadDim_, int kBlockM_>
 struct SwaTiles {
@@ -93,16 +91,41 @@ struct SwaTiles {
   static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemFwd = kSmemQ + 2 * kSmemKV;  // sQ, sK, sV
-  // Backward (swa_bwd_kernel.cuh): dQ holds sQ, sdO, sV and two stages of sK; dK/dV holds
-  // sK, sV, sdO, two stages of sQ and the lse and Di rows. At D = 128 each is about 81 KB,
+  // Backward dQ (swa_bwd_kernel.cuh): sQ, sdO, sV and two stages of sK: 80 KB at D = 128,
   // so two CTAs per SM fit an A100's 164 KB as well as an H100's 228 KB.
   static constexpr int kSmemBwdDq = 3 * kSmemKV + 2 * kSmemQ;
-  static constexpr int kSmemBwdDkdv = 2 * kSmemKV + 3 * kSmemQ + 2 * kBlockM * 4;
 };
 
-// Backward (dK/dV and dQ): 64-row query tiles.
+// Backward dQ: 64-row query tiles, 4 warps along M.
 template <typename Element, int kHeadDim>
 struct SwaTraits : SwaTiles<Element, kHeadDim, 64> {};
+
+// Backward dK/dV: 64-key x 64-query tiles, 8 warps as 4 (M) x 2 (N), so one CTA owns all D
+// columns of dK and dV: each warp holds 16 keys x D/2 columns of each (64 fp32 accumulators
+// per thread at D = 128), and S^T, dP^T are computed once per tile pair, not once per
+// 64-column slice. P^T and dS^T go through shared memory (the 2-warp N split leaves each
+// warp only half of the queries the next MMA contracts over).
+template <typename Element, int kHeadDim>
+struct SwaDkdvTraits : SwaTiles<Element, kHeadDim, 64> {
+  using Base = SwaTiles<Element, kHeadDim, 64>;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  // Tile<64, 32, 16>: warp (m, n) owns rows 16m..16m+15 and, of every 32 columns, the two
+  // 8-column atoms at 8n and 16 + 8n (flash-attention-2's backward tiling).
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename SwaMmaAtom<Element>::type>,
+                                  cute::Layout<cute::Shape<cute::_4, cute::_2, cute::_1>>,
+                                  cute::Tile<cute::_64, cute::_32, cute::_16>>;
+  using GmemLayoutAtom = cute::Layout<
+      cute::Shape<cute::Int<kNThreads / Base::kGmemThreadsPerRow>, cute::Int<Base::kGmemThreadsPerRow>>,
+      cute::Stride<cute::Int<Base::kGmemThreadsPerRow>, cute::_1>>;
+  using GmemTiledCopy = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
+      GmemLayoutAtom{}, cute::Layout<cute::Shape<cute::_1, cute::Int<Base::kGmemElemsPerLoad>>>{}));
+  static constexpr int kSmemP = 64 * 64 * int(sizeof(Element));  // sPt, sdSt
+  // sK, sV, sdO, two stages of sQ, sPt, sdSt, the lse and Di rows: 96.5 KB at D = 128.
+  static constexpr int kSmemBwdDkdv =
+      2 * Base::kSmemKV + 3 * Base::kSmemQ + 2 * kSmemP + 2 * Base::kBlockM * 4;
+};
 
 // Forward. At D = 64, 128-row query tiles: each warp owns two 16-row MMA tiles, so every K and
 // V fragment it loads with ldmatrix feeds two MMAs (half the shared-memory reads per MMA;
