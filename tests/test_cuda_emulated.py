@@ -149,17 +149,17 @@ def rla_like(B, T, Hq, D, seed):
 
 
 # ---- SWA forward (plain and fused mixing) and backward ------------------------------------
-# The forward's query tiles are 128 rows at D = 64 and 64 at D = 128 (SwaFwdTraits), the
-# backward's 64. T = 2 query tiles, w = T - 1: the last query tile sees key tile 0 whole (the
+# The forward's query tiles are 128 rows (SwaFwdTraits), the backward's 64. T = 2 forward
+# query tiles, w = T - 1: the last query tile sees key tile 0 whole (the
 # unmasked interior pair), the diagonal pairs are masked; rotary and the fused mixing (out in
 # the input dtype) on. The others: ragged T (every pair masked; at D = 64 a ragged second
 # forward tile), w = 0, w >= T, T = 1, no rotary, no grad_lse.
 SWA_CASES = [
     # B, T, Hq, Hkv, D, w, rot, mix, grad_lse, dtype, layout
     pytest.param(1, 256, 2, 1, 64, 255, True, True, True, BF16, "perm", marks=mutants),
-    pytest.param(1, 128, 2, 1, 128, 127, True, True, True, BF16, "contiguous"),
+    pytest.param(1, 256, 2, 1, 128, 255, True, True, True, BF16, "contiguous"),
     pytest.param(1, 256, 2, 1, 64, 255, True, True, True, FP16, "contiguous"),
-    pytest.param(1, 128, 2, 1, 128, 127, True, True, True, FP16, "perm"),
+    pytest.param(1, 256, 2, 1, 128, 255, True, True, True, FP16, "perm"),
     pytest.param(1, 197, 4, 1, 64, 0, False, False, True, BF16, "perm"),
     pytest.param(1, 70, 2, 2, 128, 63, False, False, True, BF16, "contiguous"),
     pytest.param(2, 65, 2, 1, 64, 200, False, False, False, FP16, "contiguous"),

@@ -191,7 +191,7 @@ void check_traits() {
 // LDSM_N for K-major operands and LDSM_T for the transposed views, whole-K fragments shaped
 // from the non-swizzled views. `want` is each operand's logical definition.
 // Tr: SwaTraits (64-row query tiles, the backward's dK/dV slices too) or SwaFwdTraits
-// (128-row query tiles at D = 64: two MMA tiles per warp along M).
+// (128-row query tiles: at D = 64 two MMA tiles per warp along M, at D = 128 8 warps).
 template <class Tr>
 void check_swa_traits(const char* name) {
   constexpr int D = Tr::kHeadDim;
@@ -238,7 +238,7 @@ void check_swa_registers() {
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN;
   const int failures_before = g_failures;
   std::vector<std::vector<int>> owners(M * D);  // lanes holding (row, col) of an (M, D) acc
-  for (int t = 0; t < 128; ++t) {
+  for (int t = 0; t < Tr::kNThreads; ++t) {
     auto thr = mma.get_thread_slice(t);
     auto cS = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));  // (4, MMA_M, MMA_N)
     auto as_a = make_tensor(cS.data(), rattention::cuda::acc_as_a(cS.layout()));
@@ -316,9 +316,11 @@ int main() {
   check_swa_traits<SwaTraits<cutlass::bfloat16_t, 64>>("SwaTraits");
   check_swa_traits<SwaTraits<cutlass::bfloat16_t, 128>>("SwaTraits");
   check_swa_traits<SwaFwdTraits<cutlass::bfloat16_t, 64>>("SwaFwdTraits");
+  check_swa_traits<SwaFwdTraits<cutlass::bfloat16_t, 128>>("SwaFwdTraits");
   check_swa_registers<SwaTraits<cutlass::bfloat16_t, 64>>();
   check_swa_registers<SwaTraits<cutlass::bfloat16_t, 128>>();
   check_swa_registers<SwaFwdTraits<cutlass::bfloat16_t, 64>>();
+  check_swa_registers<SwaFwdTraits<cutlass::bfloat16_t, 128>>();
   if (g_failures) {
     std::printf("ldsm_check FAILED: %d of %d fragment elements / addresses wrong\n", g_failures,
                 g_checked);

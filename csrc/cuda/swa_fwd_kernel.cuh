@@ -1,14 +1,15 @@
-// SWA forward on tensor cores, flash-attention-2 style. One CTA (4 warps) per
-// (query tile of kBlockM rows, batch, query head; kBlockM: SwaFwdTraits); packed batches: per (tile slot, query
-// head), a slot naming a document's query tile (QkvParams::tile_slot0). It visits only the
-// key tiles inside the window (core/window.h) and masks only the tiles at the window's two
-// edges; a document's tiles see only that document's keys.
+// SWA forward on tensor cores, flash-attention-2 style. One CTA per (query tile of kBlockM
+// rows, batch, query head; kBlockM and the warps: SwaFwdTraits); packed batches: per (tile
+// slot, query head), a slot naming a document's query tile (QkvParams::tile_slot0). It visits
+// only the key tiles inside the window (core/window.h) and masks only the tiles at the
+// window's two edges; a document's tiles see only that document's keys.
 //
-//   gQ (kBlockM, D)  --cp.async-->  sQ  --ldmatrix-->  tSrQ
-//   gK (kBlockN, D)  --cp.async-->  sK  --ldmatrix-->  tSrK      S = Q K^T   (fp32 acc)
-//   (K(n+1) and V(n) are in flight while the tile before them is computed)
+//   gQ (kBlockM, D)  --cp.async-->  sQ      --ldmatrix-->  tSrQ
+//   gK (kBlockN, D)  --cp.async-->  sK[st]  --ldmatrix-->  tSrK      S = Q K^T   (fp32 acc)
 //   online softmax on S (rows owned by quads)  ->  P (registers, input dtype)
-//   gV (kBlockN, D)  --cp.async-->  sV  --ldmatrix.trans--> tOrVt  O += P V  (fp32 acc)
+//   gV (kBlockN, D)  --cp.async-->  sV[st]  --ldmatrix.trans--> tOrVt  O += P V  (fp32 acc)
+//
+// Two K/V stages: K(n+1) and V(n+1) load into stage (n+1) % 2 during all of tile n's work.
 //
 // Outputs: out fp32 [B, T, Hq, D] (strided), lse fp32 [B, Hq, T] = scale * max + log(sum);
 // optionally the mixed RAttention output (swa_mix_epilogue.cuh) from the same registers.
@@ -55,12 +56,21 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int rows_q = int(imin(kBlockM, T - m0));
 
   RATT_DYNAMIC_SMEM(char, smem_raw);
-  Element* smem = reinterpret_cast<Element*>(smem_raw);
-  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});  // (M, D)
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});  // (N, D)
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});  // (N, D)
-  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});            // (D, N)
-  Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
+  auto& smem = *reinterpret_cast<typename Traits::Smem*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});  // (M, D)
+  // K and V tiles (N, D) of a stage; V^T (D, N) a view on V's storage.
+  auto sK_at = [&](int st) {
+    return make_tensor(make_smem_ptr(smem.k[st].data()), typename Traits::SmemLayoutKV{});
+  };
+  auto sV_at = [&](int st) {
+    return make_tensor(make_smem_ptr(smem.v[st].data()), typename Traits::SmemLayoutKV{});
+  };
+  auto sVt_at = [&](int st) {
+    return make_tensor(make_smem_ptr(smem.v[st].data()), typename Traits::SmemLayoutVt{});
+  };
+  // The register fragments' shapes only (never read through).
+  Tensor sVtFragShape = make_tensor(make_smem_ptr(smem.v[0].data()),
+                                    typename Traits::SmemLayoutVtNoSwizzle{});
 
   // Global views with runtime strides; the D stride is 1 (rows contiguous).
   const Element* q_ptr = static_cast<const Element*>(p.q) + p.q_offset(p.q_stride, b, 0, h);
@@ -82,9 +92,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
   Tensor tQsQ = gmem_thr.partition_D(sQ);
   Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, n_tiles)
-  Tensor tKsK = gmem_thr.partition_D(sK);
   Tensor tVgV = gmem_thr.partition_S(gV);
-  Tensor tVsV = gmem_thr.partition_D(sV);
   // Row coordinates of every copied element, for the ragged-T predicate.
   Tensor cQ = make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{}));
   Tensor cKV = make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{}));
@@ -94,18 +102,16 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor tSrQ = thr_mma.partition_fragment_A(sQ);            // (MMA, MMA_M, MMA_K)
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);            // (MMA, MMA_N, MMA_K)
-  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle); // (MMA, MMA_D, MMA_N)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK_at(0));      // (MMA, MMA_N, MMA_K)
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVtFragShape); // (MMA, MMA_D, MMA_N)
 
   auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto smem_thr_q = smem_copy_q.get_thread_slice(tid);
   Tensor tSsQ = smem_thr_q.partition_S(sQ);
   auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto smem_thr_k = smem_copy_k.get_thread_slice(tid);
-  Tensor tSsK = smem_thr_k.partition_S(sK);
   auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
   auto smem_thr_v = smem_copy_v.get_thread_slice(tid);
-  Tensor tOsVt = smem_thr_v.partition_S(sVt);
 
   // Output accumulator (MMA, MMA_M, MMA_D) and the score tile's element coordinates.
   Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
@@ -129,26 +135,47 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float* rot_cos = static_cast<const float*>(p.rotary_cos);
   const float* rot_sin = static_cast<const float*>(p.rotary_sin);
 
-  // Q tile: loaded once, rotated once (rows past T are zero and stay zero).
+  // Q tile: loaded once, rotated once (rows past T are zero and stay zero). Prologue: Q with
+  // K(begin), then V(begin), as two cp.async groups.
   const TileRange tiles = swa_key_tiles_for_query_tile(m_block, kBlockM, kBlockN, T, window);
+  auto rows_of = [&](int64_t n) { return int(imin(kBlockN, T - n * kBlockN)); };
+  // cp.async of key tile n's K and V into stage st, one group each.
+  auto load_kv = [&](int64_t n, int st) {
+    Tensor tKsK = gmem_thr.partition_D(sK_at(st));
+    copy_rows_pred(gmem_copy, tKgK(_, _, _, n), tKsK, tKVcKV, rows_of(n));
+    cp_async_fence();
+    Tensor tVsV = gmem_thr.partition_D(sV_at(st));
+    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_of(n));
+    cp_async_fence();
+  };
   copy_rows_pred(gmem_copy, tQgQ, tQsQ, tQcQ, rows_q);
   if (tiles.begin < tiles.end) {
-    copy_rows_pred(gmem_copy, tKgK(_, _, _, tiles.begin), tKsK, tKVcKV,
-                   int(imin(kBlockN, T - tiles.begin * kBlockN)));
+    load_kv(tiles.begin, 0);
+  } else {
+    cp_async_fence();
+    cp_async_fence();
   }
-  cp_async_fence();
 
   bool any_v_nonfinite = false;  // a visited V tile had NaN / Inf (nan_tiles.cuh)
-  // K/V pipeline (one buffer each, flash-attention-2 order): V(n) loads while S = Q K(n)^T
-  // is computed, K(n+1) loads while the softmax and O += P V(n) run.
+  // K/V pipeline, two stages. Pending groups at the top of tile n: K(n), V(n). Tile n + 1's
+  // two groups are issued as soon as every warp is past tile n - 1 (the stage they overwrite),
+  // so they load during all of tile n; empty groups past the last tile keep the counts fixed.
   for (int64_t n = tiles.begin; n < tiles.end; ++n) {
     const int64_t n0 = n * kBlockN;
-    const int rows_k = int(imin(kBlockN, T - n0));
-    // K(n) (and Q) have landed; every thread is past the previous P V(n-1): sV is free.
-    cp_async_wait<0>();
+    const int rows_k = rows_of(n);
+    const int stage = int((n - tiles.begin) & 1);
+    Tensor sK = sK_at(stage);
+    Tensor sV = sV_at(stage);
+    cp_async_wait<1>();
+    // K(n) (and Q) have landed; every warp is past O += P V(n - 1): stage ^ 1 is free.
     __syncthreads();
-    copy_rows_pred(gmem_copy, tVgV(_, _, _, n), tVsV, tKVcKV, rows_k);
-    cp_async_fence();
+    if (n + 1 < tiles.end) {
+      RATT_COVER("prefetch_next_kv");
+      load_kv(n + 1, stage ^ 1);
+    } else {
+      cp_async_fence();
+      cp_async_fence();
+    }
     if (rot_cos != nullptr) {
       RATT_COVER("rotary");
       if (n == tiles.begin) {
@@ -165,23 +192,18 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     // S = Q K^T for this (query tile, key tile) pair.
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_q,
-            smem_thr_k);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, smem_thr_k.partition_S(sK), tiled_mma, smem_copy_q,
+            smem_copy_k, smem_thr_q, smem_thr_k);
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
 
-    // V(n) has landed; every thread is done reading sK: start K(n+1). NaN / Inf values
+    // V(n) has landed (K(n + 1), V(n + 1) may still be in flight). NaN / Inf values
     // (nan_tiles.cuh): each thread zeroes those of its own chunks, and the barrier tells
-    // every thread whether the tile had any.
-    cp_async_wait<0>();
+    // every thread whether the tile had any (and makes every thread's V(n) chunks visible).
+    cp_async_wait<2>();
+    Tensor tVsV = gmem_thr.partition_D(sV);
     const bool v_mine = tile_chunks_nonfinite<Element>(tVsV);
     if (v_mine) zero_nonfinite_chunks(tVsV);
     const bool v_nonfinite = __syncthreads_or(v_mine);
-    if (n + 1 < tiles.end) {
-      RATT_COVER("prefetch_next_k");
-      copy_rows_pred(gmem_copy, tKgK(_, _, _, n + 1), tKsK, tKVcKV,
-                     int(imin(kBlockN, T - (n + 1) * kBlockN)));
-      cp_async_fence();
-    }
 
     // Element mask only on the window's edge tiles (and ragged tails).
     if (swa_tile_needs_mask(m_block, n, kBlockM, kBlockN, T, window)) {
@@ -222,7 +244,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     // O += P V with P straight from registers (input dtype, the MMA's A layout).
     Tensor rP = convert_frag<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
-    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, smem_thr_v);
+    gemm_rs(acc_o, tOrP, tOrVt, smem_thr_v.partition_S(sVt_at(stage)), tiled_mma, smem_copy_v,
+            smem_thr_v);
     any_v_nonfinite |= v_nonfinite;
   }
   // V tiles that had NaN / Inf (their MMAs saw them as zeros): those values reach only the

@@ -23,19 +23,20 @@ struct SwaMmaAtom<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
-// The tiles, layouts and copies of both passes; kBlockM_ (a multiple of 64) query rows per tile.
-template <typename Element_, int kHeadDim_, int kBlockM_>
+// The tiles, layouts and copies of both passes; kBlockM_ query rows per tile, a multiple of the
+// 16 * kNWarps_ rows one MMA tile of the warps stacked along M covers.
+template <typename Element_, int kHeadDim_, int kBlockM_, int kNWarps_ = 4>
 struct SwaTiles {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // D (compile time; everything else is runtime)
-  static constexpr int kBlockM = kBlockM_;    // query rows per tile: 4 warps x 16 rows x kBlockM / 64
+  static constexpr int kBlockM = kBlockM_;    // query rows per tile: kNWarps x 16 rows x MMA tiles
   static constexpr int kBlockN = 64;          // key rows per tile
-  static constexpr int kNWarps = 4;
+  static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
-  static_assert(kBlockM % 64 == 0, "query tiles are whole 64-row MMA tiles");
+  static_assert(kBlockM % (16 * kNWarps) == 0, "query tiles are whole MMA tiles along M");
 
-  // 4 warps stacked along M: warp w owns rows [16w, 16w + 16) of each 64-row MMA tile, so the
-  // softmax row statistics never cross warps (only the 4 lanes of a quad share a row).
+  // Warps stacked along M: warp w owns rows [16w, 16w + 16) of each (16 kNWarps)-row MMA tile,
+  // so the softmax row statistics never cross warps (only the 4 lanes of a quad share a row).
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename SwaMmaAtom<Element>::type>,
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
@@ -90,7 +91,6 @@ struct SwaTiles {
 
   static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
-  static constexpr int kSmemFwd = kSmemQ + 2 * kSmemKV;  // sQ, sK, sV
   // Backward dQ (swa_bwd_kernel.cuh): sQ, sdO, sV and two stages of sK: 80 KB at D = 128,
   // so two CTAs per SM fit an A100's 164 KB as well as an H100's 228 KB.
   static constexpr int kSmemBwdDq = 3 * kSmemKV + 2 * kSmemQ;
@@ -127,13 +127,29 @@ struct SwaDkdvTraits : SwaTiles<Element, kHeadDim, 64> {
       2 * Base::kSmemKV + 3 * Base::kSmemQ + 2 * kSmemP + 2 * Base::kBlockM * 4;
 };
 
-// Forward. At D = 64, 128-row query tiles: each warp owns two 16-row MMA tiles, so every K and
-// V fragment it loads with ldmatrix feeds two MMAs (half the shared-memory reads per MMA;
-// 246 registers, no spills). At D = 128 the two rows of O accumulators (128 fp32 per thread)
-// plus the score tile do not fit in 255 registers (ptxas: 796 bytes of spills with 64-key
-// tiles, 12 with 32-key tiles), so D = 128 keeps 64-row tiles.
+// Forward shared memory (a storage struct, not offset arithmetic): the Q tile and two stages
+// each of K and V, so tile n + 1 loads during all of tile n.
+template <typename Element, typename LayoutQ, typename LayoutKV>
+struct SwaFwdSmem {
+  cute::array_aligned<Element, cute::cosize_v<LayoutQ>, 128> q;
+  cute::array_aligned<Element, cute::cosize_v<LayoutKV>, 128> k[2];
+  cute::array_aligned<Element, cute::cosize_v<LayoutKV>, 128> v[2];
+};
+
+// Forward: 128-row query tiles, so each K/V tile brought into shared memory serves 128 queries.
+// At D = 64, 4 warps with two 16-row MMA tiles each: every K and V fragment a warp loads with
+// ldmatrix feeds two MMAs (half the shared-memory reads per MMA). At D = 128 two MMA tiles'
+// O accumulators (128 fp32 per thread) plus the score tile do not fit in 255 registers
+// (ptxas: 796 bytes of spills with 64-key tiles, 12 with 32-key tiles), so D = 128 stacks
+// 8 warps of one 16-row MMA tile each (the registers of a 64-row tile, 256 threads).
+// Shared memory: 48 KB at D = 64, 96 KB at D = 128 (two CTAs per SM fit an H100 / H200).
 template <typename Element, int kHeadDim>
-struct SwaFwdTraits : SwaTiles<Element, kHeadDim, (kHeadDim <= 64 ? 128 : 64)> {};
+struct SwaFwdTraits : SwaTiles<Element, kHeadDim, 128, (kHeadDim <= 64 ? 4 : 8)> {
+  using Base = SwaTiles<Element, kHeadDim, 128, (kHeadDim <= 64 ? 4 : 8)>;
+  using Smem = SwaFwdSmem<Element, typename Base::SmemLayoutQ, typename Base::SmemLayoutKV>;
+  static constexpr int kSmemFwd = int(sizeof(Smem));
+  static_assert(kSmemFwd == Base::kSmemQ + 4 * Base::kSmemKV, "no padding between the tiles");
+};
 
 // ---- register-level helpers (after flash-attention-2's utils.h) ----------------------------
 // MMA accumulator (MMA=4, MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)).
