@@ -142,7 +142,8 @@ struct SwaFwdSmem {
 // O accumulators (128 fp32 per thread) plus the score tile do not fit in 255 registers
 // (ptxas: 796 bytes of spills with 64-key tiles, 12 with 32-key tiles), so D = 128 stacks
 // 8 warps of one 16-row MMA tile each (the registers of a 64-row tile, 256 threads).
-// Shared memory: 48 KB at D = 64, 96 KB at D = 128 (two CTAs per SM fit an H100 / H200).
+// Shared memory: 48 KB at D = 64, 96 KB at D = 128. Registers (240 at D = 128, 253-254 at
+// D = 64; tools/cuda_check.py) allow 8 resident warps per SM either way.
 template <typename Element, int kHeadDim>
 struct SwaFwdTraits : SwaTiles<Element, kHeadDim, 128, (kHeadDim <= 64 ? 4 : 8)> {
   using Base = SwaTiles<Element, kHeadDim, 128, (kHeadDim <= 64 ? 4 : 8)>;
