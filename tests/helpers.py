@@ -133,8 +133,23 @@ def load_emulator():
             mod = build.load()
         except build.EmulatorUnavailable as e:
             pytest.skip(f"CUDA emulator not buildable here: {e}")
-    mod.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    mod.set_arch(emu_arch())
     return mod
+
+
+def emu_arch() -> int:
+    """The GPU architecture the emulator's launches are checked against (RATTENTION_EMU_ARCH,
+    default 80: its shared-memory and register limits); tests that emulate another set it
+    back to this one."""
+    import os
+
+    return int(os.environ.get("RATTENTION_EMU_ARCH", "80"))
+
+
+def emu_kernel(*sources):
+    """Marks a test with the kernel sources (csrc/cuda file names) it exercises:
+    tools/emu/mutants.py runs the `mutants`-marked tests that name the file it mutates."""
+    return pytest.mark.emu_kernel(*sources)
 
 
 # ---- the NaN / Inf rule: which rows a non-finite token may reach --------------------------

@@ -25,7 +25,6 @@ toolkit headers or CUTLASS); a compile error in the kernels fails.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_qkv, plain_rla, plain_swa, rotary_tables
+from helpers import (emu_arch, emu_kernel, load_emulator, make_qkv, plain_rla, plain_swa,
+                     rotary_tables)
 
 from rattention_ext import reference as ref
 
@@ -55,31 +55,9 @@ def _schedules():
 SCHEDULES = _schedules()
 
 
-def emu_kernel(*sources):
-    """The csrc/cuda sources whose kernels a test runs (tools/emu/mutants.py selects by it)."""
-    return pytest.mark.emu_kernel(*sources)
-
-
-def _load_prebuilt(path):
-    spec = importlib.util.spec_from_file_location("rattention_emu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def emu():
-    prebuilt = os.environ.get("RATTENTION_EMU_MODULE")  # a built module (make emu-mutants)
-    if prebuilt:
-        mod = _load_prebuilt(prebuilt)
-    else:
-        sys.path.insert(0, str(ROOT / "tools" / "emu"))
-        import build
-        try:
-            mod = build.load()
-        except build.EmulatorUnavailable as e:  # a compile error is not a skip: it fails
-            pytest.skip(f"CUDA emulator not buildable here: {e}")
-    mod.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
+    mod = load_emulator()
     mod.coverage_reset()
     return mod
 
@@ -520,6 +498,57 @@ def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sm
     return dict(q=q, k=k, v=v, H0=H0, go=go, gfs=gfs, ck=ck, grads=(dq, dk, dv, dh0))
 
 
+# GPUs with 99 KiB of shared memory per block (sm_86 / sm_89: A10, L4, L40S, RTX 4090): the op
+# passes the device's opt-in limit and at D = 128 the launchers pick the configuration with
+# 32-column value slices and phi(q) in 64-feature parts (rla_plan.h with_rla_traits). Run on
+# the emulated sm_86, whose launches fail above 99 KiB as on the GPU: every launch fits, the
+# results meet the reference rule (check_rla, every schedule), and the columns each CTA owns
+# (out, the states, dv, dH0) are bit for bit the default configuration's: the parts add the
+# same MMAs in the same order. dq and dk sum the value slices' shares (two per workspace
+# slot, the slots in order), so only their last bits may differ.
+RLA_SMALL_SMEM_CASES = [
+    # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
+    # GQA 4: each of the 4 value slices owns a dk slot; ragged T, 2 chunks per checkpoint
+    pytest.param(1, 150, 4, 1, 128, 5, "softmax", "batch", 2, True, BF16, marks=mutants),
+    # G = 1: two slices per dq / dk slot; two sequences, broadcast H0, fp16
+    pytest.param(2, 100, 2, 2, 128, 63, "relu", "broadcast", 1, True, FP16),
+    # GQA 8, w = 0, no H0, no final-state gradient
+    pytest.param(1, 130, 8, 1, 128, 0, "relu", None, 3, False, BF16),
+]
+
+
+@emu_kernel(*RLA_SOURCES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype", RLA_SMALL_SMEM_CASES)
+def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype):
+    name = "bf16" if dtype == BF16 else "fp16"
+    limit = 99 * 1024
+    for op in ("rla_fwd", "rla_bwd"):
+        rows = emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every, max_smem_per_block=limit)
+        assert max(r["smem_bytes"] for r in rows) <= limit, op
+        default = emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every)
+        assert max(r["smem_bytes"] for r in default) > limit, op  # so the limit chose
+    default_arch = emu_arch()
+    emu.set_arch(86)
+    try:
+        emu.take_launch_records()
+        x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype)
+        records = emu.take_launch_records()
+        assert records and max(r["smem_bytes"] for r in records) <= limit
+        small = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every)
+    finally:
+        emu.set_arch(default_arch)
+    big = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every)
+    for what, a, b in zip(("out", "final_state", "checkpoints"), small, big):
+        assert torch.equal(a, b), what
+    dq, dk, dv, dh0 = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w,
+                                  fm, every)
+    assert torch.equal(dv, x["grads"][2]), "dv"
+    if x["H0"] is not None:
+        assert torch.equal(dh0, x["grads"][3]), "dh0"
+    for what, a, b in (("dq", x["grads"][0], dq), ("dk", x["grads"][1], dk)):
+        assert rel_err(a, b) < 1e-2, what
+
+
 # The backward in sub-batches (rla_bwd_plan): a small cap on the temporaries makes it run its
 # five launches once per sub-batch, in one workspace sized for a sub-batch, with the pointers
 # offset to it. Each case is checked against the reference (check_rla) and bit for bit
@@ -901,12 +930,16 @@ def test_emulator_checks_report_their_bug(emu, index, bug, check):
 
 
 def test_emulated_arch_limit_fails_like_the_gpu(emu):
-    # RLA at D = 128 needs more opt-in shared memory than sm_86 / sm_89 have (99 KiB)
+    # A launch above the modelled GPU's opt-in limit fails as on the GPU: the RLA forward's
+    # default configuration at D = 128 (146 KiB) on sm_86 (99 KiB), launched without the
+    # device's limit in its params (the op and the emulator pass it, choosing the smaller
+    # configuration: test_rla_small_smem_emulated).
     q, k, v = inputs(1, 16, 2, 1, 128, torch.bfloat16, seed=1)
     emu.set_arch(86)
     try:
         with pytest.raises(RuntimeError, match="opt-in limit"):
-            emu.rla_fwd(q, k, v, 0, "softmax", None, 1)
+            emu.rla_fwd(q, k, v, 0, "softmax", None, 1, ignore_smem_limit=True)
+        emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # the configuration for 99 KiB
     finally:
-        emu.set_arch(int(os.environ.get("RATTENTION_EMU_ARCH", "80")))
-    emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # fits on sm_80
+        emu.set_arch(emu_arch())
+    emu.rla_fwd(q, k, v, 0, "softmax", None, 1, ignore_smem_limit=True)  # fits on sm_80

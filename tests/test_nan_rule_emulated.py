@@ -18,8 +18,8 @@ import math
 
 import pytest
 import torch
-from helpers import (load_emulator, nan_at, rel_err, rla_unchanged_positions, rotary_tables,
-                     unchanged_positions)
+from helpers import (emu_arch, emu_kernel, load_emulator, nan_at, rel_err,
+                     rla_unchanged_positions, rotary_tables, unchanged_positions)
 
 from rattention_ext import reference as ref
 
@@ -27,10 +27,6 @@ NAN, INF = float("nan"), float("inf")
 # tools/emu/mutants.py runs the cases marked `mutants` whose emu_kernel marker names the
 # mutated file: the barriers of the kernels' non-finite-tile paths run only with a poison.
 MUTANTS = pytest.mark.mutants
-
-
-def emu_kernel(*sources):
-    return pytest.mark.emu_kernel(*sources)
 
 
 RLA_SOURCES = ("rla_fwd_kernel.cuh", "rla_bwd_kernel.cuh", "rla_bwd_state_kernel.cuh",
@@ -226,6 +222,23 @@ RLA_SMS = [pytest.param(132, id="parts"), pytest.param(1, id="one-cta")]
 def test_rla_poisoned_token_reaches_only_its_dependents(emu, D, dtype, fm, h0, which, num_sms,
                                                         backward):
     check_rla(emu, D, dtype, fm, h0, which, backward=backward, num_sms=num_sms)
+
+
+# The configuration for 99 KiB of shared memory per block (sm_86 / sm_89; rla_plan.h): at
+# D = 128 phi(q) enters the backward in four 64-feature parts, and a NaN query poisons every
+# part (softmax spreads it over the row), so the barriers of the later parts' non-finite
+# path run. The emulated sm_86 fails any launch above its limit, as the GPU does.
+@pytest.mark.parametrize("which", [pytest.param("q", marks=[MUTANTS, emu_kernel(*RLA_SOURCES)]),
+                                   "k"])
+def test_rla_small_smem_poisoned_token_reaches_only_its_dependents(emu, which):
+    emu.set_arch(86)
+    try:
+        emu.take_launch_records()
+        check_rla(emu, 128, BF16, "softmax", True, which, backward=True, num_sms=132)
+        records = emu.take_launch_records()
+    finally:
+        emu.set_arch(emu_arch())
+    assert records and max(r["smem_bytes"] for r in records) <= 99 * 1024
 
 
 def check_rla(emu, D, dtype, fm, h0, which, backward, num_sms):

@@ -27,6 +27,8 @@ struct PlanShape {
   int num_sms = kRlaReferenceSms;  // the GPU the RLA passes' segments (and parts) are planned for
   // what the RLA backward's sub-batches are sized to (rla_bwd_plan); tests lower it
   int64_t rla_temporaries_cap_bytes = kRlaTemporariesCapBytes;
+  // the GPU's opt-in shared memory per block the RLA configuration is chosen for; 0: no limit
+  int64_t max_smem_per_block = 0;
   DType dtype = DType::kBFloat16;
 };
 
@@ -100,6 +102,7 @@ inline RlaFwdParams plan_rla_fwd_params(const PlanShape& s) {
   p.window_size = s.window;
   p.chunk_size = kRlaChunk;
   p.checkpoint_every = s.checkpoint_every;
+  p.max_smem_per_block = s.max_smem_per_block;
   return p;
 }
 inline RlaBwdParams plan_rla_bwd_params(const PlanShape& s) {
@@ -108,6 +111,7 @@ inline RlaBwdParams plan_rla_bwd_params(const PlanShape& s) {
   p.window_size = s.window;
   p.chunk_size = kRlaChunk;
   p.checkpoint_every = s.checkpoint_every;
+  p.max_smem_per_block = s.max_smem_per_block;
   return p;
 }
 inline MixBwdParams plan_mix_bwd_params(const PlanShape& s) {

@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/rla_traits.cuh"
+#include "cuda/rla_plan.h"  // the RLA configurations (RlaTraits)
 #include "cuda/swa_traits.cuh"
 
 namespace {
@@ -157,13 +157,14 @@ void check_rla_operand(const char* name, Mma const& mma, STensor const& s) {
 }
 
 // Every operand view the RLA kernels hand to gemm_ss / gemm_s_state_split.
-template <class Element, int D>
+// Tr: a configuration of rla_plan.h (the default one, or the one for 99 KB per block: 32
+// value columns, phi(q) in 64-feature parts).
+template <class Tr>
 void check_traits() {
-  using Tr = rattention::cuda::RlaTraits<Element, D, 64>;
-  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
+  constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV, QF = Tr::kQFeat;
   typename Tr::TiledMma mma;
-  std::printf("RlaTraits<D=%d>: phi stride %d, v stride %d, p stride %d\n", D, Tr::kPhiStride,
-              Tr::kVStride, Tr::kPStride);
+  std::printf("RlaTraits<D=%d, BV=%d, %d phi(q) parts>: phi stride %d, v stride %d, p stride %d\n",
+              Tr::kHeadDim, BV, Tr::kQParts, Tr::kPhiStride, Tr::kVStride, Tr::kPStride);
   std::vector<int> ids(C * Tr::kPhiStride);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = int(i);
   int* buf = ids.data();
@@ -185,6 +186,19 @@ void check_traits() {
   check_rla_operand<false>("v^T / dO^T as B (BV, C)", mma, sVt);
   check_rla_operand<true>("P as A (C, C)", mma, sP);
   check_rla_operand<true>("P^T as A (C, C)", mma, sPt);
+  // a part of phi(q) (its own buffer and stride) and the matching columns of phi(k)
+  auto sPhiQ = make_tensor(buf, row_major_padded<C, QF, Tr::kQPhiStride>());     // (C, QF)
+  auto sPhiQt = make_tensor(buf, row_major_padded_t<C, QF, Tr::kQPhiStride>());  // (QF, C)
+  check_rla_operand<true>("phi(q) part as A (C, QF)", mma, sPhiQ);
+  for (int m = 0; m < QF / C; ++m) {
+    auto tile = local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0));  // (64 feat, C)
+    check_rla_operand<true>("phi(q) part^T feature tile as A (64 feat, C)", mma, tile);
+    check_rla_operand<false>("phi(q) part^T feature tile as B (64 feat, C)", mma, tile);
+  }
+  for (int qp = 0; qp < Tr::kQParts; ++qp) {
+    auto part = local_tile(sPhi, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp));  // (C keys, QF)
+    check_rla_operand<false>("phi(k) feature part as B (C keys, QF)", mma, part);
+  }
 }
 
 // The SWA kernels' operands (swa_fwd_kernel.cuh, swa_bwd_kernel.cuh): swizzled layouts,
@@ -308,9 +322,13 @@ int main() {
     g_failures = 0;
     g_checked = 0;
   }
-  check_traits<cutlass::bfloat16_t, 64>();
-  check_traits<cutlass::bfloat16_t, 128>();
-  check_traits<cutlass::half_t, 128>();
+  using rattention::cuda::RlaDefaultTraits;
+  using rattention::cuda::RlaSmallSmemTraits;
+  check_traits<RlaDefaultTraits<cutlass::bfloat16_t, 64>>();
+  check_traits<RlaDefaultTraits<cutlass::bfloat16_t, 128>>();
+  check_traits<RlaDefaultTraits<cutlass::half_t, 128>>();
+  check_traits<RlaSmallSmemTraits<cutlass::bfloat16_t, 128>>();
+  check_traits<RlaSmallSmemTraits<cutlass::half_t, 128>>();
   using rattention::cuda::SwaFwdTraits;
   using rattention::cuda::SwaTraits;
   check_swa_traits<SwaTraits<cutlass::bfloat16_t, 64>>("SwaTraits");

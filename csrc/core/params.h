@@ -220,6 +220,10 @@ struct RlaCommonParams : QkvParams {
   int64_t window_size;
   int64_t chunk_size;        // C
   int64_t checkpoint_every;  // save the state every this many chunks
+  // CUDA only: the device's opt-in dynamic shared memory per block (bytes), from which the
+  // kernels' configuration is chosen (cuda/rla_plan.h with_rla_traits); 0: no limit (the
+  // fastest configuration, as on an H100 / H200).
+  int64_t max_smem_per_block = 0;
 
   // First checkpoint slot of sequence b, and the slots per (kv head) row of the buffer.
   RATT_HD int64_t ckpt_slot0(int64_t b) const {

@@ -9,6 +9,11 @@ namespace rattention {
 // A clear error, before any launch, when an op's kernels need more dynamic shared memory per
 // block than this GPU can give (e.g. the RLA kernels at head dim 128 on sm_86 / sm_89, whose
 // opt-in limit is 99 KiB), instead of an opaque launch failure.
+// The current GPU's opt-in dynamic shared memory per block (bytes).
+inline int64_t device_smem_per_block() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
 inline void check_smem_fits(int64_t need, const char* op, int64_t head_dim) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const auto have = static_cast<int64_t>(prop->sharedMemPerBlockOptin);

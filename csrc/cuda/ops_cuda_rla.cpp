@@ -38,6 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd_cuda(
                            chunk_size, checkpoint_every, /*cuda_backend=*/true, cu_seqlens,
                            carried_state);
   if (!r.run_kernel) return {r.out, r.final_state, r.checkpoints};  // empty inputs
+  // the kernels' configuration follows this GPU's shared memory per block (rla_plan.h)
+  r.params.max_smem_per_block = device_smem_per_block();
   check_smem_fits(cuda::rla_fwd_smem_bytes(r.params), "rla_fwd", r.params.dims.head_dim);
   // the segment parts (and so the workspace) are sized for this GPU's SMs
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -64,6 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd_c
   if (!r.run_kernel)
     return {r.grad_q, r.grad_k, r.grad_v, reduce_grad_initial_state(r.grad_h0, initial_state),
             r.grad_carried};
+  // the kernels' configuration follows this GPU's shared memory per block (rla_plan.h)
+  r.params.max_smem_per_block = device_smem_per_block();
   check_smem_fits(cuda::rla_bwd_smem_bytes(r.params), "rla_bwd", r.params.dims.head_dim);
   // the dk/dv segments (and so the workspace) are sized for this GPU's SMs; the workspace is
   // one sub-batch's (kRlaTemporariesCapBytes), the launches reuse it in turn

@@ -1,4 +1,5 @@
-// Instantiations and launcher of the RLA backward kernels: (bf16, fp16) x (D = 64, 128).
+// Instantiations and launcher of the RLA backward kernels: (bf16, fp16) x (D = 64, 128), and
+// at D = 128 the configuration for 99 KB of shared memory per block (with_rla_traits).
 // Grids, blocks, shared memory, the dk/dv segments and the fp32 workspace: rla_bwd_plan.
 #include "rla_bwd_kernel.cuh"
 #include "rla_bwd_state_kernel.cuh"
@@ -75,16 +76,6 @@ cudaError_t launch_rla_bwd(const RlaBwdParams& p, int num_sms, int64_t cap, floa
   return cudaSuccess;
 }
 
-template <typename Element>
-cudaError_t dispatch_head_dim(const RlaBwdParams& p, int num_sms, int64_t cap, float* ws,
-                              cudaStream_t stream) {
-  switch (p.dims.head_dim) {
-    case 64: return launch_rla_bwd<RlaTraits<Element, 64, 64>>(p, num_sms, cap, ws, stream);
-    case 128: return launch_rla_bwd<RlaTraits<Element, 128, 64>>(p, num_sms, cap, ws, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 int64_t rla_bwd_workspace_floats(const RlaBwdParams& p, int num_sms, int64_t temporaries_cap_bytes) {
@@ -99,12 +90,11 @@ int64_t rla_bwd_smem_bytes(const RlaBwdParams& p) {
 cudaError_t rla_bwd(const RlaBwdParams& p, int num_sms, float* workspace, cudaStream_t stream,
                     int64_t temporaries_cap_bytes) {
   if (p.chunk_size != kRlaChunk || num_sms <= 0) return cudaErrorInvalidValue;
-  const int64_t cap = temporaries_cap_bytes;
-  switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, num_sms, cap, workspace, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, num_sms, cap, workspace, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  if (!rla_has_kernels(p)) return cudaErrorInvalidValue;
+  // the configuration for p.max_smem_per_block (rla_plan.h)
+  return with_rla_traits<cudaError_t>(p, [&](auto tr) {
+    return launch_rla_bwd<decltype(tr)>(p, num_sms, temporaries_cap_bytes, workspace, stream);
+  });
 }
 
 }  // namespace rattention::cuda

@@ -12,7 +12,8 @@
 //    starts from its checkpoint (this is what the checkpoints are for: segments run in
 //    parallel), advances S without outputs to its part of the segment (parts planned from the
 //    SM count; packed: 1) and per chunk and head adds the column slice's share of dphi(q) into
-//    the fp32 workspace wsQ [B, T, Hq, 2D]:  P = mask(dO v^T),  dphi(q) += P phi(k) + dO (S + H0)^T.
+//    the fp32 workspace wsQ [rla_dq_slots, B, T, Hq, 2D]:  P = mask(dO v^T),
+//    dphi(q) += P phi(k) + dO (S + H0)^T.
 // 2. rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel (rla_bwd_state_kernel.cuh): the suffix
 //    state dS at the start of every dk/dv segment (segments of RlaBwdSegments::chunks chunks,
 //    planned from the SM count), and dH0 (per head and segment, summed in order).
@@ -22,14 +23,14 @@
 //      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, for g = 0)  -> a wsK slot
 //      dv       = sum_g mask(phi(q) phi(k)^T)^T dO + phi(k) dS               -> grad_v (owned)
 //      dS      += sum_g phi(q)^T dO   (not after the segment's first chunk)
-// 4. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) wsQ, dk = phi'(k) sum of
-//    the wsK slots (fixed order), in the input dtype.
+// 4. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) (sum of the wsQ slots),
+//    dk = phi'(k) (sum of the wsK slots), slots in a fixed order.
 // wsK [slots, B, T, Hkv, 2D] (rla_dk_slots): with G > 1 each value slice owns a slot and sums
-// the group's heads into it in order; with G == 1 the slices share one slot. A key belongs to
+// the group's heads into it in order; with G == 1 two slices share a slot. A key belongs to
 // one chunk, so to one segment: no two segments write the same wsK or grad_v rows. The only
-// cross-CTA sums are the value slices' atomicAdds onto zeros (into wsQ, and wsK when G == 1):
-// with D / BV <= 2 slices the fp32 sum of two terms is order-independent, so the result is
-// deterministic.
+// cross-CTA sums are the value slices' atomicAdds onto zeros (into wsQ, and wsK when G == 1),
+// two slices per slot (kRlaSlicesPerAtomicSlot): the fp32 sum of two terms onto zero is
+// order-independent, so the result is deterministic.
 #pragma once
 #include "core/window.h"
 #include "rla_launch.h"
@@ -74,6 +75,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int col0 = blockIdx.x * BV;
   const int64_t w = p.window_size;
   const int64_t ck = seg.z;
+  // token rows of the q-shaped workspace (packed: all documents); this slice's slot of it
+  const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;
+  const int64_t dq_slot = blockIdx.x / kRlaSlicesPerAtomicSlot;  // rla_dq_slots (rla_launch.h)
+  if constexpr (Tr::kNVBlocks > kRlaSlicesPerAtomicSlot) {
+    if (dq_slot > 0) RATT_COVER("dq_second_slot");
+  }
   // This CTA's part of the checkpoint segment (parts per segment; packed: 1): it advances S
   // from the checkpoint through the chunks before the part (state updates only), then writes
   // dphi(q) for the part's chunks [part_begin, part_end).
@@ -151,13 +158,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
         clear(acc_s);
         gemm_ss(mma, acc_s, sdO, sV);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i)
-          tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
+        store_causal_mask(tSsP, tScS, acc_s);
         // the two warps of a row block wrote half of its sP columns each; all are read below
         __syncthreads();
       }
-      float* ws = wsQ + (p.q_row(b, t0) * Hq + h) * F;  // row i at + i * Hq * F
+      float* ws = wsQ + ((dq_slot * tokens + p.q_row(b, t0)) * Hq + h) * F;  // row i at + i * Hq * F
       const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
       CUTE_UNROLL
       for (int m = 0; m < F / C; ++m) {
@@ -199,21 +204,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   using namespace cute;
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+  constexpr int QF = Tr::kQFeat, kPartTiles = QF / C;  // 64-feature tiles per phi(q) part
   using Sm = RlaBwdSmem<Tr>;
 
   RATT_DYNAMIC_SMEM(char, smem_raw);
   float* sdS_ptr = reinterpret_cast<float*>(smem_raw);
   Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS);
   Element* sPhiQ_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi);
-  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + 2 * Sm::kPhi);
-  Element* sdO_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + 2 * Sm::kPhi + Sm::kV);
-  Element* sP_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + 2 * Sm::kPhi + 2 * Sm::kV);
+  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + Sm::kPhiQ);
+  Element* sdO_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + Sm::kPhiQ + Sm::kV);
+  Element* sP_ptr =
+      reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + Sm::kPhiQ + 2 * Sm::kV);
 
   Tensor sdS = make_tensor(make_smem_ptr(sdS_ptr), row_major_padded<F, BV, Tr::kSStride>());      // (2D, BV)
   Tensor sdS_B = make_tensor(make_smem_ptr(sdS_ptr), row_major_padded_t<F, BV, Tr::kSStride>());  // (BV, 2D)
   Tensor sPhiK = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C keys, 2D)
-  Tensor sPhiQ = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C q, 2D)
-  Tensor sPhiQt = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C q)
+  // phi(q) a part at a time: features [qp * QF, (qp + 1) * QF) (Tr::kQParts parts)
+  Tensor sPhiQ = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded<C, QF, Tr::kQPhiStride>());  // (C q, QF)
+  Tensor sPhiQt = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded_t<C, QF, Tr::kQPhiStride>());  // (QF, C q)
   Tensor sV = make_tensor(make_smem_ptr(sV_ptr), row_major_padded<C, BV, Tr::kVStride>());       // (C keys, BV)
   Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), row_major_padded<C, BV, Tr::kVStride>());     // (C q, BV)
   Tensor sdOt = make_tensor(make_smem_ptr(sdO_ptr), row_major_padded_t<C, BV, Tr::kVStride>());  // (BV, C q)
@@ -235,7 +243,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   if (seg.z + 1 < seg.n_seg) RATT_COVER("later_segments");
   // token rows of the q/k-shaped workspaces and gradients (packed: all documents)
   const int64_t tokens = p.packed() ? p.dims.seqlen : p.dims.batch * p.dims.seqlen;
-  const int64_t dk_slot = (G == 1) ? 0 : blockIdx.x;  // see rla_dk_slots (rla_launch.h)
+  // see rla_dk_slots (rla_launch.h): with G == 1 two slices share a slot
+  const int64_t dk_slot = (G == 1) ? blockIdx.x / kRlaSlicesPerAtomicSlot : blockIdx.x;
 
   const Element* gQ = static_cast<const Element*>(p.q);
   const Element* gK = static_cast<const Element*>(p.k) + p.k_offset(p.k_stride, b, 0, hk);
@@ -299,91 +308,101 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
+      if (g > 0) RATT_COVER("group_head");
       const Element* q_rows = gQ + p.q_offset(p.q_stride, b, t0, h);
       auto q_valid = [&](int i) { return i < rows; };
-      const bool q_mine = phi_tile_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr);
       load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
                        p.grad_out_stride.t, rows, sdO_ptr);
-      // sPhiQ, sdO complete; whether phi(q) holds a NaN / Inf (nan_tiles.cuh): P^T phi(q)
-      // then takes it only into the keys j <= i query i sees, on sPhiQ with it zeroed.
-      const bool q_nonfinite = __syncthreads_or(q_mine);
-      if (has_keys) {
-        uint64_t q_hits = 0;
-        if (q_nonfinite) {
-          q_hits = nonfinite_hits<F / C, C>(tScS, sPhiQ_ptr, Tr::kPhiStride, C,
-                                            [](int j, int i) { return j <= i; });
-        }
-        // P = mask(dO v^T) (C q, C keys)
-        Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
-        clear(acc_s);
-        gemm_ss(mma, acc_s, sdO, sV);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i)
-          tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
-        __syncthreads();  // sP complete; the hits are read
-        if (q_nonfinite) {
-          zero_nonfinite_tile<C, F>(sPhiQ_ptr, Tr::kPhiStride);
-          __syncthreads();  // sPhiQ zeroed before the MMAs read it
-        }
-        // dphi(k)[:, tile m] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
-        float* ws = wsK + ((dk_slot * tokens + p.k_row(b, s_base)) * Hkv + hk) * D2;  // key j: + j * Hkv * 2D
-#pragma unroll 1  // feature tiles one at a time: acc_dv stays live across the head loop
-        for (int m = 0; m < F / C; ++m) {
-          Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
-          clear(acc_k);
-          gemm_ss(mma, acc_k, sPt, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
-          if (q_nonfinite) add_nan_hits(acc_k, q_hits, m * int(size(acc_k)));
-          if (g == 0) {
-            Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
-            gemm_s_state_split(mma, acc_k, sV, sdS_m, sdS_m, false);
+      // dphi(k) = P^T phi(q) (P = mask(dO v^T)) and dS += phi(q)^T dO take phi(q) a 64-feature
+      // tile at a time; Pk = phi(q) phi(k)^T contracts over the features: each part adds its
+      // share (the same MMAs in the same order as with phi(q) whole).
+      Tensor acc_pk = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});  // (C q, C keys)
+      clear(acc_pk);
+      float* ws = wsK + ((dk_slot * tokens + p.k_row(b, s_base)) * Hkv + hk) * D2;  // key j: + j * Hkv * 2D
+#pragma unroll 1
+      for (int qp = 0; qp < Tr::kQParts; ++qp) {
+        if (qp > 0) __syncthreads();  // every warp is done with the previous part
+        const bool q_mine =
+            phi_q_part_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr, qp);
+        // the part (and sdO) complete; whether it holds a NaN / Inf (nan_tiles.cuh): P^T phi(q)
+        // then takes it only into the keys j <= i query i sees, on the part with it zeroed.
+        const bool q_nonfinite = __syncthreads_or(q_mine);
+        if (has_keys) {
+          uint64_t q_hits = 0;
+          if (q_nonfinite) {
+            q_hits = nonfinite_hits<kPartTiles, C>(tScS, sPhiQ_ptr, Tr::kQPhiStride, C,
+                                                   [](int j, int i) { return j <= i; });
           }
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc_k); ++i) {
-            const int j = get<0>(tScS(i));
-            if (!key_valid(j)) continue;
-            float* dst = ws + j * Hkv * D2 + m * C + get<1>(tScS(i));
-            if (G == 1) {
-              atomicAdd(dst, acc_k(i));  // the value slices share the slot
-            } else {
-              *dst += acc_k(i);  // own slot: this thread adds head g after head g - 1
+          if (qp == 0) {  // P = mask(dO v^T) (C q, C keys), once per head
+            Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+            clear(acc_s);
+            gemm_ss(mma, acc_s, sdO, sV);
+            store_causal_mask(tSsP, tScS, acc_s);
+            __syncthreads();  // sP complete; the hits are read
+          } else if (q_nonfinite) {
+            __syncthreads();  // the hits are read
+          }
+          if (q_nonfinite) {
+            zero_nonfinite_tile<C, QF>(sPhiQ_ptr, Tr::kQPhiStride);
+            __syncthreads();  // the part zeroed before the MMAs read it
+          }
+          // dphi(k)[:, tile mg] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
+#pragma unroll 1  // feature tiles one at a time: acc_dv, acc_pk stay live across the loops
+          for (int m = 0; m < kPartTiles; ++m) {
+            const int mg = qp * kPartTiles + m;  // the tile among the 2D features
+            Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+            clear(acc_k);
+            gemm_ss(mma, acc_k, sPt, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
+            if (q_nonfinite) add_nan_hits(acc_k, q_hits, m * int(size(acc_k)));
+            if (g == 0) {
+              Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(mg, 0));  // (64 feat, BV)
+              gemm_s_state_split(mma, acc_k, sV, sdS_m, sdS_m, false);
+            }
+            CUTE_UNROLL
+            for (int i = 0; i < size(acc_k); ++i) {
+              const int j = get<0>(tScS(i));
+              if (!key_valid(j)) continue;
+              float* dst = ws + j * Hkv * D2 + mg * C + get<1>(tScS(i));
+              if (G == 1) {
+                atomicAdd(dst, acc_k(i));  // two value slices share the slot
+              } else {
+                *dst += acc_k(i);  // own slot: this thread adds head g after head g - 1
+              }
             }
           }
+          if (q_nonfinite) {  // dv and dS take phi(q) as it is
+            __syncthreads();  // every read of the zeroed part done
+            phi_q_part_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr, qp);
+            __syncthreads();  // the restored part is complete before it is read
+          }
+          gemm_ss(mma, acc_pk, sPhiQ, local_tile(sPhiK, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp)));
         }
+        if (update_ds) {
+          // dS += phi(q)^T dO on the part's tiles (dH0 is rla_bwd_state_kernel's: per head and
+          // segment). Head 0 read those rows of dS above (its dphi(k) state term) in every
+          // warp; later heads read no dS.
+          RATT_COVER("ds_update");
+          if (g == 0) __syncthreads();  // every read of dS for this chunk is done
+#pragma unroll 1
+          for (int m = 0; m < kPartTiles; ++m) {
+            Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(qp * kPartTiles + m, 0));
+            Tensor tUsS = thr.partition_C(sdS_m);
+            Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
+            clear(acc_u);
+            gemm_ss(mma, acc_u, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sdOt);
+            CUTE_UNROLL
+            for (int i = 0; i < size(acc_u); ++i) tUsS(i) += acc_u(i);
+          }
+        }
+      }
+      if (has_keys) {
+        // Pk = mask(phi(q) phi(k)^T);  dv += Pk^T dO. sP is free once every part's dphi(k) read it.
         __syncthreads();  // sP (dO v^T) consumed
-        if (q_nonfinite) {  // dv and dS take phi(q) as it is
-          phi_tile_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr);
-          __syncthreads();  // the restored tile is complete before it is read
-        }
-        // Pk = mask(phi(q) phi(k)^T);  dv += Pk^T dO
-        clear(acc_s);
-        gemm_ss(mma, acc_s, sPhiQ, sPhiK);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i)
-          tSsP(i) = Element(get<1>(tScS(i)) <= get<0>(tScS(i)) ? acc_s(i) : 0.f);
-        __syncthreads();
+        store_causal_mask(tSsP, tScS, acc_pk);
+        __syncthreads();  // sP complete
         gemm_ss(mma, acc_dv, sPt, sdOt);
       }
-      // emu-mutants: redundant because every read of dS in this chunk (acc_dv's and, for
-      // g == 0, acc_k's state term) precedes the "sP consumed" barrier above, and without keys
-      // dS is not read at all; the dS update below reads only sPhiQ and sdO, complete since
-      // the barrier after their loads. Kept as a guard for edits.
-      __syncthreads();  // every read of dS for this chunk is done (g == 0) before dS changes
-      if (g > 0) RATT_COVER("group_head");
-      if (update_ds) {
-        // dS += phi(q)^T dO (dH0 is rla_bwd_state_kernel's: per head and segment)
-        RATT_COVER("ds_update");
-#pragma unroll 1
-        for (int m = 0; m < F / C; ++m) {
-          Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));
-          Tensor tUsS = thr.partition_C(sdS_m);
-          Tensor acc_u = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});
-          clear(acc_u);
-          gemm_ss(mma, acc_u, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)), sdOt);
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc_u); ++i) tUsS(i) += acc_u(i);
-        }
-      }
-      __syncthreads();  // sPhiQ, sdO free for the next head
+      __syncthreads();  // sPhiQ, sdO, sP free for the next head
     }
     if (has_keys) {
       Element* dv = gdV + (p.k_row(b, s_base) * Hkv + hk) * D + col0;
@@ -426,27 +445,24 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
     x[e] = float(x_row[lane * E + e]);
     dy1[e] = dy2[e] = 0.f;
   }
+  // the workspace slots (rla_dq_slots, rla_dk_slots), added in slot order
+  const int64_t n_slots = is_q ? rla_dq_slots(Tr::kNVBlocks) : rla_dk_slots(G, Tr::kNVBlocks);
+  const float* ws = is_q ? wsQ + r * 2 * D : wsK + r * 2 * D;
+  const int64_t slot_floats = (is_q ? n_q : n_k) * 2 * D;  // [B, T, H, 2D]
   if (is_q) {
     RATT_COVER("q_row");
-    const float* ws = wsQ + r * 2 * D;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      dy1[e] = ws[lane * E + e];
-      dy2[e] = ws[D + lane * E + e];
-    }
+    if constexpr (rla_dq_slots(Tr::kNVBlocks) > 1) RATT_COVER("several_dq_slots");
   } else {
     RATT_COVER("k_row");
-    const int64_t n_slots = rla_dk_slots(G, D);
     if constexpr (Tr::kNVBlocks > 1) {
       if (n_slots > 1) RATT_COVER("several_dk_slots");
     }
-    for (int64_t s = 0; s < n_slots; ++s) {
-      const float* ws = wsK + (((s * B + bb) * T + t) * Hkv + hh) * 2 * D;
+  }
+  for (int64_t s = 0; s < n_slots; ++s) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        dy1[e] += ws[lane * E + e];
-        dy2[e] += ws[D + lane * E + e];
-      }
+    for (int e = 0; e < E; ++e) {
+      dy1[e] += ws[s * slot_floats + lane * E + e];
+      dy2[e] += ws[s * slot_floats + D + lane * E + e];
     }
   }
   float dx[E];

@@ -1,4 +1,5 @@
-// Instantiations and launcher of the RLA forward kernels: (bf16, fp16) x (D = 64, 128).
+// Instantiations and launcher of the RLA forward kernels: (bf16, fp16) x (D = 64, 128), and
+// at D = 128 the configuration for 99 KB of shared memory per block (with_rla_traits).
 // Grids, blocks and shared memory: rla_fwd_plan.
 #include "rla_fwd_kernel.cuh"
 #include "rla_launch.h"
@@ -43,16 +44,6 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace,
   return cudaGetLastError();
 }
 
-template <typename Element>
-cudaError_t dispatch_head_dim(const RlaFwdParams& p, int num_sms, float* workspace,
-                              cudaStream_t stream) {
-  switch (p.dims.head_dim) {
-    case 64: return launch_rla_fwd<RlaTraits<Element, 64, 64>>(p, num_sms, workspace, stream);
-    case 128: return launch_rla_fwd<RlaTraits<Element, 128, 64>>(p, num_sms, workspace, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 int64_t rla_fwd_smem_bytes(const RlaFwdParams& p) {
@@ -65,12 +56,10 @@ int64_t rla_fwd_workspace_floats(const RlaFwdParams& p, int num_sms) {
 }
 
 cudaError_t rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace, cudaStream_t stream) {
-  if (p.chunk_size != kRlaChunk) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, num_sms, workspace, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, num_sms, workspace, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  if (p.chunk_size != kRlaChunk || !rla_has_kernels(p)) return cudaErrorInvalidValue;
+  // the configuration for p.max_smem_per_block (rla_plan.h)
+  return with_rla_traits<cudaError_t>(
+      p, [&](auto tr) { return launch_rla_fwd<decltype(tr)>(p, num_sms, workspace, stream); });
 }
 
 }  // namespace rattention::cuda

@@ -15,8 +15,10 @@
 // and every key of earlier chunks through S. Per chunk:
 //   sPhiK = phi(k[s]) (zero rows for s < 0 or s >= T - w - 1), sV = v[s][cols]
 //   for each query head h of the group:
-//     sPhiQ = phi(q_h[t]);  P = mask_{i>=j}(sPhiQ sPhiK^T)            (C x C)
-//     o = P sV + sPhiQ (S + H0_h)   (S + H0 split into hi+lo for the MMA)
+//     sPhiQ = phi(q_h[t]) (Tr::kQParts parts of the features, one after another)
+//     o = sPhiQ (S + H0_h)   (S + H0 split into hi+lo for the MMA)
+//     P = mask_{i>=j}(sPhiQ sPhiK^T)  (C x C, in the phi(q) buffer once it is read)
+//     o += P sV
 //   S += sPhiK^T sV                                                  (2D x kBlockV)
 // Checkpoints hold S at the start of chunks 0, every, 2*every, ... (without H0).
 #pragma once
@@ -33,18 +35,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   using Element = typename Tr::Element;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
 
+  constexpr int QF = Tr::kQFeat;  // features of phi(q) per part (Tr::kQParts of them)
+
   RATT_DYNAMIC_SMEM(char, smem_raw);
   float* sS_ptr = reinterpret_cast<float*>(smem_raw);
   Element* sPhiK_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS);
+  // phi(q) (a part of it), then the head's P tile in the same buffer
   Element* sPhiQ_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi);
-  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + 2 * Tr::kSmemPhi);
-  Element* sP_ptr =
-      reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + 2 * Tr::kSmemPhi + Tr::kSmemV);
+  Element* sP_ptr = sPhiQ_ptr;
+  Element* sV_ptr =
+      reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi + Tr::kSmemPhiQP);
 
   // Shared-memory views. Names: s<Buffer>, suffix says which GEMM role the view plays.
   Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());  // (2D, BV)
   Tensor sS_B = make_tensor(make_smem_ptr(sS_ptr), row_major_padded_t<F, BV, Tr::kSStride>());  // (BV, 2D)
-  Tensor sPhiQ = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C, 2D)
+  Tensor sPhiQ = make_tensor(make_smem_ptr(sPhiQ_ptr), row_major_padded<C, QF, Tr::kQPhiStride>());  // (C, QF)
   Tensor sPhiK = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded<C, F, Tr::kPhiStride>());  // (C keys, 2D)
   Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
   Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());  // (BV, C keys)
@@ -123,27 +128,47 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     }
 
     bool v_nonfinite = false;
+    if (has_state) RATT_COVER("inter_chunk_state");
+    if (has_h0) {
+      RATT_COVER("h0");
+    } else {
+      RATT_COVER("no_h0");
+    }
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
       auto row_valid = [&](int i) { return i < rows; };
-      phi_tile_to_smem<Tr>(p.feature_map, gQ + p.q_offset(p.q_stride, b, t0, h), p.q_stride.t,
-                           row_valid, sPhiQ_ptr);
-      // sPhiQ (and sPhiK, sV for g == 0) complete; whether sV had NaN / Inf values
-      v_nonfinite = __syncthreads_or(v_mine);
-
+      const Element* q_rows = gQ + p.q_offset(p.q_stride, b, t0, h);
+      const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
+      Tensor gH0_B = make_tensor(make_gmem_ptr(h0), make_layout(make_shape(Int<BV>{}, Int<F>{}),
+                                                                make_stride(_1{}, Int<D>{})));  // (BV, 2D)
       Tensor acc_o = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (MMA, MMA_M, MMA_N)
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});   // phi(q) phi(k)^T
       clear(acc_o);
-      if (has_keys) {
-        // Intra-chunk: P = mask(phi(q) phi(k)^T), o += P v.
-        Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
-        clear(acc_s);
-        gemm_ss(mma, acc_s, sPhiQ, sPhiK);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) {
-          const bool keep = get<1>(tScS(i)) <= get<0>(tScS(i));  // key j <= row i
-          tSsP(i) = Element(keep ? acc_s(i) : 0.f);
+      clear(acc_s);
+      // phi(q) a part at a time (Tr::kQParts; one: all of it). Both products contract over
+      // the features, so each part adds its share:
+      //   o = phi(q) (S + H0_h)  (inter-chunk; the fp32 sum split into hi + lo)
+      //   s = phi(q) phi(k)^T    (intra-chunk scores)
+#pragma unroll 1
+      for (int qp = 0; qp < Tr::kQParts; ++qp) {
+        if (qp > 0) __syncthreads();  // every warp is done with the previous part
+        phi_q_part_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, row_valid, sPhiQ_ptr, qp);
+        // the part (and sPhiK, sV for g == 0) complete; whether sV had NaN / Inf values
+        v_nonfinite = __syncthreads_or(v_mine);
+        if (has_keys) {
+          gemm_ss(mma, acc_s, sPhiQ, local_tile(sPhiK, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp)));
         }
+        if (has_state || has_h0) {
+          gemm_s_state_split(mma, acc_o, sPhiQ,
+                             local_tile(sS_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp)),
+                             local_tile(gH0_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp)), has_h0);
+        }
+      }
+      if (has_keys) {
+        // Intra-chunk: P = mask(s), o += P v. sP takes the phi(q) buffer.
+        __syncthreads();  // every warp is done with phi(q)
+        store_causal_mask(tSsP, tScS, acc_s);  // key j <= row i
         // the two warps of a row block wrote half of its sP columns each; all are read below
         __syncthreads();  // sP complete
         gemm_ss(mma, acc_o, sP, sVt);
@@ -153,20 +178,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
             return j <= i && s_base + j >= keys.begin && s_base + j < keys.end;
           });
         }
-      }
-      if (has_state) RATT_COVER("inter_chunk_state");
-      if (has_h0) {
-        RATT_COVER("h0");
-      } else {
-        RATT_COVER("no_h0");
-      }
-      if (has_state || has_h0) {
-        // Inter-chunk: o += phi(q) (S + H0_h), the fp32 sum split into hi + lo.
-        const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
-        Tensor gH0_B = make_tensor(make_gmem_ptr(h0),
-                                   make_layout(make_shape(Int<BV>{}, Int<F>{}),
-                                               make_stride(_1{}, Int<D>{})));  // (BV, 2D)
-        gemm_s_state_split(mma, acc_o, sPhiQ, sS_B, gH0_B, has_h0);
       }
       float* o = gOut + p.q_offset(p.out_stride, b, t0, h) + col0;
       CUTE_UNROLL

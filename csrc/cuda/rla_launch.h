@@ -11,15 +11,26 @@ namespace rattention::cuda {
 
 // Chunk size the CUDA RLA kernels are compiled for (RlaFwdParams::chunk_size must equal it).
 constexpr int kRlaChunk = 64;
-// Value columns per CTA: D = 128 runs as two 64-column slices.
+// Value columns per CTA of the default configuration: D = 128 runs as two 64-column slices
+// (the configuration for 99 KB of shared memory per block: four of 32, rla_plan.h).
 constexpr int kRlaBlockV = 64;
 
-// Slots of the backward's dphi(k) workspace, each [B, T, Hkv, 2D] floats. With G > 1 query
+// The value slices of a CTA grid add their shares of dphi(q) (and, with G == 1, of dphi(k))
+// into fp32 workspace slots with atomicAdd: two slices per slot, because two terms added onto
+// zero give the same sum in either order, so the backward stays deterministic; the
+// post-process adds the slots in a fixed order. Slice x adds into slot x / 2.
+constexpr int64_t kRlaSlicesPerAtomicSlot = 2;
+constexpr int64_t rla_atomic_slots(int64_t n_vblocks) {
+  return (n_vblocks + kRlaSlicesPerAtomicSlot - 1) / kRlaSlicesPerAtomicSlot;
+}
+// Slots of the backward's dphi(q) workspace, each [tokens, Hq, 2D] floats.
+constexpr int64_t rla_dq_slots(int64_t n_vblocks) { return rla_atomic_slots(n_vblocks); }
+// Slots of the backward's dphi(k) workspace, each [tokens, Hkv, 2D] floats. With G > 1 query
 // heads per kv head every value slice sums its G heads into its own slot (plain
-// read-modify-write by the owning thread, fixed order); with G == 1 the slices share one
-// slot (two atomic terms onto zero, order-independent). Both are deterministic.
-constexpr int64_t rla_dk_slots(int64_t group, int64_t head_dim) {
-  return group == 1 ? 1 : head_dim / kRlaBlockV;
+// read-modify-write by the owning thread, fixed order); with G == 1 the slices share slots
+// as dphi(q) does.
+constexpr int64_t rla_dk_slots(int64_t group, int64_t n_vblocks) {
+  return group == 1 ? rla_atomic_slots(n_vblocks) : n_vblocks;
 }
 
 // The forward's and the backward's passes split each sequence into segments (and parts of
@@ -34,8 +45,9 @@ constexpr int64_t kRlaMaxSegmentChunks = 16;
 // none: null is fine then); num_sms as for the backward.
 int64_t rla_fwd_workspace_floats(const RlaFwdParams& p, int num_sms);
 cudaError_t rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace, cudaStream_t stream);
-// Dynamic shared memory per block the kernels of an op need (the op layer checks it against
-// the device's opt-in limit for a clear error on GPUs with less, e.g. sm_86 / sm_89).
+// Dynamic shared memory per block the kernels of an op need in the configuration chosen for
+// p.max_smem_per_block (the op sets it to the device's opt-in limit and checks the need
+// against it, for a clear error where even the smallest configuration does not fit).
 int64_t rla_fwd_smem_bytes(const RlaFwdParams& p);
 int64_t rla_bwd_smem_bytes(const RlaBwdParams& p);
 // What the RLA temporaries of one layer may take while its backward runs: the backward's

@@ -2,6 +2,8 @@
 // their grids, blocks, shared memory and workspace are computed (see launch_plan.h).
 // rla_fwd.cu / rla_bwd.cu launch what these return.
 #pragma once
+#include <algorithm>
+
 #include "core/params.h"
 #include "cuda/launch_plan.h"
 #include "cuda/rla_launch.h"
@@ -148,7 +150,6 @@ inline int64_t rla_bwd_segment_chunks(int64_t n_chunks, int64_t ctas_per_segment
 template <class Tr>
 RlaBwdPlan rla_bwd_batch_plan(const RlaBwdParams& p, int num_sms) {
   using Sm = RlaBwdSmem<Tr>;
-  static_assert(Tr::kBlockV == kRlaBlockV, "rla_dk_slots assumes kRlaBlockV value columns");
   const AttnDims& d = p.dims;
   const int64_t B = d.batch, T = d.seqlen, Hq = d.heads_q, Hkv = d.heads_kv, D = Tr::kHeadDim;
   const int64_t F = 2 * D;
@@ -170,8 +171,8 @@ RlaBwdPlan rla_bwd_batch_plan(const RlaBwdParams& p, int num_sms) {
   // workspace
   const int64_t row = tokens * F;  // floats of one head's [tokens, 2D]
   plan.ws_q = 0;
-  plan.ws_k = row * Hq;
-  plan.ws_dh0 = plan.ws_k + rla_dk_slots(d.group(), D) * row * Hkv;
+  plan.ws_k = rla_dq_slots(Tr::kNVBlocks) * row * Hq;
+  plan.ws_dh0 = plan.ws_k + rla_dk_slots(d.group(), Tr::kNVBlocks) * row * Hkv;
   plan.zeroed_floats = plan.ws_dh0;
   plan.ws_ds = plan.ws_dh0 + (has_h0 ? seqs * Hq * segs.slots * state : 0);
   plan.workspace_floats = plan.ws_ds + seqs * Hkv * segs.slots * state;
@@ -258,28 +259,64 @@ RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms, int64_t temporaries_
   return plan;
 }
 
-// Calls f(RlaTraits<Element, D, kRlaBlockV>{}) for the instantiation that serves
-// (dtype, head_dim) and returns its result; R{} when there is none.
+// The kernel configurations. The default one (64 value columns per CTA, phi(q) whole) needs
+// up to 161 KB of shared memory per block at D = 128, more than GPUs with 99 KB per block
+// (sm_86 / sm_89: A10, L4, L40S, RTX 4090) allow; there D = 128 runs with 32-column value
+// slices (4 CTAs per (sequence, kv head, segment), each recomputing phi and the score
+// block) and phi(q) held 64 features at a time (RlaTraits::kQParts), up to 99,328 B. D = 64
+// fits 99 KB in the default one.
+template <class Element, int D>
+using RlaDefaultTraits = RlaTraits<Element, D, kRlaBlockV>;
+template <class Element, int D>
+using RlaSmallSmemTraits = RlaTraits<Element, D, 32, 2 * D / 64>;
+
+// The most dynamic shared memory per block any RLA kernel of configuration Tr takes (the
+// forward's and the backward's alike, so that both ops run the same configuration).
+template <class Tr>
+constexpr int64_t rla_max_smem_bytes() {
+  using Sm = RlaBwdSmem<Tr>;
+  return std::max({int64_t(Tr::kSmemFwd), int64_t(Tr::kSmemState), int64_t(Sm::kDq),
+                   int64_t(Sm::kState), int64_t(Sm::kDkv)});
+}
+template <class Tr>
+bool rla_fits(const RlaCommonParams& p) {
+  return p.max_smem_per_block <= 0 || rla_max_smem_bytes<Tr>() <= p.max_smem_per_block;
+}
+
+// Calls f(Tr{}) for the configuration that serves (dtype, head_dim, max_smem_per_block) and
+// returns its result; R{} when there is none: the default configuration where it fits the
+// device's limit, else the small-shared-memory one (whose need the op still checks).
+template <class R, class Element, int D, class F>
+R with_rla_traits_of(const RlaCommonParams& p, F&& f) {
+  if constexpr (D == 128) {
+    if (!rla_fits<RlaDefaultTraits<Element, D>>(p)) return f(RlaSmallSmemTraits<Element, D>{});
+  }
+  return f(RlaDefaultTraits<Element, D>{});
+}
 template <class R, class F>
-R with_rla_traits(DType dtype, int64_t head_dim, F&& f) {
-  const bool bf16 = dtype == DType::kBFloat16;
-  if (!bf16 && dtype != DType::kFloat16) return R{};
-  if (head_dim == 64)
-    return bf16 ? f(RlaTraits<cutlass::bfloat16_t, 64, kRlaBlockV>{})
-                : f(RlaTraits<cutlass::half_t, 64, kRlaBlockV>{});
-  if (head_dim == 128)
-    return bf16 ? f(RlaTraits<cutlass::bfloat16_t, 128, kRlaBlockV>{})
-                : f(RlaTraits<cutlass::half_t, 128, kRlaBlockV>{});
+R with_rla_traits(const RlaCommonParams& p, F&& f) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (!bf16 && p.dtype != DType::kFloat16) return R{};
+  if (p.dims.head_dim == 64)
+    return bf16 ? with_rla_traits_of<R, cutlass::bfloat16_t, 64>(p, f)
+                : with_rla_traits_of<R, cutlass::half_t, 64>(p, f);
+  if (p.dims.head_dim == 128)
+    return bf16 ? with_rla_traits_of<R, cutlass::bfloat16_t, 128>(p, f)
+                : with_rla_traits_of<R, cutlass::half_t, 128>(p, f);
   return R{};
+}
+// Whether (dtype, head_dim) has CUDA kernels at all.
+inline bool rla_has_kernels(const RlaCommonParams& p) {
+  return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
+         (p.dims.head_dim == 64 || p.dims.head_dim == 128);
 }
 
 inline RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
-  return with_rla_traits<RlaFwdPlan>(p.dtype, p.dims.head_dim,
-                                     [&](auto tr) { return rla_fwd_plan<decltype(tr)>(p, num_sms); });
+  return with_rla_traits<RlaFwdPlan>(p, [&](auto tr) { return rla_fwd_plan<decltype(tr)>(p, num_sms); });
 }
 inline RlaBwdPlan rla_bwd_plan(const RlaBwdParams& p, int num_sms,
                                int64_t temporaries_cap_bytes = kRlaTemporariesCapBytes) {
-  return with_rla_traits<RlaBwdPlan>(p.dtype, p.dims.head_dim, [&](auto tr) {
+  return with_rla_traits<RlaBwdPlan>(p, [&](auto tr) {
     return rla_bwd_plan<decltype(tr)>(p, num_sms, temporaries_cap_bytes);
   });
 }

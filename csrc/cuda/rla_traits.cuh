@@ -38,7 +38,12 @@ struct RlaMmaAtom<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
-template <typename Element_, int kHeadDim_, int kBlockV_>
+// kQParts_: phi(q) of a chunk is held kFeat / kQParts_ features at a time (the forward and the
+// dk/dv kernel loop over the parts; each contraction over the features accumulates over them
+// in the same order as in one piece, so the result does not depend on it). 1 keeps it whole;
+// the configuration for GPUs with 99 KB of shared memory per block holds a 64-feature part
+// (rla_config.h says which configuration runs where).
+template <typename Element_, int kHeadDim_, int kBlockV_, int kQParts_ = 1>
 struct RlaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;     // D
@@ -50,7 +55,12 @@ struct RlaTraits {
   static constexpr int kNWarps = 8;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kNVBlocks = kHeadDim / kBlockV;
+  static constexpr int kQParts = kQParts_;          // phi(q) passes per (chunk, head)
+  static constexpr int kQFeat = kFeat / kQParts_;   // features of phi(q) per pass
   static_assert(kHeadDim % kBlockV == 0, "value slices must tile D");
+  static_assert(kBlockV % 32 == 0, "the MMA tile is 32 columns wide");
+  static_assert(kFeat % kQParts_ == 0 && kQFeat % kChunk == 0,
+                "a phi(q) part is whole 64-feature tiles");
   static_assert(kHeadDim % 32 == 0, "phi rows: each lane owns D/32 entries");
   static_assert(kFeat % kChunk == 0, "state update walks 2D in kChunk-row tiles");
 
@@ -68,7 +78,8 @@ struct RlaTraits {
                                              cute::_16>>;
 
   // Padded row strides (elements): keeps the transposed operand reads off one bank.
-  static constexpr int kPhiStride = kFeat + 8;    // sPhiQ, sPhiK [C, 2D]
+  static constexpr int kPhiStride = kFeat + 8;    // sPhiK [C, 2D] (and sPhiQ of the dq pass)
+  static constexpr int kQPhiStride = kQFeat + 8;  // sPhiQ part [C, kQFeat]
   static constexpr int kVStride = kBlockV + 8;    // sV [C, kBlockV]
   static constexpr int kPStride = kChunk + 8;     // sP [C, C]
   static constexpr int kSStride = kBlockV + 4;    // sS fp32 [2D, kBlockV]
@@ -77,13 +88,18 @@ struct RlaTraits {
   static constexpr int kSmemPhi = kChunk * kPhiStride * 2;
   static constexpr int kSmemV = kChunk * kVStride * 2;
   static constexpr int kSmemP = kChunk * kPStride * 2;
-  static constexpr int kSmemFwd = kSmemS + 2 * kSmemPhi + kSmemV + kSmemP;
+  static constexpr int kSmemPhiQ = kChunk * kQPhiStride * 2;
+  // The forward's P tile reuses the phi(q) buffer (written once the head's phi(q) is read).
+  static constexpr int kSmemPhiQP = kSmemPhiQ > kSmemP ? kSmemPhiQ : kSmemP;
+  static constexpr int kSmemFwd = kSmemS + kSmemPhi + kSmemPhiQP + kSmemV;
   static constexpr int kSmemState = kSmemS + kSmemPhi + kSmemV;  // pass 1: S, phi(k), v
   static_assert(kSmemFwd <= 227 * 1024, "forward shared memory");
   // ldmatrix reads 16-byte rows: every buffer offset and row stride must keep them aligned.
-  static_assert(kPhiStride % 8 == 0 && kVStride % 8 == 0 && kPStride % 8 == 0,
+  static_assert(kPhiStride % 8 == 0 && kQPhiStride % 8 == 0 && kVStride % 8 == 0 &&
+                    kPStride % 8 == 0,
                 "padded strides must be multiples of 8 elements (16 bytes)");
-  static_assert(kSmemS % 16 == 0 && kSmemPhi % 16 == 0 && kSmemV % 16 == 0 && kSmemP % 16 == 0,
+  static_assert(kSmemS % 16 == 0 && kSmemPhi % 16 == 0 && kSmemPhiQ % 16 == 0 &&
+                    kSmemV % 16 == 0 && kSmemP % 16 == 0,
                 "shared-memory buffers must start 16-byte aligned");
 };
 
@@ -97,7 +113,8 @@ struct RlaBwdSmem {
   static constexpr int kP = Tr::kSmemP;
   static constexpr int kDq = kS + kPhi + 2 * kV + kP;
   static constexpr int kState = kS + kPhi + kV;  // rla_bwd_state_kernel: dS, phi(q), dO
-  static constexpr int kDkv = kS + 2 * kPhi + 2 * kV + kP;
+  static constexpr int kPhiQ = Tr::kSmemPhiQ;  // sPhiQ part of the dk/dv kernel
+  static constexpr int kDkv = kS + kPhi + kPhiQ + 2 * kV + kP;
   static_assert(kDkv <= 163 * 1024, "dkv kernel must fit sm_80 shared memory");
 };
 
@@ -225,6 +242,18 @@ __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA c
   }
 }
 
+// The causal chunk mask on a (C, C) score accumulator, stored to its shared tile in the MMA
+// type: entry (row i, key j) kept iff j <= i, else zero. tSsP, tScS: the tile's and the
+// coordinates' accumulator partitions. The two warps of a row block write half of its
+// columns each, so a CTA barrier comes before the tile is read.
+template <class TP, class TC, class Acc>
+__device__ __forceinline__ void store_causal_mask(TP& tSsP, TC const& tScS, Acc const& acc) {
+  using Element = typename TP::value_type;
+  CUTE_UNROLL
+  for (int i = 0; i < cute::size(acc); ++i)
+    tSsP(i) = Element(cute::get<1>(tScS(i)) <= cute::get<0>(tScS(i)) ? acc(i) : 0.f);
+}
+
 // S += phi(k)^T v for the key rows of a chunk (sPhiK, sV loaded), the fp32 state slice
 // sS [2D, BV] updated in place in 64-row tiles: the forward's passes 1 and 3 and the
 // backward's dq pass.
@@ -306,25 +335,33 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
   }
 }
 
-// phi of `kChunk` rows into sPhi [kChunk, 2D] (stride kPhiStride). Row r reads
-// gX + r * row_stride when valid(r), else writes zeros (masked keys/queries must be exact
-// zeros: they enter the K dimension of the state update). Returns whether this thread wrote
-// a NaN / Inf (the CTA's OR comes from the barrier that completes the tile; nan_tiles.cuh).
-template <class Tr, class Valid>
+// phi of `kChunk` rows into sPhi [kChunk, kCols] (row stride kStride): features
+// [f0, f0 + kCols) of phi (f0 = 0, kCols = 2D: the whole row; the dk/dv kernel and the forward
+// hold phi(q) in parts, RlaTraits::kQParts, each computed from the whole raw row). Row r
+// reads gX + r * row_stride when valid(r), else writes zeros (masked keys/queries must be
+// exact zeros: they enter the K dimension of the state update). Returns whether this thread
+// wrote a NaN / Inf (the CTA's OR comes from the barrier that completes the tile;
+// nan_tiles.cuh).
+template <class Tr, int kCols = Tr::kFeat, int kStride = Tr::kPhiStride, class Valid>
 __device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
                                                  int64_t row_stride, Valid valid,
-                                                 typename Tr::Element* sPhi) {
+                                                 typename Tr::Element* sPhi, int f0 = 0) {
   using Element = typename Tr::Element;
-  constexpr int E = Tr::kHeadDim / 32;
+  constexpr int D = Tr::kHeadDim, E = D / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // The lane's entries e of f(x) and f(-x) are features lane * E + e and D + lane * E + e:
+  // written at their column inside the part, when they fall in it.
+  auto put = [&](Element* y, int f, Element x) {
+    if (kCols == Tr::kFeat || (f >= f0 && f < f0 + kCols)) y[f - f0] = x;
+  };
   bool nonfinite = false;
   for (int r = warp; r < Tr::kChunk; r += Tr::kNWarps) {
-    Element* y = sPhi + r * Tr::kPhiStride;
+    Element* y = sPhi + r * kStride;
     if (!valid(r)) {
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        y[lane * E + e] = Element(0.f);
-        y[Tr::kHeadDim + lane * E + e] = Element(0.f);
+        put(y, lane * E + e, Element(0.f));
+        put(y, D + lane * E + e, Element(0.f));
       }
       continue;
     }
@@ -336,12 +373,24 @@ __device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename T
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const Element a(pos[e]), b(neg[e]);
-      nonfinite |= is_nonfinite(a) | is_nonfinite(b);
-      y[lane * E + e] = a;
-      y[Tr::kHeadDim + lane * E + e] = b;
+      const bool in_a = kCols == Tr::kFeat || (lane * E + e >= f0 && lane * E + e < f0 + kCols);
+      const bool in_b =
+          kCols == Tr::kFeat || (D + lane * E + e >= f0 && D + lane * E + e < f0 + kCols);
+      nonfinite |= (in_a && is_nonfinite(a)) | (in_b && is_nonfinite(b));
+      put(y, lane * E + e, a);
+      put(y, D + lane * E + e, b);
     }
   }
   return nonfinite;
+}
+// Part `part` of phi(q) (RlaTraits::kQParts) into a [kChunk, kQFeat] buffer.
+template <class Tr, class Valid>
+__device__ __forceinline__ bool phi_q_part_to_smem(FeatureMap fm, const typename Tr::Element* gX,
+                                                   int64_t row_stride, Valid valid,
+                                                   typename Tr::Element* sPhiQ, int part) {
+  if (part > 0) RATT_COVER_ANY("phi_q_part");
+  return phi_tile_to_smem<Tr, Tr::kQFeat, Tr::kQPhiStride>(fm, gX, row_stride, valid, sPhiQ,
+                                                           part * Tr::kQFeat);
 }
 
 // A [kChunk, kBlockV] slice of value rows into sV (stride kVStride); invalid rows are zero.

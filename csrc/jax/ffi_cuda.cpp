@@ -42,10 +42,16 @@ int current_device_sms() {
 
 // As check_smem_fits in cuda/ops_cuda_common.h: a clear error before any launch when the
 // kernels need more dynamic shared memory per block than this GPU allows.
-void check_smem_fits(int64_t need, const char* op, int64_t head_dim) {
+// The current GPU's opt-in dynamic shared memory per block (bytes).
+int64_t device_smem_per_block(const char* op) {
   int device = 0, have = 0;
   check_launch(cudaGetDevice(&device), op);
   check_launch(cudaDeviceGetAttribute(&have, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), op);
+  return have;
+}
+
+void check_smem_fits(int64_t need, const char* op, int64_t head_dim) {
+  const int64_t have = device_smem_per_block(op);
   if (need > have) {
     throw InvalidArgument(std::string(op) + ": the CUDA kernels for head dim " +
                           std::to_string(head_dim) + " need " + std::to_string(need) +
@@ -105,8 +111,8 @@ ffi::Error rla_fwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   return guarded("rla_fwd", [&] {
     check_chunk(chunk_size);
     const RlaConfig cfg{window_size, feature_map, chunk_size, checkpoint_every};
-    const RlaFwdParams p =
-        rla_fwd_params(q, k, v, h0, *out, *final_state, *checkpoints, cfg, kCuda);
+    RlaFwdParams p = rla_fwd_params(q, k, v, h0, *out, *final_state, *checkpoints, cfg, kCuda);
+    p.max_smem_per_block = device_smem_per_block("rla_fwd");  // picks the configuration
     check_smem_fits(cuda::rla_fwd_smem_bytes(p), "rla_fwd", p.dims.head_dim);
     const int num_sms = current_device_sms();  // sizes the segment parts and the workspace
     const int64_t ws_floats = cuda::rla_fwd_workspace_floats(p, num_sms);
@@ -126,8 +132,9 @@ ffi::Error rla_bwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   return guarded("rla_bwd", [&] {
     check_chunk(chunk_size);
     const RlaConfig cfg{window_size, feature_map, chunk_size, checkpoint_every};
-    const RlaBwdParams p = rla_bwd_params(grad_out, grad_final_state, q, k, v, h0, checkpoints,
-                                          *grad_q, *grad_k, *grad_v, *grad_h0, cfg, kCuda);
+    RlaBwdParams p = rla_bwd_params(grad_out, grad_final_state, q, k, v, h0, checkpoints,
+                                    *grad_q, *grad_k, *grad_v, *grad_h0, cfg, kCuda);
+    p.max_smem_per_block = device_smem_per_block("rla_bwd");  // picks the configuration
     check_smem_fits(cuda::rla_bwd_smem_bytes(p), "rla_bwd", p.dims.head_dim);
     const int num_sms = current_device_sms();  // sizes the dk/dv segments and the workspace
     float* ws = scratch_floats(scratch, cuda::rla_bwd_workspace_floats(p, num_sms), "rla_bwd");

@@ -24,6 +24,10 @@ namespace {
 
 enum class Role { kIn, kInOut, kOut };
 
+// The modelled GPU's opt-in dynamic shared memory per block (set_arch), which the RLA ops pass
+// to the launchers as the op layer passes the device's.
+int64_t emu_smem_per_block() { return static_cast<int64_t>(emu::arch_max_dynamic_smem(emu::arch())); }
+
 class Sandbox {
  public:
   explicit Sandbox(const char* op) : op_(op) {
@@ -193,10 +197,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
                                                        c10::optional<at::Tensor> h0,
                                                        int64_t every,
                                                        c10::optional<at::Tensor> cu_seqlens,
-                                                       int64_t num_sms) {
+                                                       int64_t num_sms, bool ignore_smem_limit) {
   TORCH_CHECK_VALUE(num_sms > 0, "num_sms must be positive, got ", num_sms);
   auto r = prepare_rla_fwd(q, k, v, w, fm, h0, cuda::kRlaChunk, every, /*cuda_backend=*/true,
                            cu_seqlens);
+  // as the op: the modelled GPU's (ignore_smem_limit: the default configuration, to test the
+  // emulator's launch check)
+  r.params.max_smem_per_block = ignore_smem_limit ? 0 : emu_smem_per_block();
   Sandbox box("rla_fwd");
   box.reserve(16);
   add_keep(box, r.keep, {"q", "k", "v", "cu_seqlens"});
@@ -219,6 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_bwd(
   TORCH_CHECK_VALUE(num_sms > 0, "num_sms must be positive, got ", num_sms);
   auto r = prepare_rla_bwd(go, gfs, q, k, v, h0, ckpt, w, fm, cuda::kRlaChunk, every,
                            /*cuda_backend=*/true, cu_seqlens);
+  r.params.max_smem_per_block = emu_smem_per_block();
   Sandbox box("rla_bwd");
   box.reserve(16);
   add_keep(box, r.keep, {"q", "k", "v", "cu_seqlens", "grad_out", "checkpoints", "initial_state",
@@ -312,7 +320,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rla_fwd", &rattention::rla_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("w"),
         py::arg("feature_map"), py::arg("initial_state"), py::arg("every"), cu,
         // the SM count the segment parts are planned for (a large one: more parts)
-        py::arg("num_sms") = rattention::cuda::kRlaReferenceSms);
+        py::arg("num_sms") = rattention::cuda::kRlaReferenceSms,
+        py::arg("ignore_smem_limit") = false);
   m.def("rla_bwd", &rattention::rla_bwd, py::arg("grad_out"), py::arg("grad_final_state"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("initial_state"),
         py::arg("checkpoints"), py::arg("w"), py::arg("feature_map"), py::arg("every"), cu,

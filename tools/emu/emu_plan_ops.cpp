@@ -37,7 +37,7 @@ py::list take_launch_records() {
 py::list plan_rows(const std::string& op, int64_t batch, int64_t seqlen, int64_t heads_q,
                    int64_t heads_kv, int64_t head_dim, int64_t window, const std::string& dtype,
                    int64_t checkpoint_every, int64_t packed_seqs, int64_t num_sms,
-                   int64_t temporaries_cap_bytes) {
+                   int64_t temporaries_cap_bytes, int64_t max_smem_per_block) {
   TORCH_CHECK(dtype == "bf16" || dtype == "fp16", "plan_rows: dtype must be 'bf16' or 'fp16', got ", dtype);
   TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0 && checkpoint_every > 0,
               "plan_rows: heads_q must be a positive multiple of heads_kv, checkpoint_every > 0");
@@ -53,6 +53,7 @@ py::list plan_rows(const std::string& op, int64_t batch, int64_t seqlen, int64_t
   TORCH_CHECK(num_sms > 0, "plan_rows: num_sms must be positive, got ", num_sms);
   s.num_sms = static_cast<int>(num_sms);
   s.rla_temporaries_cap_bytes = temporaries_cap_bytes;
+  s.max_smem_per_block = max_smem_per_block;
   s.dtype = dtype == "fp16" ? rattention::DType::kFloat16 : rattention::DType::kBFloat16;
   py::list out;
   for (const auto& r : rattention::cuda::plan_rows(op, s)) {
@@ -81,10 +82,13 @@ void add_launch_plan_bindings(py::module& m) {
         "The planned launches of an op call: plan_rows(op, B, T, Hq, Hkv, D, w, dtype, every, "
         "packed_seqs=0, num_sms=132, temporaries_cap_bytes=1 GiB); packed_seqs > 0: that many "
         "documents packed into T rows (B ignored); num_sms: the SM count the RLA passes are "
-        "planned for; temporaries_cap_bytes: what the RLA backward's sub-batches are sized to.",
+        "planned for; temporaries_cap_bytes: what the RLA backward's sub-batches are sized to; "
+        "max_smem_per_block: the GPU's opt-in shared memory per block the RLA kernels' "
+        "configuration is chosen for (0: no limit).",
         py::arg("op"), py::arg("batch"), py::arg("seqlen"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("head_dim"), py::arg("window"), py::arg("dtype"),
         py::arg("checkpoint_every"), py::arg("packed_seqs") = 0,
         py::arg("num_sms") = rattention::cuda::kRlaReferenceSms,
-        py::arg("temporaries_cap_bytes") = rattention::cuda::kRlaTemporariesCapBytes);
+        py::arg("temporaries_cap_bytes") = rattention::cuda::kRlaTemporariesCapBytes,
+        py::arg("max_smem_per_block") = 0);
 }
