@@ -27,6 +27,19 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
   return t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// The CUDA kernels move q, k, v (and the RLA backward's fp32 grad_out) in 16-byte pieces
+// (cp.async in SWA, vector loads in RLA): rows contiguous along the last dim, the data 16-byte
+// aligned and every other stride a whole number of 16-byte pieces. Any other view (a slice at
+// an odd element offset, an odd stride) is copied to a fresh contiguous tensor here rather
+// than faulting there.
+at::Tensor rows_16byte_aligned(const at::Tensor& t) {
+  const int64_t per_piece = 16 / t.element_size();
+  bool ok = t.dim() > 0 && t.stride(-1) == 1 &&
+            reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; ok && i + 1 < t.dim(); ++i) ok = t.size(i) <= 1 || t.stride(i) % per_piece == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 void check_float_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
@@ -268,9 +281,10 @@ QkvPrepared prepare_qkv(const at::Tensor& q_in, const at::Tensor& k_in, const at
   }
   QkvPrepared r;
   r.dtype = dt;
-  r.q = rows_contiguous(q_in);
-  r.k = rows_contiguous(k_in);
-  r.v = rows_contiguous(v_in);
+  const auto rows = cuda_backend ? rows_16byte_aligned : rows_contiguous;
+  r.q = rows(q_in);
+  r.k = rows(k_in);
+  r.v = rows(v_in);
   auto& p = r.params;
   p = QkvParams{};
   p.dtype = to_dtype(dt);
@@ -506,7 +520,8 @@ RlaBwdPrepared prepare_rla_bwd(const at::Tensor& grad_out_in,
   check_acc_tensor(checkpoints_in, "checkpoints", acc,
                    checkpoint_shape(qkv, chunk_size, checkpoint_every), q_in);
   RlaBwdPrepared r;
-  at::Tensor go = rows_contiguous(grad_out_in), ckpt = checkpoints_in.contiguous();
+  at::Tensor go = cuda_backend ? rows_16byte_aligned(grad_out_in) : rows_contiguous(grad_out_in);
+  at::Tensor ckpt = checkpoints_in.contiguous();
   at::Tensor h0 = prepare_initial_state(initial_state, d, qkv.q);
   // Only the presence and shape of the carried state matter here: the checkpoints hold it.
   at::Tensor carried = prepare_carried_state(carried_state, d, qkv.q);

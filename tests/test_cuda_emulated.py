@@ -549,6 +549,45 @@ def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_f
         assert rel_err(a, b) < 1e-2, what
 
 
+# The CUDA kernels move q, k, v (and the RLA backward's fp32 grad_out) in 16-byte pieces:
+# RLA by vector loads, SWA by cp.async. A view that is not 16-byte aligned or whose strides
+# are not whole pieces is copied by the op layer first (op_common.cpp rows_16byte_aligned);
+# the emulator fails a misaligned 16-byte access as the GPU faults on it (self-test
+# "misaligned"), so these views run only because of the copy, and give the contiguous
+# inputs' results bit for bit.
+def _odd_view(x):
+    """x's values in a view 2 bytes past a 16-byte boundary, with odd row strides."""
+    big = torch.zeros(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype)
+    big[..., 1:] = x
+    view = big[..., 1:]
+    assert view.data_ptr() % 16 != 0 and view.stride(-2) % 8 != 0
+    return view
+
+
+@emu_kernel(*RLA_SOURCES)
+def test_rla_misaligned_views_are_copied_for_the_kernels(emu):
+    q, k, v = inputs(1, 70, 2, 1, 64, BF16, seed=3)
+    w, fm, every = 5, "softmax", 1
+    out, fs, ck = emu.rla_fwd(q, k, v, w, fm, None, every)
+    out_o, fs_o, ck_o = emu.rla_fwd(_odd_view(q), _odd_view(k), _odd_view(v), w, fm, None, every)
+    for what, a, b in (("out", out, out_o), ("final_state", fs, fs_o), ("checkpoints", ck, ck_o)):
+        assert torch.equal(a, b), what
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    grads = emu.rla_bwd(go, None, q, k, v, None, ck, w, fm, every)
+    grads_o = emu.rla_bwd(_odd_view(go), None, _odd_view(q), _odd_view(k), _odd_view(v), None,
+                          ck, w, fm, every)
+    for what, a, b in zip(("dq", "dk", "dv"), grads, grads_o):
+        assert torch.equal(a, b), what
+
+
+@emu_kernel("swa_fwd_kernel.cuh")
+def test_swa_misaligned_views_are_copied_for_the_kernels(emu):
+    q, k, v = inputs(1, 70, 2, 1, 64, BF16, seed=5)
+    o, lse = emu.swa_fwd(q, k, v, 9, 0.125, None, None)
+    o_o, lse_o = emu.swa_fwd(_odd_view(q), _odd_view(k), _odd_view(v), 9, 0.125, None, None)
+    assert torch.equal(o, o_o) and torch.equal(lse, lse_o)
+
+
 # The backward in sub-batches (rla_bwd_plan): a small cap on the temporaries makes it run its
 # five launches once per sub-batch, in one workspace sized for a sub-batch, with the pointers
 # offset to it. Each case is checked against the reference (check_rla) and bit for bit
@@ -905,7 +944,7 @@ SELFTEST = [
     ("own_read", "initcheck"), ("wait_no_sync", "racecheck"), ("partial_barrier", "synccheck"),
     ("split_barrier", "synccheck"), ("shuffle_exited", "synccheck"),
     ("static_persist", "initcheck"), ("launch_bounds", "launch"), ("no_optin", "launch"),
-    ("arch_limit", "launch"),
+    ("arch_limit", "launch"), ("misaligned", "memcheck"),
 ]
 # bugs whose wrong values (poison) also show in the output under at least one schedule
 VISIBLE = {"no_sync", "uninit", "no_wait", "short_wait", "wait_no_sync", "static_persist"}

@@ -11,6 +11,9 @@
 // that some instantiation of the function must reach. Every kernel has at least one, so
 // the emulator's coverage recorder (tools/emu/coverage.h) lists every compiled
 // instantiation and which of its marked paths ran; under nvcc both are nothing.
+//
+// RATT_VECTOR_ACCESS(p, bytes) is p, at a vector access of `bytes` (16: uint4 / float4)
+// through it; the emulator first checks the alignment the GPU requires (emu::check_aligned).
 #pragma once
 
 #if defined(RATTENTION_EMU)
@@ -36,11 +39,13 @@ std::vector<LaunchRecord>& launch_records();
    ::emu::launcher(__VA_ARGS__, grid, block, smem))
 #define RATT_COVER(path) RATT_EMU_COVER(path, false)
 #define RATT_COVER_ANY(path) RATT_EMU_COVER(path, true)
+#define RATT_VECTOR_ACCESS(p, bytes) (::emu::vector_access((p), (bytes)))
 #else
 #define RATT_DYNAMIC_SMEM(T, name) extern __shared__ __align__(128) T name[]
 #define RATT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define RATT_COVER(path) ((void)0)
 #define RATT_COVER_ANY(path) ((void)0)
+#define RATT_VECTOR_ACCESS(p, bytes) (p)
 #endif
 
 #include "cuda/launch_plan.h"

@@ -161,25 +161,3 @@ CUTE_DEVICE void add_nan_hits(Acc& acc, uint64_t hits, int first) {
 }
 
 }  // namespace rattention::cuda
-
-namespace rattention::cuda {
-
-// The RLA kernels' value tiles (load_v_tile in rla_traits.cuh: plain loads, invalid rows
-// zero) with their NaN / Inf entries zeroed; true when this thread met one (the CTA's OR
-// comes from the barrier that completes the tile).
-template <class Tr, class Valid>
-__device__ bool load_v_tile_zero_nonfinite(const typename Tr::Element* gV, int64_t row_stride,
-                                           Valid valid, typename Tr::Element* sV) {
-  using Element = typename Tr::Element;
-  bool any = false;
-  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
-    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
-    const Element x = valid(r) ? gV[r * row_stride + c] : Element(0.f);
-    const bool bad = is_nonfinite(x);
-    any |= bad;
-    sV[r * Tr::kVStride + c] = bad ? Element(0.f) : x;
-  }
-  return any;
-}
-
-}  // namespace rattention::cuda

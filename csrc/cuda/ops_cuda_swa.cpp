@@ -16,18 +16,6 @@ void check_swa_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// The kernels move q/k/v with 16-byte cp.async: rows must be contiguous along D, the base
-// 16-byte aligned and the B/T/H strides (packed: total/H) multiples of 8 elements. Anything
-// else (odd views, slices at odd offsets) gets a contiguous copy here rather than a
-// misaligned access there.
-at::Tensor cp_async_ready(const at::Tensor& x) {
-  if (x.dim() != 4 && x.dim() != 3) return x;  // op_common reports the shape error by name
-  const int64_t last = x.dim() - 1;
-  bool ok = x.stride(last) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  for (int64_t i = 0; i < last && ok; ++i) ok = x.size(i) <= 1 || x.stride(i) % 8 == 0;
-  return ok ? x : x.contiguous();
-}
-
 void check_cuda_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
 }
@@ -40,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q, const at::T
                                                 const c10::optional<at::Tensor>& cu_seqlens) {
   check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto r = prepare_swa_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v), window_size,
+  auto r = prepare_swa_fwd(q, k, v, window_size,
                            softmax_scale, rotary_cos, rotary_sin, /*cuda_backend=*/true,
                            cu_seqlens);
   if (!r.run_kernel) return {r.out, r.lse};  // empty inputs: outputs already final
@@ -60,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_mix_fwd_cuda(
     const c10::optional<at::Tensor>& cu_seqlens) {
   check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto r = prepare_swa_mix_fwd(cp_async_ready(q), cp_async_ready(k), cp_async_ready(v),
+  auto r = prepare_swa_mix_fwd(q, k, v,
                                window_size, softmax_scale, rotary_cos, rotary_sin, o_rla,
                                swa_weight, rla_weight, eps, out_dtype, save_for_backward,
                                /*cuda_backend=*/true, cu_seqlens);
@@ -81,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(
   check_cuda_input(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   // The CUDA backward is deterministic whatever `deterministic` says (no atomics).
-  auto r = prepare_swa_bwd(grad_out, grad_lse, cp_async_ready(q), cp_async_ready(k),
-                           cp_async_ready(v), out, lse, window_size, softmax_scale, rotary_cos,
+  auto r = prepare_swa_bwd(grad_out, grad_lse, q, k,
+                           v, out, lse, window_size, softmax_scale, rotary_cos,
                            rotary_sin, deterministic, /*cuda_backend=*/true, cu_seqlens);
   if (!r.run_kernel) return {r.grad_q, r.grad_k, r.grad_v};
   check_smem_fits(cuda::swa_bwd_smem_bytes(r.params), "swa_bwd", r.params.dims.head_dim);

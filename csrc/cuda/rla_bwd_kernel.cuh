@@ -479,8 +479,8 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
       dp += dy1[e] * y1[e];
       dn += dy2[e] * y2[e];
     }
-    dp = warp_sum(dp);
-    dn = warp_sum(dn);
+    dp = lanes_sum(dp);
+    dn = lanes_sum(dn);
 #pragma unroll
     for (int e = 0; e < E; ++e) dx[e] = y1[e] * (dy1[e] - dp) - y2[e] * (dy2[e] - dn);
   }

@@ -112,8 +112,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       if (c < seg.part_begin) {  // the state update alone takes the values as they are
         load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
       } else {
-        v_mine = load_v_tile_zero_nonfinite<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t,
-                                                key_valid, sV_ptr);
+        v_mine = load_v_tile<Tr, /*zero_nonfinite=*/true>(gV + s_base * p.v_stride.t,
+                                                          p.v_stride.t, key_valid, sV_ptr);
       }
     } else {
       RATT_COVER("chunk_without_keys");

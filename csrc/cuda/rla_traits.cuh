@@ -277,28 +277,32 @@ __device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const
   }
 }
 
-// ---- feature map of one row, one warp ---------------------------------------------------
-// Lane l owns entries [l*E, l*E + E) of the row (E = D/32); x holds them in fp32.
-// Writes phi(x) = [f(x), f(-x)] (2D values) into y as Element. Row reductions are warp
-// shuffles; the map is the one of core/feature_map.h.
-__device__ __forceinline__ float warp_sum(float x) {
+// ---- feature map of one row, a group of lanes ---------------------------------------------
+// kLanes consecutive lanes (a power of two, at most 32) share a row; lane l of the group owns
+// entries [l*E, l*E + E) of it and x holds them in fp32. Row reductions are xor shuffles
+// inside the group (every lane of the warp takes part); the map is the one of
+// core/feature_map.h.
+template <int kLanes = 32>
+__device__ __forceinline__ float lanes_sum(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  for (int o = kLanes / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-__device__ __forceinline__ float warp_max(float x) {
+template <int kLanes = 32>
+__device__ __forceinline__ float lanes_max(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = kLanes / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
-__device__ __forceinline__ float warp_min(float x) {
+template <int kLanes = 32>
+__device__ __forceinline__ float lanes_min(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fminf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = kLanes / 2; o > 0; o >>= 1) x = fminf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
 // phi of the lane's E entries: pos[e] = f(x)[l*E+e], neg[e] = f(-x)[l*E+e].
-template <int E>
+template <int E, int kLanes = 32>
 __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], float (&pos)[E],
                                          float (&neg)[E]) {
   if (fm == FeatureMap::kRelu) {
@@ -317,8 +321,8 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
     mx = fmaxf(mx, x[e]);
     mn = fminf(mn, x[e]);
   }
-  mx = warp_max(mx);
-  mn = warp_min(mn);
+  mx = lanes_max<kLanes>(mx);
+  mn = lanes_min<kLanes>(mn);
   float sp = 0.f, sn = 0.f;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
@@ -327,7 +331,7 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
     sp += pos[e];
     sn += neg[e];
   }
-  const float ip = 1.f / warp_sum(sp), in = 1.f / warp_sum(sn);
+  const float ip = 1.f / lanes_sum<kLanes>(sp), in = 1.f / lanes_sum<kLanes>(sn);
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     pos[e] *= ip;
@@ -335,51 +339,88 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
   }
 }
 
+// ---- 16-byte global loads and shared stores ---------------------------------------------
+// The CUDA ops hand the kernels q, k, v (and the backward's fp32 grad_out) with rows
+// contiguous along D, 16-byte aligned, every other stride whole 16-byte pieces (op_common.cpp
+// rows_16byte_aligned copies any other view; the JAX FFI's buffers are dense and aligned), so
+// the loaders below move 8 two-byte (4 fp32) elements from a multiple of 8 (4) as one 16-byte
+// access (RATT_VECTOR_ACCESS: the emulator reports a misaligned one, as the GPU faults on it).
+constexpr int kVec16 = 8;  // two-byte elements per 16-byte piece
+
+// N elements of a row (N a multiple of 8) from x, 16-byte aligned, to fp32.
+template <int N, class Element>
+__device__ __forceinline__ void load_row_chunk(const Element* x, float (&out)[N]) {
+  static_assert(sizeof(Element) == 2 && N % kVec16 == 0, "whole 16-byte pieces");
+#pragma unroll
+  for (int c = 0; c < N / kVec16; ++c) {
+    const uint4 u = *reinterpret_cast<const uint4*>(RATT_VECTOR_ACCESS(x + c * kVec16, 16));
+    const Element* h = reinterpret_cast<const Element*>(&u);
+#pragma unroll
+    for (int e = 0; e < kVec16; ++e) out[c * kVec16 + e] = float(h[e]);
+  }
+}
+
+// N fp32 values (N a multiple of 8) rounded to Element into y, 16-byte aligned; zeros when
+// !keep. Returns whether a stored value is NaN / Inf (a finite value may round to Inf).
+template <int N, class Element>
+__device__ __forceinline__ bool store_row_chunk(Element* y, const float (&v)[N], bool keep) {
+  static_assert(sizeof(Element) == 2 && N % kVec16 == 0, "whole 16-byte pieces");
+  bool nonfinite = false;
+#pragma unroll
+  for (int c = 0; c < N / kVec16; ++c) {
+    uint4 u;
+    Element* h = reinterpret_cast<Element*>(&u);
+#pragma unroll
+    for (int e = 0; e < kVec16; ++e) {
+      h[e] = Element(keep ? v[c * kVec16 + e] : 0.f);
+      nonfinite |= is_nonfinite(h[e]);
+    }
+    *reinterpret_cast<uint4*>(RATT_VECTOR_ACCESS(y + c * kVec16, 16)) = u;
+  }
+  return nonfinite;
+}
+
 // phi of `kChunk` rows into sPhi [kChunk, kCols] (row stride kStride): features
 // [f0, f0 + kCols) of phi (f0 = 0, kCols = 2D: the whole row; the dk/dv kernel and the forward
 // hold phi(q) in parts, RlaTraits::kQParts, each computed from the whole raw row). Row r
 // reads gX + r * row_stride when valid(r), else writes zeros (masked keys/queries must be
-// exact zeros: they enter the K dimension of the state update). Returns whether this thread
-// wrote a NaN / Inf (the CTA's OR comes from the barrier that completes the tile;
-// nan_tiles.cuh).
+// exact zeros: they enter the K dimension of the state update). The rows are spread over all
+// threads: kPhiLanes lanes per row, each loading its D / kPhiLanes entries in 16-byte pieces
+// and storing its f(x) and f(-x) entries the same way, so a warp maps 32 / kPhiLanes rows at
+// once with 3-step shuffle reductions (a warp per row took 5 steps and 2-byte loads).
+// Returns whether this thread wrote a NaN / Inf (the CTA's OR comes from the barrier that
+// completes the tile; nan_tiles.cuh).
+constexpr int kPhiLanes = 8;
 template <class Tr, int kCols = Tr::kFeat, int kStride = Tr::kPhiStride, class Valid>
 __device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
                                                  int64_t row_stride, Valid valid,
                                                  typename Tr::Element* sPhi, int f0 = 0) {
-  using Element = typename Tr::Element;
-  constexpr int D = Tr::kHeadDim, E = D / 32;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // The lane's entries e of f(x) and f(-x) are features lane * E + e and D + lane * E + e:
-  // written at their column inside the part, when they fall in it.
-  auto put = [&](Element* y, int f, Element x) {
-    if (kCols == Tr::kFeat || (f >= f0 && f < f0 + kCols)) y[f - f0] = x;
-  };
+  constexpr int D = Tr::kHeadDim, E = D / kPhiLanes;
+  constexpr int kRowsPerPass = Tr::kNThreads / kPhiLanes;
+  static_assert(E % kVec16 == 0, "a lane's entries are whole 16-byte pieces");
+  static_assert(kCols == Tr::kFeat || kCols % E == 0, "a lane's entries lie in one part");
+  static_assert(kStride % kVec16 == 0, "rows of sPhi start 16-byte aligned");
+  // every thread runs the same passes, so the group shuffles see all 32 lanes
+  static_assert(Tr::kChunk % kRowsPerPass == 0, "whole passes over the chunk");
+  const int e0 = (threadIdx.x % kPhiLanes) * E;  // the lane's entries of the row
+  // its f(x) entries are features e0.., its f(-x) entries D + e0..: stored when in the part
+  const bool pos_in = kCols == Tr::kFeat || (e0 >= f0 && e0 < f0 + kCols);
+  const bool neg_in = kCols == Tr::kFeat || (D + e0 >= f0 && D + e0 < f0 + kCols);
   bool nonfinite = false;
-  for (int r = warp; r < Tr::kChunk; r += Tr::kNWarps) {
-    Element* y = sPhi + r * kStride;
-    if (!valid(r)) {
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        put(y, lane * E + e, Element(0.f));
-        put(y, D + lane * E + e, Element(0.f));
-      }
-      continue;
-    }
-    const Element* xr = gX + r * row_stride + lane * E;
+#pragma unroll 1
+  for (int r = threadIdx.x / kPhiLanes; r < Tr::kChunk; r += kRowsPerPass) {
+    const bool ok = valid(r);
     float x[E], pos[E], neg[E];
+    if (ok) {
+      load_row_chunk<E>(gX + r * row_stride + e0, x);
+    } else {
 #pragma unroll
-    for (int e = 0; e < E; ++e) x[e] = float(xr[e]);
-    phi_lane<E>(fm, x, pos, neg);
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const Element a(pos[e]), b(neg[e]);
-      const bool in_a = kCols == Tr::kFeat || (lane * E + e >= f0 && lane * E + e < f0 + kCols);
-      const bool in_b =
-          kCols == Tr::kFeat || (D + lane * E + e >= f0 && D + lane * E + e < f0 + kCols);
-      nonfinite |= (in_a && is_nonfinite(a)) | (in_b && is_nonfinite(b));
-      put(y, lane * E + e, a);
-      put(y, D + lane * E + e, b);
+      for (int e = 0; e < E; ++e) x[e] = 0.f;  // the row's lanes still join the shuffles
     }
+    phi_lane<E, kPhiLanes>(fm, x, pos, neg);
+    typename Tr::Element* y = sPhi + r * kStride;
+    if (pos_in) nonfinite |= store_row_chunk<E>(y + e0 - f0, pos, ok);
+    if (neg_in) nonfinite |= store_row_chunk<E>(y + D + e0 - f0, neg, ok);
   }
   return nonfinite;
 }
@@ -394,24 +435,49 @@ __device__ __forceinline__ bool phi_q_part_to_smem(FeatureMap fm, const typename
 }
 
 // A [kChunk, kBlockV] slice of value rows into sV (stride kVStride); invalid rows are zero.
-template <class Tr, class Valid>
-__device__ __forceinline__ void load_v_tile(const typename Tr::Element* gV, int64_t row_stride,
+// 16-byte pieces; `zero_nonfinite`: NaN / Inf entries are stored as zeros too (nan_tiles.cuh:
+// the forward adds them back only where the mask lets them in), and the result says whether
+// this thread saw one.
+template <class Tr, bool zero_nonfinite = false, class Valid>
+__device__ __forceinline__ bool load_v_tile(const typename Tr::Element* gV, int64_t row_stride,
                                             Valid valid, typename Tr::Element* sV) {
   using Element = typename Tr::Element;
-  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
-    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
-    sV[r * Tr::kVStride + c] = valid(r) ? gV[r * row_stride + c] : Element(0.f);
+  constexpr int kPieces = Tr::kBlockV / kVec16;  // per row
+  static_assert(Tr::kBlockV % kVec16 == 0 && Tr::kVStride % kVec16 == 0, "16-byte pieces");
+  bool any = false;
+  for (int idx = threadIdx.x; idx < Tr::kChunk * kPieces; idx += Tr::kNThreads) {
+    const int r = idx / kPieces, c = (idx % kPieces) * kVec16;
+    uint4 u = make_uint4(0u, 0u, 0u, 0u);  // zero bits: +0 in bf16 and fp16
+    if (valid(r)) u = *reinterpret_cast<const uint4*>(RATT_VECTOR_ACCESS(gV + r * row_stride + c, 16));
+    if constexpr (zero_nonfinite) {
+      Element* h = reinterpret_cast<Element*>(&u);
+#pragma unroll
+      for (int e = 0; e < kVec16; ++e) {
+        const bool bad = is_nonfinite(h[e]);
+        any |= bad;
+        if (bad) h[e] = Element(0.f);
+      }
+    }
+    *reinterpret_cast<uint4*>(RATT_VECTOR_ACCESS(sV + r * Tr::kVStride + c, 16)) = u;
   }
+  return any;
 }
 
-// dO rows [C, BV] (fp32 global) -> sdO in the MMA type; invalid rows zero.
+// dO rows [C, BV] (fp32 global, 16-byte pieces) -> sdO in the MMA type; invalid rows zero.
 template <class Tr>
 __device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,
                                              typename Tr::Element* sdO) {
   using Element = typename Tr::Element;
-  for (int idx = threadIdx.x; idx < Tr::kChunk * Tr::kBlockV; idx += Tr::kNThreads) {
-    const int r = idx / Tr::kBlockV, c = idx % Tr::kBlockV;
-    sdO[r * Tr::kVStride + c] = Element(r < rows ? gdO[r * row_stride + c] : 0.f);
+  constexpr int kPieces = Tr::kBlockV / 4;  // float4 per row
+  for (int idx = threadIdx.x; idx < Tr::kChunk * kPieces; idx += Tr::kNThreads) {
+    const int r = idx / kPieces, c = (idx % kPieces) * 4;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < rows) x = *reinterpret_cast<const float4*>(RATT_VECTOR_ACCESS(gdO + r * row_stride + c, 16));
+    Element* y = sdO + r * Tr::kVStride + c;  // 8-byte aligned: c is a multiple of 4
+    y[0] = Element(x.x);
+    y[1] = Element(x.y);
+    y[2] = Element(x.z);
+    y[3] = Element(x.w);
   }
 }
 

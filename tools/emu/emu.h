@@ -69,6 +69,19 @@ void cp_async_wait(int pending);  // cp.async.wait_group N (N == 0: wait_all, co
 
 float atomic_add(float* p, float v);
 
+// A vector access (16 bytes) the kernel code makes as one (RATT_VECTOR_ACCESS, launch.cuh):
+// the GPU faults when `p` is not a multiple of `bytes`, so this reports it (memcheck) and
+// returns false. The host compiler may split such an access into smaller ones, which the
+// instrumentation's hooks then see as aligned; hence the explicit check.
+bool check_aligned(const void* p, int bytes);
+// p, or after a report the aligned address below it: the host's aligned vector instructions
+// would fault at p, and the failed CTA's results are discarded anyway.
+template <class T>
+inline T* vector_access(T* p, int bytes) {
+  if (check_aligned(p, bytes)) return p;
+  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(bytes - 1));
+}
+
 // A counter increment for kernel code (the coverage recorder): not a checked memory access.
 // Kernel code's own loads and stores of module statics count as static __shared__ memory.
 void cover_hit(int64_t* counter);

@@ -197,10 +197,19 @@ void dynamic_access(uintptr_t a, size_t n, bool write, const void* pc) {
   for (size_t i = 0; i < n; ++i) check_byte(g_shadow[off + i], a + i, write, pc, false);
 }
 
-inline void on_access(const void* p, size_t n, bool write, const void* pc) {
+// `aligned`: the compiler took the access as naturally aligned (the __tsan_readN / writeN
+// hooks, e.g. a float4 or uint4 through a cast pointer); a GPU faults on such an access at a
+// misaligned address ("misaligned address"), so the emulator reports it instead of letting
+// the host do it.
+inline void on_access(const void* p, size_t n, bool write, const void* pc, bool aligned = false) {
   if (!cur.in_kernel) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (a - cur.stack_lo < cur.stack_bytes) return;  // the threads' own stacks
+  if (aligned && a % n != 0) {
+    fail_cta("memcheck", std::string(write ? "store" : "load") + " of " + std::to_string(n) +
+                             " bytes at " + std::to_string(a) + " is misaligned, at " + site(pc));
+    return;
+  }
   if (a - uintptr_t(g_arena) < kSmemArena) return dynamic_access(a, n, write, pc);
   if (in(g_rw, a)) return static_access(a, n, write, pc);
   check_global(p, n, write, pc, write ? "store" : "load");
@@ -390,6 +399,15 @@ void cp_async_wait(int pending) {
   }
 }
 
+__attribute__((noinline)) bool check_aligned(const void* p, int bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % bytes == 0) return true;
+  detail::fail_cta("memcheck", std::to_string(bytes) + "-byte vector access at " +
+                                   std::to_string(a) + " is misaligned, at " +
+                                   site(__builtin_return_address(0)));
+  return false;
+}
+
 __attribute__((noinline)) float atomic_add(float* p, float v) {
   const void* pc = __builtin_return_address(0);
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -409,22 +427,22 @@ __attribute__((noinline)) float atomic_add(float* p, float v) {
 // ---- the hooks the -fsanitize=thread instrumentation of the kernel TUs calls -------------------
 #define EMU_HOOK(n)                                                                           \
   extern "C" void __tsan_read##n(void* p) {                                                  \
-    emu::detail::on_access(p, n, false, __builtin_return_address(0));                        \
+    emu::detail::on_access(p, n, false, __builtin_return_address(0), true);                  \
   }                                                                                           \
   extern "C" void __tsan_write##n(void* p) {                                                 \
-    emu::detail::on_access(p, n, true, __builtin_return_address(0));                         \
+    emu::detail::on_access(p, n, true, __builtin_return_address(0), true);                   \
   }                                                                                           \
   extern "C" void __tsan_unaligned_read##n(void* p) {                                        \
-    emu::detail::on_access(p, n, false, __builtin_return_address(0));                        \
+    emu::detail::on_access(p, n, false, __builtin_return_address(0), false);                 \
   }                                                                                           \
   extern "C" void __tsan_unaligned_write##n(void* p) {                                       \
-    emu::detail::on_access(p, n, true, __builtin_return_address(0));                         \
+    emu::detail::on_access(p, n, true, __builtin_return_address(0), false);                  \
   }                                                                                           \
   extern "C" void __tsan_volatile_read##n(void* p) {                                         \
-    emu::detail::on_access(p, n, false, __builtin_return_address(0));                        \
+    emu::detail::on_access(p, n, false, __builtin_return_address(0), false);                 \
   }                                                                                           \
   extern "C" void __tsan_volatile_write##n(void* p) {                                        \
-    emu::detail::on_access(p, n, true, __builtin_return_address(0));                         \
+    emu::detail::on_access(p, n, true, __builtin_return_address(0), false);                  \
   }
 EMU_HOOK(1)
 EMU_HOOK(2)

@@ -32,6 +32,7 @@ enum Bug {
   kLaunchBounds,    // more threads than __launch_bounds__: launch
   kNoOptin,         // > 48 KiB dynamic smem without cudaFuncSetAttribute: launch
   kArchLimit,       // opt-in above the modelled GPU's limit: launch
+  kMisaligned,      // a 16-byte load 2 bytes past a 16-byte boundary: memcheck
 };
 
 struct Params {
@@ -48,6 +49,11 @@ __global__ void __launch_bounds__(kThreads) smem_kernel(const Params p) {
   if (p.bug == kSmemOob) s[256 + t] = 0.f;
   if (p.bug == kWriteInput) const_cast<float*>(p.in)[t] = 0.f;
   s[t] = p.in[t];
+  if (p.bug == kMisaligned) {  // 2 bytes past a 16-byte boundary, as a bf16 view can be
+    const char* odd = reinterpret_cast<const char*>(p.in) + 2;
+    const uint4 x = *reinterpret_cast<const uint4*>(RATT_VECTOR_ACCESS(odd, 16));
+    if ((x.x & x.y & x.z & x.w) == 0xFFFFFFFFu) s[t] = 0.f;  // never true for these inputs
+  }
   if (p.bug != kNoSync) __syncthreads();
   float v = p.bug == kUninit ? s[128 + t] : s[63 - t];  // the other warp's element
   if (p.bug == kWriteAfterRead) s[t] = 2.f * v;
@@ -126,6 +132,7 @@ std::vector<std::string> selftest(int bug, std::vector<float>& out, std::vector<
     case kSmemOob:
     case kGlobalOob:
     case kWriteInput:
+    case kMisaligned:
       RATT_LAUNCH(1, kThreads, 1024, nullptr, smem_kernel)(p);
       for (int t = 0; t < kThreads; ++t) want[t] = in[63 - t];
       break;
