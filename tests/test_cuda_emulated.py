@@ -507,19 +507,23 @@ def check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sm
 # same MMAs in the same order. dq and dk sum the value slices' shares (two per workspace
 # slot, the slots in order), so only their last bits may differ.
 RLA_SMALL_SMEM_CASES = [
-    # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype
-    # GQA 4: each of the 4 value slices owns a dk slot; ragged T, 2 chunks per checkpoint
-    pytest.param(1, 150, 4, 1, 128, 5, "softmax", "batch", 2, True, BF16, marks=mutants),
-    # G = 1: two slices per dq / dk slot; two sequences, broadcast H0, fp16
-    pytest.param(2, 100, 2, 2, 128, 63, "relu", "broadcast", 1, True, FP16),
-    # GQA 8, w = 0, no H0, no final-state gradient
-    pytest.param(1, 130, 8, 1, 128, 0, "relu", None, 3, False, BF16),
+    # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms. Per dtype the two cases
+    # reach every marked path of that configuration's kernels (test_zz_every_kernel_path_emulated).
+    # GQA 4 (a dk slot per value slice), w >= 64 (a first chunk without keys), planned for
+    # 1 SM (segments of several chunks: the state updates of forward and dk/dv pass)
+    pytest.param(1, 200, 4, 1, 128, 70, "softmax", None, 2, True, BF16, 1, marks=mutants),
+    # G = 1 (two slices per dq / dk slot), two sequences, several dk/dv segments
+    pytest.param(2, 150, 2, 2, 128, 5, "relu", "batch", 3, False, BF16, 132),
+    pytest.param(1, 200, 4, 1, 128, 70, "relu", None, 2, True, FP16, 1),
+    pytest.param(2, 150, 2, 2, 128, 5, "softmax", "broadcast", 3, True, FP16, 132),
 ]
 
 
 @emu_kernel(*RLA_SOURCES)
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype", RLA_SMALL_SMEM_CASES)
-def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype):
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype,num_sms",
+                         RLA_SMALL_SMEM_CASES)
+def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype,
+                                 num_sms):
     name = "bf16" if dtype == BF16 else "fp16"
     limit = 99 * 1024
     for op in ("rla_fwd", "rla_bwd"):
@@ -531,17 +535,17 @@ def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_f
     emu.set_arch(86)
     try:
         emu.take_launch_records()
-        x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype)
+        x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms)
         records = emu.take_launch_records()
         assert records and max(r["smem_bytes"] for r in records) <= limit
-        small = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every)
+        small = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
     finally:
         emu.set_arch(default_arch)
-    big = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every)
+    big = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
     for what, a, b in zip(("out", "final_state", "checkpoints"), small, big):
         assert torch.equal(a, b), what
     dq, dk, dv, dh0 = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w,
-                                  fm, every)
+                                  fm, every, num_sms=num_sms)
     assert torch.equal(dv, x["grads"][2]), "dv"
     if x["H0"] is not None:
         assert torch.equal(dh0, x["grads"][3]), "dh0"

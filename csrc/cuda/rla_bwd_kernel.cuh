@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(256) rla_bwd_phi_postprocess_kernel(const RlaB
     for (int e = 0; e < E; ++e) dx[e] = (x[e] > 0.f ? dy1[e] : 0.f) - (x[e] < 0.f ? dy2[e] : 0.f);
   } else {
     RATT_COVER("softmax");
-    phi_lane<E>(p.feature_map, x, y1, y2);
+    softmax_phi_lane<E>(x, y1, y2);
     float dp = 0.f, dn = 0.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) {

@@ -301,20 +301,11 @@ __device__ __forceinline__ float lanes_min(float x) {
   return x;
 }
 
-// phi of the lane's E entries: pos[e] = f(x)[l*E+e], neg[e] = f(-x)[l*E+e].
+// The softmax feature map of the lane's E entries: pos = softmax(x), neg = softmax(-x) over
+// the row (the group's kLanes lanes).
 template <int E, int kLanes = 32>
-__device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], float (&pos)[E],
-                                         float (&neg)[E]) {
-  if (fm == FeatureMap::kRelu) {
-    RATT_COVER("relu");
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      pos[e] = x[e] <= 0.f ? 0.f : x[e];  // by select: NaN maps to NaN (fmaxf would give 0)
-      neg[e] = x[e] >= 0.f ? 0.f : -x[e];
-    }
-    return;
-  }
-  RATT_COVER("softmax");
+__device__ __forceinline__ void softmax_phi_lane(const float (&x)[E], float (&pos)[E],
+                                                 float (&neg)[E]) {
   float mx = x[0], mn = x[0];
 #pragma unroll
   for (int e = 1; e < E; ++e) {
@@ -337,6 +328,23 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
     pos[e] *= ip;
     neg[e] *= in;
   }
+}
+
+// phi of the lane's E entries: pos[e] = f(x)[l*E+e], neg[e] = f(-x)[l*E+e].
+template <int E, int kLanes = 32>
+__device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], float (&pos)[E],
+                                         float (&neg)[E]) {
+  if (fm == FeatureMap::kRelu) {
+    RATT_COVER("relu");
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      pos[e] = x[e] <= 0.f ? 0.f : x[e];  // by select: NaN maps to NaN (fmaxf would give 0)
+      neg[e] = x[e] >= 0.f ? 0.f : -x[e];
+    }
+    return;
+  }
+  RATT_COVER("softmax");
+  softmax_phi_lane<E, kLanes>(x, pos, neg);
 }
 
 // ---- 16-byte global loads and shared stores ---------------------------------------------
