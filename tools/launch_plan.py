@@ -84,6 +84,15 @@ def match_report(row, report, arch):
     if len(cands) > 1:
         d = str(row["head_dim"])
         cands = [r for r in cands if d in re.findall(r"\d+", r["kernel"].split("<", 1)[-1])]
+    if len(cands) > 1:
+        # RLA kernels come in two configurations (rla_plan.h: the default one and the one for
+        # 99 KB per block); the launch's dynamic smem tells them apart, and the H200 of the plan
+        # runs the default one (BV = 64 value columns, phi(q) whole) for the kernels with none
+        sized = [r for r in cands if r.get("dynamic_smem_bytes") == row["smem_bytes"]]
+        cands = sized or cands
+    if len(cands) > 1:
+        default = [r for r in cands if re.search(r"RlaTraits<\w+,\s*\d+,\s*64,\s*1>", r["kernel"])]
+        cands = default or cands
     return cands[0] if len(cands) == 1 else None
 
 
