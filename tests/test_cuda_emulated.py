@@ -553,6 +553,67 @@ def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_f
         assert rel_err(a, b) < 1e-2, what
 
 
+# Where the device has the room (rla_plan.h rla_state_halves_fit: an H100 / H200 at D = 128,
+# also an A100 at D = 64) the forward and the dq pass keep the state's hi and lo halves in
+# shared memory, written by every state update, and feed them to the MMA by ldmatrix; H0 then
+# joins S once per segment (G = 1) or is a product of its own per head (G > 1). The default
+# emulated A100 runs D = 64 that way (the cases above) and D = 128 with the element-wise
+# split; these run D = 128 on the emulated sm_90: the reference rule under every schedule
+# (check_rla), the launches those of the kernels that need more than sm_80 allows, and
+# without H0 the results bit for bit sm_80's (the same MMAs in the same order); with H0 out
+# and dq within fp32 rounding (S + H0 is summed in another order).
+RLA_HALVES_CASES = [
+    # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms
+    # G = 1 with H0 (added into S), several parts per segment (4 SMs)
+    pytest.param(1, 200, 2, 2, 128, 5, "softmax", "batch", 2, True, BF16, 4, marks=mutants),
+    # G = 4 with a broadcast H0 (a product per head), two sequences
+    pytest.param(2, 150, 4, 1, 128, 40, "relu", "broadcast", 2, False, FP16, 132),
+    # no H0, segments of several chunks (1 SM), w >= 64
+    pytest.param(1, 260, 4, 2, 128, 70, "softmax", None, 3, True, FP16, 1),
+    pytest.param(1, 130, 2, 1, 128, 0, "relu", None, 1, False, BF16, 132),
+]
+
+
+@emu_kernel(*RLA_SOURCES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype,num_sms",
+                         RLA_HALVES_CASES)
+def test_rla_fwd_state_halves_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final,
+                                       dtype, num_sms):
+    name = "bf16" if dtype == BF16 else "fp16"
+    default_arch = emu_arch()
+    emu.set_arch(90)
+    try:
+        limit = emu.max_smem_per_block()
+        emu.take_launch_records()
+        x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms)
+        records = emu.take_launch_records()
+        halves = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
+    finally:
+        emu.set_arch(default_arch)
+    plain_limit = emu.max_smem_per_block()
+
+    def smem(op, kernel, lim):
+        rows = emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every, num_sms=num_sms,
+                             max_smem_per_block=lim)
+        return [r["smem_bytes"] for r in rows if r["kernel"] == kernel][0]
+
+    for op, kernel in (("rla_fwd", "rla_fwd_kernel"), ("rla_bwd", "rla_bwd_dq_kernel")):
+        assert smem(op, kernel, limit) > plain_limit >= smem(op, kernel, plain_limit), kernel
+        assert smem(op, kernel, limit) in [r["smem_bytes"] for r in records], kernel  # it ran
+    plain = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
+    plain_grads = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w, fm,
+                              every, num_sms=num_sms)
+    # the halves change only out and dq (passes 1 and 2, the dk/dv and state kernels are the same)
+    for what, a, b in zip(("out", "final_state", "checkpoints", "dq", "dk", "dv", "dh0"),
+                          (*halves, *x["grads"]), (*plain, *plain_grads)):
+        if a is None:
+            assert b is None, what
+        elif x["H0"] is None or what not in ("out", "dq"):
+            assert torch.equal(a, b), what
+        else:
+            assert rel_err(a, b) < 1e-3, what
+
+
 # The CUDA kernels move q, k, v (and the RLA backward's fp32 grad_out) in 16-byte pieces:
 # RLA by vector loads, SWA by cp.async. A view that is not 16-byte aligned or whose strides
 # are not whole pieces is copied by the op layer first (op_common.cpp rows_16byte_aligned);
@@ -973,16 +1034,21 @@ def test_emulator_checks_report_their_bug(emu, index, bug, check):
 
 
 def test_emulated_arch_limit_fails_like_the_gpu(emu):
-    # A launch above the modelled GPU's opt-in limit fails as on the GPU: the RLA forward's
-    # default configuration at D = 128 (146 KiB) on sm_86 (99 KiB), launched without the
-    # device's limit in its params (the op and the emulator pass it, choosing the smaller
-    # configuration: test_rla_small_smem_emulated).
+    # A launch above the modelled GPU's opt-in limit fails as on the GPU: launched without the
+    # device's limit in its params, the RLA forward at D = 128 plans its largest configuration
+    # (the state's halves in shared memory, 215 KiB), which fails on sm_86 (99 KiB) and sm_80
+    # (163 KiB) and runs on sm_90 (227 KiB). With the limit (the op and the emulator pass it)
+    # each runs the configuration that fits (test_rla_small_smem_emulated,
+    # test_rla_fwd_state_halves_emulated).
     q, k, v = inputs(1, 16, 2, 1, 128, torch.bfloat16, seed=1)
-    emu.set_arch(86)
-    try:
-        with pytest.raises(RuntimeError, match="opt-in limit"):
-            emu.rla_fwd(q, k, v, 0, "softmax", None, 1, ignore_smem_limit=True)
-        emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # the configuration for 99 KiB
-    finally:
-        emu.set_arch(emu_arch())
-    emu.rla_fwd(q, k, v, 0, "softmax", None, 1, ignore_smem_limit=True)  # fits on sm_80
+    for arch, fits in ((86, False), (80, False), (90, True)):
+        emu.set_arch(arch)
+        try:
+            if fits:
+                emu.rla_fwd(q, k, v, 0, "softmax", None, 1, ignore_smem_limit=True)
+            else:
+                with pytest.raises(RuntimeError, match="opt-in limit"):
+                    emu.rla_fwd(q, k, v, 0, "softmax", None, 1, ignore_smem_limit=True)
+            emu.rla_fwd(q, k, v, 0, "softmax", None, 1)  # the configuration for the limit
+        finally:
+            emu.set_arch(emu_arch())

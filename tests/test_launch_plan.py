@@ -43,7 +43,8 @@ def rnd(*shape, dtype=torch.float32, seed=0):
 def planned(emu, op, B, T, Hq, Hkv, D, w, dtype, every):
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
     return [(tuple(r["grid"]), r["threads"], r["smem_bytes"])
-            for r in emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every)]
+            for r in emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every,
+                                   max_smem_per_block=emu.max_smem_per_block())]
 
 
 def launched(emu):

@@ -27,8 +27,9 @@ struct PlanShape {
   int num_sms = kRlaReferenceSms;  // the GPU the RLA passes' segments (and parts) are planned for
   // what the RLA backward's sub-batches are sized to (rla_bwd_plan); tests lower it
   int64_t rla_temporaries_cap_bytes = kRlaTemporariesCapBytes;
-  // the GPU's opt-in shared memory per block the RLA configuration is chosen for; 0: no limit
-  int64_t max_smem_per_block = 0;
+  // the GPU's opt-in shared memory per block the RLA configuration is chosen for (the
+  // reference H200's by default); 0: no limit
+  int64_t max_smem_per_block = kRlaReferenceSmemPerBlock;
   DType dtype = DType::kBFloat16;
 };
 

@@ -22,6 +22,7 @@
 // (tools/cuda_check.py does this as part of `make cuda-check`).
 #include <cute/tensor.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -165,7 +166,7 @@ void check_traits() {
   typename Tr::TiledMma mma;
   std::printf("RlaTraits<D=%d, BV=%d, %d phi(q) parts>: phi stride %d, v stride %d, p stride %d\n",
               Tr::kHeadDim, BV, Tr::kQParts, Tr::kPhiStride, Tr::kVStride, Tr::kPStride);
-  std::vector<int> ids(C * Tr::kPhiStride);
+  std::vector<int> ids(std::max(C * Tr::kPhiStride, F * Tr::kHalfStride));
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = int(i);
   int* buf = ids.data();
   auto sPhi = make_tensor(buf, row_major_padded<C, F, Tr::kPhiStride>());     // (C, 2D)
@@ -195,9 +196,20 @@ void check_traits() {
     check_rla_operand<true>("phi(q) part^T feature tile as A (64 feat, C)", mma, tile);
     check_rla_operand<false>("phi(q) part^T feature tile as B (64 feat, C)", mma, tile);
   }
+  // the state's halves (rla_fwd_kernel<Tr, true>: whole and per phi(q) part;
+  // rla_bwd_dq_kernel<Tr, true>: 64-feature tiles, K = the value columns)
+  auto sHalfT = make_tensor(buf, row_major_padded_t<F, BV, Tr::kHalfStride>());  // (BV, 2D)
+  auto sHalf = make_tensor(buf, row_major_padded<F, BV, Tr::kHalfStride>());     // (2D, BV)
+  check_rla_operand<false>("state half as B (BV, 2D)", mma, sHalfT);
+  for (int m = 0; m < F / C; ++m) {
+    auto tile = local_tile(sHalf, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
+    check_rla_operand<false>("state half feature tile as B (64 feat, BV)", mma, tile);
+  }
   for (int qp = 0; qp < Tr::kQParts; ++qp) {
     auto part = local_tile(sPhi, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp));  // (C keys, QF)
     check_rla_operand<false>("phi(k) feature part as B (C keys, QF)", mma, part);
+    auto half = local_tile(sHalfT, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp));  // (BV, QF)
+    check_rla_operand<false>("state half part as B (BV, QF)", mma, half);
   }
 }
 

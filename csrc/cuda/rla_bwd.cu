@@ -1,5 +1,6 @@
 // Instantiations and launcher of the RLA backward kernels: (bf16, fp16) x (D = 64, 128), and
-// at D = 128 the configuration for 99 KB of shared memory per block (with_rla_traits).
+// at D = 128 the configuration for 99 KB of shared memory per block (with_rla_traits); the dq
+// pass with and without the state's halves in shared memory (rla_state_halves_fit).
 // Grids, blocks, shared memory, the dk/dv segments and the fp32 workspace: rla_bwd_plan.
 #include "rla_bwd_kernel.cuh"
 #include "rla_bwd_state_kernel.cuh"
@@ -33,7 +34,8 @@ cudaError_t launch_rla_bwd_batch(const RlaBwdParams& p, const RlaBwdPlan& plan, 
     return err;
   if (B * Hkv == 0 || T == 0) return cudaGetLastError();
 
-  auto dq = &rla_bwd_dq_kernel<Tr>;
+  // with the state's halves in shared memory where the plan found room for them
+  auto dq = plan.dq_state_halves ? &rla_bwd_dq_kernel<Tr, true> : &rla_bwd_dq_kernel<Tr, false>;
   if ((err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.dq.smem_bytes))) != cudaSuccess)
     return err;

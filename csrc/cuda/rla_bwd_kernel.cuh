@@ -13,7 +13,9 @@
 //    parallel), advances S without outputs to its part of the segment (parts planned from the
 //    SM count; packed: 1) and per chunk and head adds the column slice's share of dphi(q) into
 //    the fp32 workspace wsQ [rla_dq_slots, B, T, Hq, 2D]:  P = mask(dO v^T),
-//    dphi(q) += P phi(k) + dO (S + H0)^T.
+//    dphi(q) += P phi(k) + dO (S + H0)^T. kHalves (rla_plan.h rla_bwd_plan): as the forward's
+//    (rla_fwd_kernel.cuh), the state's halves in shared memory for dO (S + H0)^T, H0 in S
+//    from the segment start when G = 1, a product per head when G > 1.
 // 2. rla_bwd_state_kernel, rla_bwd_suffix_reduce_kernel (rla_bwd_state_kernel.cuh): the suffix
 //    state dS at the start of every dk/dv segment (segments of RlaBwdSegments::chunks chunks,
 //    planned from the SM count), and dH0 (per head and segment, summed in order).
@@ -39,7 +41,8 @@
 namespace rattention::cuda {
 
 // ---------------------------------------------------------------------------------------
-template <class Tr, class Smem = DynSmem<RlaBwdSmem<Tr>::kDq>>
+template <class Tr, bool kHalves,
+          class Smem = DynSmem<kHalves ? RlaBwdSmem<Tr>::kDqHalves : RlaBwdSmem<Tr>::kDq>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
     rla_bwd_dq_kernel(const RlaBwdParams p, const int64_t parts, float* wsQ) {
   using namespace cute;
@@ -53,6 +56,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi);
   Element* sdO_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + Sm::kV);
   Element* sP_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kS + Sm::kPhi + 2 * Sm::kV);
+  // the state's halves (kHalves only: the buffers past kDq)
+  Element* sShi_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kDq);
+  Element* sSlo_ptr = reinterpret_cast<Element*>(smem_raw + Sm::kDq + Tr::kSmemHalf);
 
   Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());        // (2D, BV)
   Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
@@ -61,6 +67,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());    // (BV, C keys)
   Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), row_major_padded<C, BV, Tr::kVStride>());     // (C, BV)
   Tensor sP = make_tensor(make_smem_ptr(sP_ptr), row_major_padded<C, C, Tr::kPStride>());        // (C, C keys)
+  Tensor sShi = make_tensor(make_smem_ptr(sShi_ptr), row_major_padded<F, BV, Tr::kHalfStride>());  // (2D, BV)
+  Tensor sSlo = make_tensor(make_smem_ptr(sSlo_ptr), row_major_padded<F, BV, Tr::kHalfStride>());  // (2D, BV)
   (void)sPhiKt_B;
 
   const int tid = threadIdx.x;
@@ -97,7 +105,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const float* gCkpt =
       static_cast<const float*>(p.checkpoints) + p.ckpt_index(b, hk, ck) * F * D + col0;
 
-  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
+  const bool has_h0 = gH0 != nullptr;
+  const bool h0_in_state = kHalves && has_h0 && G == 1;  // H0 joins S once, as in the forward
+  if (h0_in_state) RATT_COVER("h0_in_state");
+  load_state_start<Tr, kHalves>(
+      gCkpt, h0_in_state ? gH0 + b * p.initial_state_bstride + hk * F * D + col0 : nullptr, sS,
+      sShi, sSlo);
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -111,8 +124,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const TileRange keys = rla_chunk_keys(c, C, T, w);
     const int64_t s_base = t0 - w - 1;
     const bool has_keys = keys.end > keys.begin;
-    const bool has_state = s_base > 0;
-    const bool has_h0 = gH0 != nullptr;
+    const bool has_state = s_base > 0 || h0_in_state;  // S (+ H0) may be nonzero
     __syncthreads();  // S final for this chunk start; sPhiK, sV free
     auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
     bool k_mine = false;  // a NaN / Inf this thread wrote into sPhiK
@@ -125,7 +137,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       if (has_keys) {
         RATT_COVER_ANY("advance_state");
         __syncthreads();  // sPhiK, sV complete
-        rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+        rla_state_update_halves_if<Tr, kHalves>(mma, sS, sShi, sSlo, sPhiKt, sVt);
       }
       continue;
     }
@@ -134,7 +146,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       continue;  // dphi(q) = 0 for the whole chunk
     }
     if (has_keys) RATT_COVER("chunk_with_keys");
-    if (has_state) RATT_COVER("inter_chunk_state");
+    if (s_base > 0) RATT_COVER("inter_chunk_state");
     if (has_h0) RATT_COVER("h0");
     // A NaN / Inf key (nan_tiles.cuh): P phi(k) takes it only into the rows i >= j that see
     // key j; the MMAs run on sPhiK with it zeroed, the state update below on phi(k) as it is.
@@ -164,6 +176,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       float* ws = wsQ + ((dq_slot * tokens + p.q_row(b, t0)) * Hq + h) * F;  // row i at + i * Hq * F
       const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
+      const bool h0_per_head = has_h0 && !h0_in_state;
       CUTE_UNROLL
       for (int m = 0; m < F / C; ++m) {
         // dphi(q)[:, feature tile m] (C q, 64 features)
@@ -171,11 +184,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         clear(acc_q);
         if (has_keys) gemm_ss(mma, acc_q, sP, local_tile(sPhiKt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
         if (k_nonfinite) add_nan_hits(acc_q, k_hits, m * int(size(acc_q)));
-        if (has_state || has_h0) {
+        Tensor gH0_m = make_tensor(make_gmem_ptr(h0 + m * C * D),
+                                   make_layout(make_shape(Int<C>{}, Int<BV>{}),
+                                               make_stride(Int<D>{}, _1{})));  // (64 feat, BV)
+        if constexpr (kHalves) {
+          if (has_state) {
+            gemm_ss_halves(mma, acc_q, sdO,
+                           local_tile(sShi, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)),
+                           local_tile(sSlo, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
+          }
+          if (h0_per_head) {
+            RATT_COVER("h0_per_head");
+            gemm_s_state_split(mma, acc_q, sdO, gH0_m, gH0_m, false);
+          }
+        } else if (has_state || has_h0) {
           Tensor sS_m = local_tile(sS, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0));  // (64 feat, BV)
-          Tensor gH0_m = make_tensor(make_gmem_ptr(h0 + m * C * D),
-                                     make_layout(make_shape(Int<C>{}, Int<BV>{}),
-                                                 make_stride(Int<D>{}, _1{})));  // (64 feat, BV)
           gemm_s_state_split(mma, acc_q, sdO, sS_m, gH0_m, has_h0);
         }
         CUTE_UNROLL
@@ -192,7 +215,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
                              sPhiK_ptr);
         __syncthreads();  // the restored tile is complete before the update reads it
       }
-      rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+      rla_state_update_halves_if<Tr, kHalves>(mma, sS, sShi, sSlo, sPhiKt, sVt);
     }
   }
 }

@@ -1,5 +1,6 @@
 // Instantiations and launcher of the RLA forward kernels: (bf16, fp16) x (D = 64, 128), and
-// at D = 128 the configuration for 99 KB of shared memory per block (with_rla_traits).
+// at D = 128 the configuration for 99 KB of shared memory per block (with_rla_traits); pass 3
+// with and without the state's halves in shared memory (rla_state_halves_fit).
 // Grids, blocks and shared memory: rla_fwd_plan.
 #include "rla_fwd_kernel.cuh"
 #include "rla_launch.h"
@@ -35,8 +36,9 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace,
   // 2. prefix over segments -> checkpoints, final state
   RATT_LAUNCH_PLANNED(plan.prefix, stream, rla_fwd_prefix_reduce_kernel)(p, plan.parts, workspace);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  // 3. outputs, every segment (part) from its checkpoint
-  auto kernel = &rla_fwd_kernel<Tr>;
+  // 3. outputs, every segment (part) from its checkpoint; the state's halves in shared memory
+  // where the plan found room for them
+  auto kernel = plan.state_halves ? &rla_fwd_kernel<Tr, true> : &rla_fwd_kernel<Tr, false>;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.fwd.smem_bytes))) != cudaSuccess)
     return err;

@@ -16,11 +16,18 @@
 //   sPhiK = phi(k[s]) (zero rows for s < 0 or s >= T - w - 1), sV = v[s][cols]
 //   for each query head h of the group:
 //     sPhiQ = phi(q_h[t]) (Tr::kQParts parts of the features, one after another)
-//     o = sPhiQ (S + H0_h)   (S + H0 split into hi+lo for the MMA)
+//     o = sPhiQ (S + H0_h)   (S + H0 split into hi+lo for the MMA; see kHalves below)
 //     P = mask_{i>=j}(sPhiQ sPhiK^T)  (C x C, in the phi(q) buffer once it is read)
 //     o += P sV
 //   S += sPhiK^T sV                                                  (2D x kBlockV)
 // Checkpoints hold S at the start of chunks 0, every, 2*every, ... (without H0).
+// kHalves (where the device has the shared memory, rla_plan.h rla_state_halves_fit): the
+// state's hi and lo halves stay in sShi / sSlo beside the fp32 sS, rewritten by every state
+// update, and o = sPhiQ (hi + lo) runs on ldmatrix operands (gemm_ss_halves: the MMAs and
+// their order of the element-wise split, so without H0 the outputs are bit for bit those of
+// !kHalves). H0 leaves that K loop: with one query head per kv head it is added into sS once
+// at the segment start (S + H0 then grows by the updates); with G > 1 each head adds its
+// phi(q) H0_h as a product of its own.
 #pragma once
 #include "core/window.h"
 #include "nan_tiles.cuh"
@@ -28,7 +35,8 @@
 
 namespace rattention::cuda {
 
-template <class Tr, class Smem = DynSmem<Tr::kSmemFwd>>
+template <class Tr, bool kHalves,
+          class Smem = DynSmem<kHalves ? Tr::kSmemFwdHalves : Tr::kSmemFwd>>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdParams p,
                                                                     const int64_t parts) {
   using namespace cute;
@@ -45,6 +53,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   Element* sP_ptr = sPhiQ_ptr;
   Element* sV_ptr =
       reinterpret_cast<Element*>(smem_raw + Tr::kSmemS + Tr::kSmemPhi + Tr::kSmemPhiQP);
+  // the state's halves (kHalves only: the buffers past kSmemFwd)
+  Element* sShi_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemFwd);
+  Element* sSlo_ptr = reinterpret_cast<Element*>(smem_raw + Tr::kSmemFwd + Tr::kSmemHalf);
 
   // Shared-memory views. Names: s<Buffer>, suffix says which GEMM role the view plays.
   Tensor sS = make_tensor(make_smem_ptr(sS_ptr), row_major_padded<F, BV, Tr::kSStride>());  // (2D, BV)
@@ -54,6 +65,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   Tensor sPhiKt = make_tensor(make_smem_ptr(sPhiK_ptr), row_major_padded_t<C, F, Tr::kPhiStride>());  // (2D, C keys)
   Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), row_major_padded_t<C, BV, Tr::kVStride>());  // (BV, C keys)
   Tensor sP = make_tensor(make_smem_ptr(sP_ptr), row_major_padded<C, C, Tr::kPStride>());  // (C, C keys)
+  Tensor sShi = make_tensor(make_smem_ptr(sShi_ptr), row_major_padded<F, BV, Tr::kHalfStride>());  // (2D, BV)
+  Tensor sSlo = make_tensor(make_smem_ptr(sSlo_ptr), row_major_padded<F, BV, Tr::kHalfStride>());  // (2D, BV)
+  Tensor sShi_B = make_tensor(make_smem_ptr(sShi_ptr), row_major_padded_t<F, BV, Tr::kHalfStride>());  // (BV, 2D)
+  Tensor sSlo_B = make_tensor(make_smem_ptr(sSlo_ptr), row_major_padded_t<F, BV, Tr::kHalfStride>());  // (BV, 2D)
 
   const int tid = threadIdx.x;
   const int64_t Hkv = p.dims.heads_kv, G = p.dims.heads_q / p.dims.heads_kv;
@@ -81,8 +96,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   const float* gCkpt =
       static_cast<const float*>(p.checkpoints) + p.ckpt_index(b, hk, z) * F * D + col0;
 
-  // S = the state at the segment start (written by passes 1 and 2).
-  for (int i = tid; i < F * BV; i += Tr::kNThreads) sS(i / BV, i % BV) = gCkpt[(i / BV) * D + i % BV];
+  const bool has_h0 = gH0 != nullptr;
+  // kHalves with one query head: H0 joins S here, once (its halves then carry it)
+  const bool h0_in_state = kHalves && has_h0 && G == 1;
+  if (h0_in_state) RATT_COVER("h0_in_state");
+
+  // S = the state at the segment start (written by passes 1 and 2), and its halves.
+  load_state_start<Tr, kHalves>(
+      gCkpt, h0_in_state ? gH0 + b * p.initial_state_bstride + hk * F * D + col0 : nullptr, sS,
+      sShi, sSlo);
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -99,8 +121,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     const TileRange keys = rla_chunk_keys(c, C, T, w);  // valid shifted keys [begin, end)
     const int64_t s_base = t0 - w - 1;                  // key of row j is s_base + j
     const bool has_keys = keys.end > keys.begin;
-    const bool has_state = s_base > 0;  // some key before this chunk is in S
-    const bool has_h0 = gH0 != nullptr;
+    const bool has_state = s_base > 0 || h0_in_state;  // S (+ H0) may be nonzero
     __syncthreads();  // S is final for this chunk start; sPhiK/sV free
     bool v_mine = false;  // a NaN / Inf value this thread loaded (zeroed in sV; nan_tiles.cuh)
     if (has_keys) {
@@ -122,13 +143,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       if (has_keys) {
         RATT_COVER_ANY("advance_state");
         __syncthreads();  // sPhiK, sV complete
-        rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+        rla_state_update_halves_if<Tr, kHalves>(mma, sS, sShi, sSlo, sPhiKt, sVt);
       }
       continue;
     }
 
     bool v_nonfinite = false;
-    if (has_state) RATT_COVER("inter_chunk_state");
+    if (s_base > 0) RATT_COVER("inter_chunk_state");
     if (has_h0) {
       RATT_COVER("h0");
     } else {
@@ -140,6 +161,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       auto row_valid = [&](int i) { return i < rows; };
       const Element* q_rows = gQ + p.q_offset(p.q_stride, b, t0, h);
       const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
+      const bool h0_per_head = has_h0 && !h0_in_state;  // phi(q) H0_h of its own
       Tensor gH0_B = make_tensor(make_gmem_ptr(h0), make_layout(make_shape(Int<BV>{}, Int<F>{}),
                                                                 make_stride(_1{}, Int<D>{})));  // (BV, 2D)
       Tensor acc_o = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (MMA, MMA_M, MMA_N)
@@ -150,6 +172,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
       // the features, so each part adds its share:
       //   o = phi(q) (S + H0_h)  (inter-chunk; the fp32 sum split into hi + lo)
       //   s = phi(q) phi(k)^T    (intra-chunk scores)
+      // kHalves: o = phi(q) (hi + lo) from sShi / sSlo, then (G > 1) + phi(q) H0_h.
 #pragma unroll 1
       for (int qp = 0; qp < Tr::kQParts; ++qp) {
         if (qp > 0) __syncthreads();  // every warp is done with the previous part
@@ -159,10 +182,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
         if (has_keys) {
           gemm_ss(mma, acc_s, sPhiQ, local_tile(sPhiK, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp)));
         }
-        if (has_state || has_h0) {
+        auto gH0_part = local_tile(gH0_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp));
+        if constexpr (kHalves) {
+          if (has_state) {
+            gemm_ss_halves(mma, acc_o, sPhiQ,
+                           local_tile(sShi_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp)),
+                           local_tile(sSlo_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp)));
+          }
+          if (h0_per_head) {
+            RATT_COVER("h0_per_head");
+            gemm_s_state_split(mma, acc_o, sPhiQ, gH0_part, gH0_part, false);
+          }
+        } else if (has_state || has_h0) {
           gemm_s_state_split(mma, acc_o, sPhiQ,
                              local_tile(sS_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp)),
-                             local_tile(gH0_B, Shape<Int<BV>, Int<QF>>{}, make_coord(0, qp)), has_h0);
+                             gH0_part, has_h0);
         }
       }
       if (has_keys) {
@@ -196,7 +230,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
         __syncthreads();  // the restored tile is complete before the update reads it
       }
       RATT_COVER("state_update");
-      rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+      rla_state_update_halves_if<Tr, kHalves>(mma, sS, sShi, sSlo, sPhiKt, sVt);
     }
   }
 }

@@ -37,6 +37,9 @@ constexpr int64_t rla_dk_slots(int64_t group, int64_t n_vblocks) {
 // segments) sized from the GPU's SM count (rla_fwd_plan, rla_bwd_plan): the op passes the
 // device's count, launch.json plans for an H200's.
 constexpr int kRlaReferenceSms = 132;
+// and its opt-in shared memory per block (227 KiB), for which launch.json plans the RLA
+// configuration (rla_plan.h with_rla_traits, rla_state_halves_fit)
+constexpr int64_t kRlaReferenceSmemPerBlock = 227 * 1024;
 // Longest segment in chunks: bounds the serial chain of one dk/dv CTA and keeps the waves of
 // a large batch short.
 constexpr int64_t kRlaMaxSegmentChunks = 16;

@@ -44,6 +44,7 @@ inline int64_t rla_saved_state_bytes(const RlaCommonParams& p) {
 // none otherwise (pass 1 writes into the checkpoints, pass 2 scans them in place).
 struct RlaFwdPlan {
   KernelLaunch state, prefix, fwd;  // rla_fwd_state_kernel, ..._prefix_reduce_kernel, rla_fwd_kernel
+  bool state_halves = false;  // rla_fwd_kernel<Tr, true>: the state's halves in shared memory
   int64_t n_checkpoints = 0;
   int64_t parts = 1;  // CTAs per checkpoint segment in passes 1 and 3
   int64_t workspace_floats = 0;
@@ -56,6 +57,14 @@ struct RlaFwdPlan {
     f(fwd);
   }
 };
+
+// Whether a kernel that reads the state keeps its hi + lo halves in shared memory
+// (rla_fwd_kernel<Tr, true>, rla_bwd_dq_kernel<Tr, true>; rla_traits.cuh): where the device
+// allows the `bytes` that takes (an H100 / H200 at D = 128, also an A100 at D = 64; an
+// unknown limit counts as enough, as in rla_fits).
+inline bool rla_state_halves_fit(const RlaCommonParams& p, int64_t bytes) {
+  return p.max_smem_per_block <= 0 || bytes <= p.max_smem_per_block;
+}
 
 template <class Tr>
 RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
@@ -80,7 +89,9 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
                             kRlaElementwiseThreads, 0,
                             plan.parts > 1 ? plan.n_checkpoints * plan.parts
                                            : imax(1, plan.n_checkpoints - 1));
-  plan.fwd = make_launch("rla_fwd_kernel", grid, Tr::kNThreads, Tr::kSmemFwd, segment_chunks);
+  plan.state_halves = rla_state_halves_fit(p, Tr::kSmemFwdHalves);
+  plan.fwd = make_launch("rla_fwd_kernel", grid, Tr::kNThreads,
+                         plan.state_halves ? Tr::kSmemFwdHalves : Tr::kSmemFwd, segment_chunks);
   return plan;
 }
 
@@ -119,6 +130,7 @@ struct RlaBwdPlan {
   KernelLaunch dq, state, scan, dkv, postprocess;
   RlaBwdSegments segments{1, 0};
   int64_t dq_parts = 1;  // dq CTAs per checkpoint segment
+  bool dq_state_halves = false;  // rla_bwd_dq_kernel<Tr, true>: the state's halves in smem
   int64_t ws_q = 0, ws_k = 0, ws_dh0 = 0, ws_ds = 0;  // offsets in floats
   int64_t zeroed_floats = 0;                          // [0, zeroed_floats): wsQ and wsK
   int64_t workspace_floats = 0;  // of one sub-batch: the launches reuse it in turn
@@ -182,7 +194,9 @@ RlaBwdPlan rla_bwd_batch_plan(const RlaBwdParams& p, int num_sms) {
   plan.dq_parts = p.packed() ? 1 : rla_segment_parts(Tr::kNVBlocks * bh * n_ckpt, every, num_sms);
   const GridDims dq_grid = p.packed() ? GridDims{Tr::kNVBlocks, Hkv, p.ckpt_slots()}
                                       : GridDims{Tr::kNVBlocks, bh, n_ckpt * plan.dq_parts};
-  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads, Sm::kDq, every);
+  plan.dq_state_halves = rla_state_halves_fit(p, Sm::kDqHalves);
+  plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads,
+                        plan.dq_state_halves ? Sm::kDqHalves : Sm::kDq, every);
   const GridDims seg_grid{Tr::kNVBlocks, seg_heads, segs.slots};
   plan.state = make_launch("rla_bwd_state_kernel", seg_grid, Tr::kNThreads, Sm::kState, segs.chunks);
   // a thread per element of the (sequence, kv head) states; it walks the segments (and
@@ -293,22 +307,20 @@ R with_rla_traits_of(const RlaCommonParams& p, F&& f) {
   }
   return f(RlaDefaultTraits<Element, D>{});
 }
-template <class R, class F>
-R with_rla_traits(const RlaCommonParams& p, F&& f) {
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (!bf16 && p.dtype != DType::kFloat16) return R{};
-  if (p.dims.head_dim == 64)
-    return bf16 ? with_rla_traits_of<R, cutlass::bfloat16_t, 64>(p, f)
-                : with_rla_traits_of<R, cutlass::half_t, 64>(p, f);
-  if (p.dims.head_dim == 128)
-    return bf16 ? with_rla_traits_of<R, cutlass::bfloat16_t, 128>(p, f)
-                : with_rla_traits_of<R, cutlass::half_t, 128>(p, f);
-  return R{};
-}
 // Whether (dtype, head_dim) has CUDA kernels at all.
 inline bool rla_has_kernels(const RlaCommonParams& p) {
   return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
          (p.dims.head_dim == 64 || p.dims.head_dim == 128);
+}
+template <class R, class F>
+R with_rla_traits(const RlaCommonParams& p, F&& f) {
+  if (!rla_has_kernels(p)) return R{};
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.dims.head_dim == 64)
+    return bf16 ? with_rla_traits_of<R, cutlass::bfloat16_t, 64>(p, f)
+                : with_rla_traits_of<R, cutlass::half_t, 64>(p, f);
+  return bf16 ? with_rla_traits_of<R, cutlass::bfloat16_t, 128>(p, f)
+              : with_rla_traits_of<R, cutlass::half_t, 128>(p, f);
 }
 
 inline RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {

@@ -12,6 +12,10 @@
 //   * the state S stays fp32 in shared memory; every MMA accumulates in fp32;
 //   * the inter-chunk product phi(q) S uses S split into hi + lo halves in the input dtype
 //     (S = hi + lo to ~16 mantissa bits), so the fp32 state is not rounded to bf16 there.
+//     Where shared memory allows (kSmemFwdHalves), the forward keeps both halves in shared
+//     memory beside the fp32 state, written with every state update, and feeds them to the
+//     MMA by ldmatrix like any other operand; else it splits each element on the way
+//     (gemm_s_state_split).
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/bfloat16.h>
@@ -83,6 +87,7 @@ struct RlaTraits {
   static constexpr int kVStride = kBlockV + 8;    // sV [C, kBlockV]
   static constexpr int kPStride = kChunk + 8;     // sP [C, C]
   static constexpr int kSStride = kBlockV + 4;    // sS fp32 [2D, kBlockV]
+  static constexpr int kHalfStride = kBlockV + 8;  // sShi, sSlo [2D, kBlockV]: S's halves
 
   static constexpr int kSmemS = kFeat * kSStride * 4;
   static constexpr int kSmemPhi = kChunk * kPhiStride * 2;
@@ -93,13 +98,17 @@ struct RlaTraits {
   static constexpr int kSmemPhiQP = kSmemPhiQ > kSmemP ? kSmemPhiQ : kSmemP;
   static constexpr int kSmemFwd = kSmemS + kSmemPhi + kSmemPhiQP + kSmemV;
   static constexpr int kSmemState = kSmemS + kSmemPhi + kSmemV;  // pass 1: S, phi(k), v
+  // The forward with the state's hi and lo halves behind its other buffers (rla_fwd_kernel's
+  // kHalves; rla_plan.h chooses it where the device allows this much).
+  static constexpr int kSmemHalf = kFeat * kHalfStride * 2;
+  static constexpr int kSmemFwdHalves = kSmemFwd + 2 * kSmemHalf;
   static_assert(kSmemFwd <= 227 * 1024, "forward shared memory");
   // ldmatrix reads 16-byte rows: every buffer offset and row stride must keep them aligned.
   static_assert(kPhiStride % 8 == 0 && kQPhiStride % 8 == 0 && kVStride % 8 == 0 &&
-                    kPStride % 8 == 0,
+                    kPStride % 8 == 0 && kHalfStride % 8 == 0,
                 "padded strides must be multiples of 8 elements (16 bytes)");
   static_assert(kSmemS % 16 == 0 && kSmemPhi % 16 == 0 && kSmemPhiQ % 16 == 0 &&
-                    kSmemV % 16 == 0 && kSmemP % 16 == 0,
+                    kSmemV % 16 == 0 && kSmemP % 16 == 0 && kSmemHalf % 16 == 0,
                 "shared-memory buffers must start 16-byte aligned");
 };
 
@@ -112,6 +121,7 @@ struct RlaBwdSmem {
   static constexpr int kV = Tr::kSmemV;      // sV, sdO (same shape [C, BV])
   static constexpr int kP = Tr::kSmemP;
   static constexpr int kDq = kS + kPhi + 2 * kV + kP;
+  static constexpr int kDqHalves = kDq + 2 * Tr::kSmemHalf;  // rla_bwd_dq_kernel<Tr, true>
   static constexpr int kState = kS + kPhi + kV;  // rla_bwd_state_kernel: dS, phi(q), dO
   static constexpr int kPhiQ = Tr::kSmemPhiQ;  // sPhiQ part of the dk/dv kernel
   static constexpr int kDkv = kS + kPhi + kPhiQ + 2 * kV + kP;
@@ -162,44 +172,77 @@ CUTE_HOST_DEVICE auto rla_smem_copy_B(TiledMma const& mma, TB const&) {
                                  mma);
 }
 
-// acc(M, N) += A(M, K) * B(N, K)^T, with sA, sB shared-memory views in the MMA's element
-// type. Register fragments hold two 16-wide K-slices (ping-pong): slice k + 1 is ldmatrix-ed
-// while slice k multiplies. The loop over K is not unrolled (2D = 256 would unroll 16x), so
-// the slot indices inside its body are compile-time constants.
-template <class TiledMma, class Acc, class TA, class TB>
-__device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, TA const& sA, TB const& sB) {
+// acc(M, N) += A(M, K) * B(N, K)^T (+ A(M, K) * B2(N, K)^T when kTwoB), with sA, sB, sB2
+// shared-memory views in the MMA's element type. Register fragments hold two 16-wide
+// K-slices (ping-pong): slice k + 1 is ldmatrix-ed while slice k multiplies; with two B
+// operands each K-slice of A multiplies B then B2 (the order gemm_s_state_split adds a
+// state's hi and lo halves in). The loop over K is not unrolled (2D = 256 would unroll 16x),
+// so the slot indices inside its body are compile-time constants.
+template <bool kTwoB, class TiledMma, class Acc, class TA, class TB, class TB2>
+__device__ __forceinline__ void gemm_ss_impl(TiledMma& mma, Acc& acc, TA const& sA, TB const& sB,
+                                             TB2 const& sB2) {
   using namespace cute;
   const int tid = threadIdx.x;
   auto thr = mma.get_thread_slice(tid);
   auto copy_a = rla_smem_copy_A(mma, sA);
   auto copy_b = rla_smem_copy_B(mma, sB);
+  auto copy_b2 = rla_smem_copy_B(mma, sB2);
   auto thr_a = copy_a.get_thread_slice(tid);
   auto thr_b = copy_b.get_thread_slice(tid);
-  Tensor tAsA = thr_a.partition_S(sA);  // (CPY, CPY_M, CPY_K)
-  Tensor tBsB = thr_b.partition_S(sB);  // (CPY, CPY_N, CPY_K)
+  auto thr_b2 = copy_b2.get_thread_slice(tid);
+  Tensor tAsA = thr_a.partition_S(sA);     // (CPY, CPY_M, CPY_K)
+  Tensor tBsB = thr_b.partition_S(sB);     // (CPY, CPY_N, CPY_K)
+  Tensor tBsB2 = thr_b2.partition_S(sB2);  // (CPY, CPY_N, CPY_K)
   constexpr int kM = decltype(size<0>(sA))::value;
   constexpr int kN = decltype(size<0>(sB))::value;
   Tensor tCrA = thr.partition_fragment_A(
       local_tile(sA, Shape<Int<kM>, _32>{}, make_coord(0, 0)));  // (MMA, MMA_M, 2)
   Tensor tCrB = thr.partition_fragment_B(
       local_tile(sB, Shape<Int<kN>, _32>{}, make_coord(0, 0)));  // (MMA, MMA_N, 2)
-  Tensor tCrA_v = thr_a.retile_D(tCrA);  // (CPY, CPY_M, 2)
-  Tensor tCrB_v = thr_b.retile_D(tCrB);  // (CPY, CPY_N, 2)
+  // unused (no registers) with one B operand
+  Tensor tCrB2 = thr.partition_fragment_B(
+      local_tile(sB2, Shape<Int<kN>, _32>{}, make_coord(0, 0)));  // (MMA, MMA_N, 2)
+  Tensor tCrA_v = thr_a.retile_D(tCrA);     // (CPY, CPY_M, 2)
+  Tensor tCrB_v = thr_b.retile_D(tCrB);     // (CPY, CPY_N, 2)
+  Tensor tCrB2_v = thr_b2.retile_D(tCrB2);  // (CPY, CPY_N, 2)
   constexpr int kK = decltype(size<2>(tAsA))::value;
   static_assert(kK % 2 == 0, "K must be a multiple of 32");
   copy(copy_a, tAsA(_, _, 0), tCrA_v(_, _, _0{}));
   copy(copy_b, tBsB(_, _, 0), tCrB_v(_, _, _0{}));
+  if constexpr (kTwoB) copy(copy_b2, tBsB2(_, _, 0), tCrB2_v(_, _, _0{}));
 #pragma unroll 1
   for (int k = 0; k < kK; k += 2) {
     copy(copy_a, tAsA(_, _, k + 1), tCrA_v(_, _, _1{}));
     copy(copy_b, tBsB(_, _, k + 1), tCrB_v(_, _, _1{}));
+    if constexpr (kTwoB) copy(copy_b2, tBsB2(_, _, k + 1), tCrB2_v(_, _, _1{}));
     cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrB(_, _, _0{}), acc);
+    if constexpr (kTwoB) cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrB2(_, _, _0{}), acc);
     if (k + 2 < kK) {
       copy(copy_a, tAsA(_, _, k + 2), tCrA_v(_, _, _0{}));
       copy(copy_b, tBsB(_, _, k + 2), tCrB_v(_, _, _0{}));
+      if constexpr (kTwoB) copy(copy_b2, tBsB2(_, _, k + 2), tCrB2_v(_, _, _0{}));
     }
     cute::gemm(mma, acc, tCrA(_, _, _1{}), tCrB(_, _, _1{}), acc);
+    if constexpr (kTwoB) cute::gemm(mma, acc, tCrA(_, _, _1{}), tCrB2(_, _, _1{}), acc);
   }
+}
+template <class TiledMma, class Acc, class TA, class TB>
+__device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, TA const& sA, TB const& sB) {
+  gemm_ss_impl<false>(mma, acc, sA, sB, sB);
+}
+// acc += A (hi + lo)^T for a state held as its two halves in shared memory (sHi, sLo:
+// split_hi_lo of the fp32 state), the same MMAs in the same order as gemm_s_state_split.
+template <class TiledMma, class Acc, class TA, class TB>
+__device__ __forceinline__ void gemm_ss_halves(TiledMma& mma, Acc& acc, TA const& sA,
+                                               TB const& sHi, TB const& sLo) {
+  gemm_ss_impl<true>(mma, acc, sA, sHi, sLo);
+}
+
+// x = hi + lo to ~16 mantissa bits (bf16) / ~22 (fp16): hi = x rounded to EB, lo = the rest.
+template <class EB>
+__device__ __forceinline__ void split_hi_lo(float x, EB& hi, EB& lo) {
+  hi = EB(x);
+  lo = EB(x - float(hi));
 }
 
 // acc(M, N) += A(M, K) * X(N, K)^T where X = S (+ H) is fp32: X is split per element into
@@ -233,9 +276,7 @@ __device__ __forceinline__ void gemm_s_state_split(TiledMma& mma, Acc& acc, TA c
     for (int i = 0; i < size(tCrHi); ++i) {
       float x = tCsX(_, _, k)(i);
       if (has_h) x += tCgH(_, _, k)(i);
-      const EB hi = EB(x);
-      tCrHi(i) = hi;
-      tCrLo(i) = EB(x - float(hi));
+      split_hi_lo(x, tCrHi(i), tCrLo(i));
     }
     cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrHi, acc);
     cute::gemm(mma, acc, tCrA(_, _, _0{}), tCrLo, acc);
@@ -256,10 +297,10 @@ __device__ __forceinline__ void store_causal_mask(TP& tSsP, TC const& tScS, Acc 
 
 // S += phi(k)^T v for the key rows of a chunk (sPhiK, sV loaded), the fp32 state slice
 // sS [2D, BV] updated in place in 64-row tiles: the forward's passes 1 and 3 and the
-// backward's dq pass.
-template <class Tr, class TiledMma, class TS, class TK, class TV>
+// backward's dq pass. `also(m, acc)` sees each updated (C, BV) tile m in its accumulator.
+template <class Tr, class TiledMma, class TS, class TK, class TV, class Also>
 __device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
-                                                 TV const& sVt) {
+                                                 TV const& sVt, Also&& also) {
   using namespace cute;
   constexpr int C = Tr::kChunk, F = Tr::kFeat, BV = Tr::kBlockV;
   auto thr = mma.get_thread_slice(threadIdx.x);
@@ -274,6 +315,55 @@ __device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const
     gemm_ss(mma, acc_u, sPhiKt_m, sVt);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_u); ++i) tUsS(i) = acc_u(i);
+    also(m, acc_u);
+  }
+}
+template <class Tr, class TiledMma, class TS, class TK, class TV>
+__device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const& sPhiKt,
+                                                 TV const& sVt) {
+  rla_state_update<Tr>(mma, sS, sPhiKt, sVt, [](int, auto const&) {});
+}
+// The same, also writing the updated state's halves to sHi, sLo [2D, BV] (split_hi_lo) for
+// gemm_ss_halves. Each thread writes the entries it updated, so the barrier that makes sS
+// complete makes the halves complete too.
+template <class Tr, class TiledMma, class TS, class TH, class TK, class TV>
+__device__ __forceinline__ void rla_state_update_with_halves(TiledMma& mma, TS& sS, TH& sHi,
+                                                             TH& sLo, TK const& sPhiKt,
+                                                             TV const& sVt) {
+  using namespace cute;
+  constexpr int C = Tr::kChunk, BV = Tr::kBlockV;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  rla_state_update<Tr>(mma, sS, sPhiKt, sVt, [&](int m, auto const& acc_u) {
+    Tensor tUsHi = thr.partition_C(local_tile(sHi, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
+    Tensor tUsLo = thr.partition_C(local_tile(sLo, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_u); ++i) split_hi_lo(acc_u(i), tUsHi(i), tUsLo(i));
+  });
+}
+// rla_state_update, with the halves when kHalves.
+template <class Tr, bool kHalves, class TiledMma, class TS, class TH, class TK, class TV>
+__device__ __forceinline__ void rla_state_update_halves_if(TiledMma& mma, TS& sS, TH& sHi, TH& sLo,
+                                                           TK const& sPhiKt, TV const& sVt) {
+  if constexpr (kHalves) {
+    rla_state_update_with_halves<Tr>(mma, sS, sHi, sLo, sPhiKt, sVt);
+  } else {
+    rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+  }
+}
+
+// The state slice [2D, BV] at a segment start into sS: the checkpoint gCkpt (row stride D,
+// at the slice's first column), plus gH0 (the same layout) unless it is null; with kHalves
+// also its halves into sHi, sLo (the forward's and the dq pass's kHalves kernels).
+template <class Tr, bool kHalves, class TS, class TH>
+__device__ __forceinline__ void load_state_start(const float* gCkpt, const float* gH0, TS& sS,
+                                                 TH& sHi, TH& sLo) {
+  constexpr int F = Tr::kFeat, D = Tr::kHeadDim, BV = Tr::kBlockV;
+  for (int i = threadIdx.x; i < F * BV; i += Tr::kNThreads) {
+    const int r = i / BV, c = i % BV;
+    float x = gCkpt[r * D + c];
+    if (gH0 != nullptr) x += gH0[r * D + c];
+    sS(r, c) = x;
+    if constexpr (kHalves) split_hi_lo(x, sHi(r, c), sLo(r, c));
   }
 }
 

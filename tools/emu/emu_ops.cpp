@@ -201,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rla_fwd(const at::Tensor& q, cons
   TORCH_CHECK_VALUE(num_sms > 0, "num_sms must be positive, got ", num_sms);
   auto r = prepare_rla_fwd(q, k, v, w, fm, h0, cuda::kRlaChunk, every, /*cuda_backend=*/true,
                            cu_seqlens);
-  // as the op: the modelled GPU's (ignore_smem_limit: the default configuration, to test the
-  // emulator's launch check)
+  // as the op: the modelled GPU's (ignore_smem_limit: no limit, so the largest configuration,
+  // to test the emulator's launch check)
   r.params.max_smem_per_block = ignore_smem_limit ? 0 : emu_smem_per_block();
   Sandbox box("rla_fwd");
   box.reserve(16);
@@ -350,6 +350,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The modelled GPU (compute capability 80, 86, 89, 90): its shared-memory opt-in limit.",
         py::arg("sm"));
   m.def("arch", &emu::arch, "The modelled compute capability.");
+  m.def("max_smem_per_block", &rattention::emu_smem_per_block,
+        "The modelled GPU's opt-in shared memory per block: what the ops pass the launchers.");
   m.def("_selftest", [](int bug) {
     std::vector<float> out, want;
     auto reports = emu::selftest(bug, out, want);

@@ -84,11 +84,12 @@ void add_launch_plan_bindings(py::module& m) {
         "documents packed into T rows (B ignored); num_sms: the SM count the RLA passes are "
         "planned for; temporaries_cap_bytes: what the RLA backward's sub-batches are sized to; "
         "max_smem_per_block: the GPU's opt-in shared memory per block the RLA kernels' "
-        "configuration is chosen for (0: no limit).",
+        "configuration is chosen for (default the H200's 227 KiB, as launch.json; 0: no limit; "
+        "max_smem_per_block() is the emulated GPU's).",
         py::arg("op"), py::arg("batch"), py::arg("seqlen"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("head_dim"), py::arg("window"), py::arg("dtype"),
         py::arg("checkpoint_every"), py::arg("packed_seqs") = 0,
         py::arg("num_sms") = rattention::cuda::kRlaReferenceSms,
         py::arg("temporaries_cap_bytes") = rattention::cuda::kRlaTemporariesCapBytes,
-        py::arg("max_smem_per_block") = 0);
+        py::arg("max_smem_per_block") = rattention::cuda::kRlaReferenceSmemPerBlock);
 }
