@@ -325,7 +325,9 @@ __device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const
 }
 // The same, also writing the updated state's halves to sHi, sLo [2D, BV] (split_hi_lo) for
 // gemm_ss_halves. Each thread writes the entries it updated, so the barrier that makes sS
-// complete makes the halves complete too.
+// complete makes the halves complete too. Accumulator entries i, i + 1 (i even) are a column
+// pair of one row (the MMA's C fragment; asserted on the partition's layout), so each half
+// of a pair goes out as one 4-byte store.
 template <class Tr, class TiledMma, class TS, class TH, class TK, class TV>
 __device__ __forceinline__ void rla_state_update_with_halves(TiledMma& mma, TS& sS, TH& sHi,
                                                              TH& sLo, TK const& sPhiKt,
@@ -336,8 +338,21 @@ __device__ __forceinline__ void rla_state_update_with_halves(TiledMma& mma, TS& 
   rla_state_update<Tr>(mma, sS, sPhiKt, sVt, [&](int m, auto const& acc_u) {
     Tensor tUsHi = thr.partition_C(local_tile(sHi, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
     Tensor tUsLo = thr.partition_C(local_tile(sLo, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
+    static_assert(decltype(size<0, 0>(tUsHi))::value == 2 &&
+                      is_constant<1, decltype(stride<0, 0>(tUsHi))>::value,
+                  "entries 2j, 2j + 1 of the partition are adjacent columns");
+    using EB = typename std::decay_t<TH>::value_type;
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_u); ++i) split_hi_lo(acc_u(i), tUsHi(i), tUsLo(i));
+    for (int i = 0; i < size(acc_u); i += 2) {
+      EB hi[2], lo[2];
+      split_hi_lo(acc_u(i), hi[0], lo[0]);
+      split_hi_lo(acc_u(i + 1), hi[1], lo[1]);
+      uint32_t hi2, lo2;
+      memcpy(&hi2, hi, 4);
+      memcpy(&lo2, lo, 4);
+      *reinterpret_cast<uint32_t*>(RATT_VECTOR_ACCESS(&tUsHi(i), 4)) = hi2;
+      *reinterpret_cast<uint32_t*>(RATT_VECTOR_ACCESS(&tUsLo(i), 4)) = lo2;
+    }
   });
 }
 // rla_state_update, with the halves when kHalves.
