@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   Tensor sSlo_B = make_tensor(make_smem_ptr(sSlo_ptr), row_major_padded_t<F, BV, Tr::kHalfStride>());  // (BV, 2D)
 
   const int tid = threadIdx.x;
-  const int64_t Hkv = p.dims.heads_kv, G = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t G = p.dims.heads_q / p.dims.heads_kv;
   const RlaSegmentCta seg = rla_segment_cta<C>(p, p.checkpoint_every, parts);
   if (p.packed()) RATT_COVER_ANY("packed");
   if (!seg.valid) {
@@ -123,6 +123,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     const bool has_keys = keys.end > keys.begin;
     const bool has_state = s_base > 0 || h0_in_state;  // S (+ H0) may be nonzero
     __syncthreads();  // S is final for this chunk start; sPhiK/sV free
+    // The raw q rows of the next phi(q) tile, loaded ahead: the first head's here, with the
+    // keys' and values' loads in flight; each next head's behind the GEMMs of the one before.
+    auto row_valid = [&](int i) { return i < rows; };
+    auto q_rows_of = [&](int64_t g) { return gQ + p.q_offset(p.q_stride, b, t0, hk * G + g); };
+    PhiRows<Tr> q_next;
+    if (c >= seg.part_begin) load_phi_rows<Tr>(q_next, q_rows_of(0), p.q_stride.t, row_valid);
     bool v_mine = false;  // a NaN / Inf value this thread loaded (zeroed in sV; nan_tiles.cuh)
     if (has_keys) {
       RATT_COVER("chunk_with_keys");
@@ -158,8 +164,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
-      auto row_valid = [&](int i) { return i < rows; };
-      const Element* q_rows = gQ + p.q_offset(p.q_stride, b, t0, h);
       const float* h0 = has_h0 ? gH0 + b * p.initial_state_bstride + h * F * D + col0 : gH0;
       const bool h0_per_head = has_h0 && !h0_in_state;  // phi(q) H0_h of its own
       Tensor gH0_B = make_tensor(make_gmem_ptr(h0), make_layout(make_shape(Int<BV>{}, Int<F>{}),
@@ -176,7 +180,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
 #pragma unroll 1
       for (int qp = 0; qp < Tr::kQParts; ++qp) {
         if (qp > 0) __syncthreads();  // every warp is done with the previous part
-        phi_q_part_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, row_valid, sPhiQ_ptr, qp);
+        store_phi_q_part<Tr>(p.feature_map, q_next, row_valid, sPhiQ_ptr, qp);
+        if (qp + 1 == Tr::kQParts && g + 1 < G) {  // the parts share the rows; then the next head's
+          load_phi_rows<Tr>(q_next, q_rows_of(g + 1), p.q_stride.t, row_valid);
+        }
         // the part (and sPhiK, sV for g == 0) complete; whether sV had NaN / Inf values
         v_nonfinite = __syncthreads_or(v_mine);
         if (has_keys) {
@@ -287,20 +294,40 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int i = tid; i < F * BV; i += Tr::kNThreads) gCkpt[(i / BV) * D + i % BV] = 0.f;
   }
   typename Tr::TiledMma mma;
-  for (int64_t c = seg.part_begin; c < seg.part_end; ++c) {
-    const TileRange keys = rla_chunk_keys(c, C, T, w);
-    if (keys.end <= keys.begin) {
-      RATT_COVER("chunk_without_keys");
-      continue;  // uniform: no key of this chunk enters the state
+  // The part's chunks with keys (the others add nothing), each one's raw k rows and values
+  // loaded into registers while the state update of the one before runs.
+  auto next_with_keys = [&](int64_t c) {
+    for (; c < seg.part_end; ++c) {
+      const TileRange keys = rla_chunk_keys(c, C, T, w);
+      if (keys.end > keys.begin) break;
+      RATT_COVER("chunk_without_keys");  // uniform: no key of this chunk enters the state
     }
-    RATT_COVER("chunk_with_keys");
+    return c;
+  };
+  auto key_valid_of = [&](int64_t c) {
+    const TileRange keys = rla_chunk_keys(c, C, T, w);
     const int64_t s_base = c * C - w - 1;
-    auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    return [=](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+  };
+  PhiRows<Tr> k_rows;
+  VRows<Tr> v_rows;
+  auto load_chunk = [&](int64_t c) {
+    const int64_t s_base = c * C - w - 1;
+    load_phi_rows<Tr>(k_rows, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid_of(c));
+    load_v_rows<Tr>(v_rows, gV + s_base * p.v_stride.t, p.v_stride.t, key_valid_of(c));
+  };
+  int64_t c = next_with_keys(seg.part_begin);
+  if (c < seg.part_end) load_chunk(c);
+  while (c < seg.part_end) {
+    RATT_COVER("chunk_with_keys");
     __syncthreads();  // previous update done with sPhiK / sV
-    phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
-    load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
+    store_phi_rows<Tr>(p.feature_map, k_rows, key_valid_of(c), sPhiK_ptr);
+    store_v_rows<Tr>(v_rows, sV_ptr);
+    const int64_t next = next_with_keys(c + 1);
+    if (next < seg.part_end) load_chunk(next);
     __syncthreads();
     rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+    c = next;
   }
   __syncthreads();
   for (int i = tid; i < F * BV; i += Tr::kNThreads) gDst[(i / BV) * D + i % BV] = sS(i / BV, i % BV);

@@ -460,14 +460,13 @@ __device__ __forceinline__ void phi_lane(FeatureMap fm, const float (&x)[E], flo
 // access (RATT_VECTOR_ACCESS: the emulator reports a misaligned one, as the GPU faults on it).
 constexpr int kVec16 = 8;  // two-byte elements per 16-byte piece
 
-// N elements of a row (N a multiple of 8) from x, 16-byte aligned, to fp32.
-template <int N, class Element>
-__device__ __forceinline__ void load_row_chunk(const Element* x, float (&out)[N]) {
+// N two-byte elements of a row (N a multiple of 8) as 16-byte pieces, to fp32.
+template <class Element, int N>
+__device__ __forceinline__ void pieces_to_float(const uint4 (&u)[N / kVec16], float (&out)[N]) {
   static_assert(sizeof(Element) == 2 && N % kVec16 == 0, "whole 16-byte pieces");
 #pragma unroll
   for (int c = 0; c < N / kVec16; ++c) {
-    const uint4 u = *reinterpret_cast<const uint4*>(RATT_VECTOR_ACCESS(x + c * kVec16, 16));
-    const Element* h = reinterpret_cast<const Element*>(&u);
+    const Element* h = reinterpret_cast<const Element*>(&u[c]);
 #pragma unroll
     for (int e = 0; e < kVec16; ++e) out[c * kVec16 + e] = float(h[e]);
   }
@@ -501,41 +500,85 @@ __device__ __forceinline__ bool store_row_chunk(Element* y, const float (&v)[N],
 // threads: kPhiLanes lanes per row, each loading its D / kPhiLanes entries in 16-byte pieces
 // and storing its f(x) and f(-x) entries the same way, so a warp maps 32 / kPhiLanes rows at
 // once with 3-step shuffle reductions (a warp per row took 5 steps and 2-byte loads).
-// Returns whether this thread wrote a NaN / Inf (the CTA's OR comes from the barrier that
-// completes the tile; nan_tiles.cuh).
+// Two steps: load_phi_rows issues every load of the thread's rows into registers (PhiRows),
+// store_phi_rows maps them into sPhi, so a tile costs one global round trip, and a kernel can
+// load the next tile's rows ahead, behind other work (the forward's heads).
 constexpr int kPhiLanes = 8;
-template <class Tr, int kCols = Tr::kFeat, int kStride = Tr::kPhiStride, class Valid>
-__device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
-                                                 int64_t row_stride, Valid valid,
-                                                 typename Tr::Element* sPhi, int f0 = 0) {
-  constexpr int D = Tr::kHeadDim, E = D / kPhiLanes;
-  constexpr int kRowsPerPass = Tr::kNThreads / kPhiLanes;
-  static_assert(E % kVec16 == 0, "a lane's entries are whole 16-byte pieces");
-  static_assert(kCols == Tr::kFeat || kCols % E == 0, "a lane's entries lie in one part");
-  static_assert(kStride % kVec16 == 0, "rows of sPhi start 16-byte aligned");
+template <class Tr>
+struct PhiRows {
+  static constexpr int kEntries = Tr::kHeadDim / kPhiLanes;       // E: per lane and row
+  static constexpr int kRowsPerPass = Tr::kNThreads / kPhiLanes;
+  static constexpr int kPasses = Tr::kChunk / kRowsPerPass;       // rows per thread
+  static_assert(kEntries % kVec16 == 0, "a lane's entries are whole 16-byte pieces");
   // every thread runs the same passes, so the group shuffles see all 32 lanes
   static_assert(Tr::kChunk % kRowsPerPass == 0, "whole passes over the chunk");
-  const int e0 = (threadIdx.x % kPhiLanes) * E;  // the lane's entries of the row
+  uint4 raw[kPasses][kEntries / kVec16];  // row threadIdx.x / kPhiLanes + pass * kRowsPerPass
+  // the row of a pass, the lane's first entry in it
+  static __device__ __forceinline__ int row(int pass) {
+    return int(threadIdx.x) / kPhiLanes + pass * kRowsPerPass;
+  }
+  static __device__ __forceinline__ int entry0() { return (int(threadIdx.x) % kPhiLanes) * kEntries; }
+};
+
+// The thread's entries of rows r with valid(r) (pointers of the others are never formed into
+// loads; their entries are zero), all passes' 16-byte loads issued before any is used.
+template <class Tr, class Valid>
+__device__ __forceinline__ void load_phi_rows(PhiRows<Tr>& rows, const typename Tr::Element* gX,
+                                              int64_t row_stride, Valid valid) {
+  using R = PhiRows<Tr>;
+#pragma unroll
+  for (int ps = 0; ps < R::kPasses; ++ps) {
+    const int r = R::row(ps);
+    const bool ok = valid(r);
+#pragma unroll
+    for (int c = 0; c < R::kEntries / kVec16; ++c) {
+      rows.raw[ps][c] = make_uint4(0u, 0u, 0u, 0u);
+      if (ok) {
+        rows.raw[ps][c] = *reinterpret_cast<const uint4*>(
+            RATT_VECTOR_ACCESS(gX + r * row_stride + R::entry0() + c * kVec16, 16));
+      }
+    }
+  }
+}
+
+// phi of the loaded rows into sPhi (valid as at the load: invalid rows get zeros, their lanes
+// still join the shuffles). Returns whether this thread wrote a NaN / Inf (the CTA's OR comes
+// from the barrier that completes the tile; nan_tiles.cuh).
+template <class Tr, int kCols = Tr::kFeat, int kStride = Tr::kPhiStride, class Valid>
+__device__ __forceinline__ bool store_phi_rows(FeatureMap fm, const PhiRows<Tr>& rows, Valid valid,
+                                               typename Tr::Element* sPhi, int f0 = 0) {
+  using R = PhiRows<Tr>;
+  using Element = typename Tr::Element;
+  constexpr int D = Tr::kHeadDim, E = R::kEntries;
+  static_assert(kCols == Tr::kFeat || kCols % E == 0, "a lane's entries lie in one part");
+  static_assert(kStride % kVec16 == 0, "rows of sPhi start 16-byte aligned");
+  const int e0 = R::entry0();
   // its f(x) entries are features e0.., its f(-x) entries D + e0..: stored when in the part
   const bool pos_in = kCols == Tr::kFeat || (e0 >= f0 && e0 < f0 + kCols);
   const bool neg_in = kCols == Tr::kFeat || (D + e0 >= f0 && D + e0 < f0 + kCols);
   bool nonfinite = false;
-#pragma unroll 1
-  for (int r = threadIdx.x / kPhiLanes; r < Tr::kChunk; r += kRowsPerPass) {
+#pragma unroll
+  for (int ps = 0; ps < R::kPasses; ++ps) {
+    const int r = R::row(ps);
     const bool ok = valid(r);
     float x[E], pos[E], neg[E];
-    if (ok) {
-      load_row_chunk<E>(gX + r * row_stride + e0, x);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) x[e] = 0.f;  // the row's lanes still join the shuffles
-    }
+    pieces_to_float<Element, E>(rows.raw[ps], x);
     phi_lane<E, kPhiLanes>(fm, x, pos, neg);
-    typename Tr::Element* y = sPhi + r * kStride;
+    Element* y = sPhi + r * kStride;
     if (pos_in) nonfinite |= store_row_chunk<E>(y + e0 - f0, pos, ok);
     if (neg_in) nonfinite |= store_row_chunk<E>(y + D + e0 - f0, neg, ok);
   }
   return nonfinite;
+}
+
+// Both steps at once.
+template <class Tr, int kCols = Tr::kFeat, int kStride = Tr::kPhiStride, class Valid>
+__device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename Tr::Element* gX,
+                                                 int64_t row_stride, Valid valid,
+                                                 typename Tr::Element* sPhi, int f0 = 0) {
+  PhiRows<Tr> rows;
+  load_phi_rows<Tr>(rows, gX, row_stride, valid);
+  return store_phi_rows<Tr, kCols, kStride>(fm, rows, valid, sPhi, f0);
 }
 // Part `part` of phi(q) (RlaTraits::kQParts) into a [kChunk, kQFeat] buffer.
 template <class Tr, class Valid>
@@ -546,22 +589,55 @@ __device__ __forceinline__ bool phi_q_part_to_smem(FeatureMap fm, const typename
   return phi_tile_to_smem<Tr, Tr::kQFeat, Tr::kQPhiStride>(fm, gX, row_stride, valid, sPhiQ,
                                                            part * Tr::kQFeat);
 }
+// The same from rows loaded ahead (load_phi_rows).
+template <class Tr, class Valid>
+__device__ __forceinline__ bool store_phi_q_part(FeatureMap fm, const PhiRows<Tr>& rows,
+                                                 Valid valid, typename Tr::Element* sPhiQ,
+                                                 int part) {
+  if (part > 0) RATT_COVER_ANY("phi_q_part");
+  return store_phi_rows<Tr, Tr::kQFeat, Tr::kQPhiStride>(fm, rows, valid, sPhiQ,
+                                                         part * Tr::kQFeat);
+}
 
 // A [kChunk, kBlockV] slice of value rows into sV (stride kVStride); invalid rows are zero.
-// 16-byte pieces; `zero_nonfinite`: NaN / Inf entries are stored as zeros too (nan_tiles.cuh:
-// the forward adds them back only where the mask lets them in), and the result says whether
-// this thread saw one.
-template <class Tr, bool zero_nonfinite = false, class Valid>
-__device__ __forceinline__ bool load_v_tile(const typename Tr::Element* gV, int64_t row_stride,
-                                            Valid valid, typename Tr::Element* sV) {
-  using Element = typename Tr::Element;
-  constexpr int kPieces = Tr::kBlockV / kVec16;  // per row
+// 16-byte pieces, piece idx = threadIdx.x + i * kNThreads of the tile (row idx / kPieces);
+// as the phi rows, in two steps (load_v_rows into registers, store_v_rows) so that a kernel
+// can load the next chunk's values ahead.
+template <class Tr>
+struct VRows {
+  static constexpr int kPieces = Tr::kBlockV / kVec16;  // per row
+  static constexpr int kPerThread = Tr::kChunk * kPieces / Tr::kNThreads;
   static_assert(Tr::kBlockV % kVec16 == 0 && Tr::kVStride % kVec16 == 0, "16-byte pieces");
+  static_assert(Tr::kChunk * kPieces % Tr::kNThreads == 0, "whole pieces per thread");
+  uint4 raw[kPerThread];
+  static __device__ __forceinline__ int row(int i) { return piece(i) / kPieces; }
+  static __device__ __forceinline__ int col(int i) { return (piece(i) % kPieces) * kVec16; }
+  static __device__ __forceinline__ int piece(int i) { return int(threadIdx.x) + i * Tr::kNThreads; }
+};
+template <class Tr, class Valid>
+__device__ __forceinline__ void load_v_rows(VRows<Tr>& rows, const typename Tr::Element* gV,
+                                            int64_t row_stride, Valid valid) {
+  using R = VRows<Tr>;
+#pragma unroll
+  for (int i = 0; i < R::kPerThread; ++i) {
+    rows.raw[i] = make_uint4(0u, 0u, 0u, 0u);  // zero bits: +0 in bf16 and fp16
+    if (valid(R::row(i))) {
+      rows.raw[i] = *reinterpret_cast<const uint4*>(
+          RATT_VECTOR_ACCESS(gV + R::row(i) * row_stride + R::col(i), 16));
+    }
+  }
+}
+// `zero_nonfinite`: NaN / Inf entries are stored as zeros too (nan_tiles.cuh: the forward
+// adds them back only where the mask lets them in), and the result says whether this thread
+// saw one.
+template <class Tr, bool zero_nonfinite = false>
+__device__ __forceinline__ bool store_v_rows(const VRows<Tr>& rows, typename Tr::Element* sV) {
+  using R = VRows<Tr>;
+  using Element = typename Tr::Element;
   bool any = false;
-  for (int idx = threadIdx.x; idx < Tr::kChunk * kPieces; idx += Tr::kNThreads) {
-    const int r = idx / kPieces, c = (idx % kPieces) * kVec16;
-    uint4 u = make_uint4(0u, 0u, 0u, 0u);  // zero bits: +0 in bf16 and fp16
-    if (valid(r)) u = *reinterpret_cast<const uint4*>(RATT_VECTOR_ACCESS(gV + r * row_stride + c, 16));
+#pragma unroll
+  for (int i = 0; i < R::kPerThread; ++i) {
+    uint4 u = rows.raw[i];
     if constexpr (zero_nonfinite) {
       Element* h = reinterpret_cast<Element*>(&u);
 #pragma unroll
@@ -571,9 +647,17 @@ __device__ __forceinline__ bool load_v_tile(const typename Tr::Element* gV, int6
         if (bad) h[e] = Element(0.f);
       }
     }
-    *reinterpret_cast<uint4*>(RATT_VECTOR_ACCESS(sV + r * Tr::kVStride + c, 16)) = u;
+    *reinterpret_cast<uint4*>(RATT_VECTOR_ACCESS(sV + R::row(i) * Tr::kVStride + R::col(i), 16)) = u;
   }
   return any;
+}
+// Both steps at once.
+template <class Tr, bool zero_nonfinite = false, class Valid>
+__device__ __forceinline__ bool load_v_tile(const typename Tr::Element* gV, int64_t row_stride,
+                                            Valid valid, typename Tr::Element* sV) {
+  VRows<Tr> rows;
+  load_v_rows<Tr>(rows, gV, row_stride, valid);
+  return store_v_rows<Tr, zero_nonfinite>(rows, sV);
 }
 
 // dO rows [C, BV] (fp32 global, 16-byte pieces) -> sdO in the MMA type; invalid rows zero.
