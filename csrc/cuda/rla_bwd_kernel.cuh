@@ -127,6 +127,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const bool has_state = s_base > 0 || h0_in_state;  // S (+ H0) may be nonzero
     __syncthreads();  // S final for this chunk start; sPhiK, sV free
     auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
+    // dO of the next head, loaded ahead: the first head's here, with the keys' and values'
+    // loads in flight; each next head's behind the MMAs of the one before.
+    const bool writes = c >= seg.part_begin && (has_keys || has_state || has_h0);
+    auto do_rows_of = [&](int64_t g) {
+      return gdO + p.q_offset(p.grad_out_stride, b, t0, hk * G + g) + col0;
+    };
+    DoRows<Tr> do_next;
+    if (writes) load_do_rows<Tr>(do_next, do_rows_of(0), p.grad_out_stride.t, rows);
     bool k_mine = false;  // a NaN / Inf this thread wrote into sPhiK
     if (has_keys) {
       k_mine = phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t,
@@ -162,8 +170,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
-      load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
-                       p.grad_out_stride.t, rows, sdO_ptr);
+      store_do_rows<Tr>(do_next, sdO_ptr);
+      if (g + 1 < G) load_do_rows<Tr>(do_next, do_rows_of(g + 1), p.grad_out_stride.t, rows);
       __syncthreads();
       if (has_keys) {
         // P = mask(dO v^T): (C q, C keys), key j visible to row i iff j <= i.

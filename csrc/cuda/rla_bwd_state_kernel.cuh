@@ -58,23 +58,46 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   auto thr = mma.get_thread_slice(tid);
   Tensor tUcU = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));  // (64 feat, BV)
 
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    const int64_t t0 = c * C;
-    const int rows = static_cast<int>(imin(C, T - t0));
-    const bool to_state = t0 - w - 1 > 0;  // uniform over the CTA
-    if (!to_state && !has_h0) {
+  // The chunks that add to L or to the dH0 partials (to_state: their queries see a key before
+  // the chunk; uniform over the CTA), and per (chunk, head) the raw q rows and dO loaded into
+  // registers while the MMAs of the (chunk, head) before run.
+  auto to_state_of = [&](int64_t c) { return c * C - w - 1 > 0; };
+  auto next_chunk = [&](int64_t c) {
+    for (; c < c_end; ++c) {
+      if (to_state_of(c) || has_h0) break;
       RATT_COVER("chunk_skipped");
-      continue;
     }
+    return c;
+  };
+  PhiRows<Tr> q_rows;
+  DoRows<Tr> do_rows;
+  auto rows_of = [&](int64_t c) { return static_cast<int>(imin(C, T - c * C)); };
+  auto load_tile = [&](int64_t c, int64_t g) {
+    const int64_t t0 = c * C, h = hk * G + g;
+    const int rows = rows_of(c);
+    load_phi_rows<Tr>(q_rows, gQ + p.q_offset(p.q_stride, b, t0, h), p.q_stride.t,
+                      [=](int i) { return i < rows; });
+    load_do_rows<Tr>(do_rows, gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
+                     p.grad_out_stride.t, rows);
+  };
+  int64_t c = next_chunk(c_begin);
+  if (c < c_end) load_tile(c, 0);
+  while (c < c_end) {
+    const int rows = rows_of(c);
+    const bool to_state = to_state_of(c);
     if (to_state) RATT_COVER("chunk_to_state");
+    const int64_t c_next = next_chunk(c + 1);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
       __syncthreads();  // the previous head's MMAs are done reading sPhiQ, sdO (and sL is zeroed)
-      phi_tile_to_smem<Tr>(p.feature_map, gQ + p.q_offset(p.q_stride, b, t0, h), p.q_stride.t,
-                           [&](int i) { return i < rows; }, sPhiQ_ptr);
-      load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
-                       p.grad_out_stride.t, rows, sdO_ptr);
+      store_phi_rows<Tr>(p.feature_map, q_rows, [&](int i) { return i < rows; }, sPhiQ_ptr);
+      store_do_rows<Tr>(do_rows, sdO_ptr);
+      if (g + 1 < G) {
+        load_tile(c, g + 1);
+      } else if (c_next < c_end) {
+        load_tile(c_next, 0);
+      }
       __syncthreads();  // sPhiQ, sdO complete
       float* part = has_h0 ? gdH0part + segs.index(p, b, h, Hq, seg.z) * F * D + col0 : nullptr;
       if (has_h0) RATT_COVER("h0_partial");
@@ -99,6 +122,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         }
       }
     }
+    c = c_next;
   }
   __syncthreads();  // every warp's share of sL is final
   float* dst = gdS + segs.index(p, b, hk, Hkv, seg.z) * F * D + col0;

@@ -660,22 +660,52 @@ __device__ __forceinline__ bool load_v_tile(const typename Tr::Element* gV, int6
   return store_v_rows<Tr, zero_nonfinite>(rows, sV);
 }
 
-// dO rows [C, BV] (fp32 global, 16-byte pieces) -> sdO in the MMA type; invalid rows zero.
+// dO rows [C, BV] (fp32 global, 16-byte pieces) -> sdO in the MMA type; rows >= `rows` zero.
+// Piece idx = threadIdx.x + i * kNThreads (row idx / kPieces); in two steps as the value rows.
 template <class Tr>
-__device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,
-                                             typename Tr::Element* sdO) {
+struct DoRows {
+  static constexpr int kPieces = Tr::kBlockV / 4;  // float4 per row
+  static constexpr int kPerThread = Tr::kChunk * kPieces / Tr::kNThreads;
+  static_assert(Tr::kChunk * kPieces % Tr::kNThreads == 0, "whole pieces per thread");
+  float4 raw[kPerThread];
+  static __device__ __forceinline__ int piece(int i) { return int(threadIdx.x) + i * Tr::kNThreads; }
+  static __device__ __forceinline__ int row(int i) { return piece(i) / kPieces; }
+  static __device__ __forceinline__ int col(int i) { return (piece(i) % kPieces) * 4; }
+};
+template <class Tr>
+__device__ __forceinline__ void load_do_rows(DoRows<Tr>& rows, const float* gdO, int64_t row_stride,
+                                             int valid_rows) {
+  using R = DoRows<Tr>;
+#pragma unroll
+  for (int i = 0; i < R::kPerThread; ++i) {
+    rows.raw[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (R::row(i) < valid_rows) {
+      rows.raw[i] = *reinterpret_cast<const float4*>(
+          RATT_VECTOR_ACCESS(gdO + R::row(i) * row_stride + R::col(i), 16));
+    }
+  }
+}
+template <class Tr>
+__device__ __forceinline__ void store_do_rows(const DoRows<Tr>& rows, typename Tr::Element* sdO) {
+  using R = DoRows<Tr>;
   using Element = typename Tr::Element;
-  constexpr int kPieces = Tr::kBlockV / 4;  // float4 per row
-  for (int idx = threadIdx.x; idx < Tr::kChunk * kPieces; idx += Tr::kNThreads) {
-    const int r = idx / kPieces, c = (idx % kPieces) * 4;
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < rows) x = *reinterpret_cast<const float4*>(RATT_VECTOR_ACCESS(gdO + r * row_stride + c, 16));
-    Element* y = sdO + r * Tr::kVStride + c;  // 8-byte aligned: c is a multiple of 4
+#pragma unroll
+  for (int i = 0; i < R::kPerThread; ++i) {
+    const float4 x = rows.raw[i];
+    Element* y = sdO + R::row(i) * Tr::kVStride + R::col(i);  // 8-byte aligned: col % 4 == 0
     y[0] = Element(x.x);
     y[1] = Element(x.y);
     y[2] = Element(x.z);
     y[3] = Element(x.w);
   }
+}
+// Both steps at once.
+template <class Tr>
+__device__ __forceinline__ void load_do_tile(const float* gdO, int64_t row_stride, int rows,
+                                             typename Tr::Element* sdO) {
+  DoRows<Tr> r;
+  load_do_rows<Tr>(r, gdO, row_stride, rows);
+  store_do_rows<Tr>(r, sdO);
 }
 
 // The (sequence, kv head, segment) of a CTA of the segment grids, segments of `seg_chunks`
