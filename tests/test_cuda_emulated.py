@@ -557,55 +557,79 @@ def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_f
 # also an A100 at D = 64) the forward and the dq pass keep the state's hi and lo halves in
 # shared memory, written by every state update, and feed them to the MMA by ldmatrix; H0 then
 # joins S once per segment (G = 1) or is a product of its own per head (G > 1). The default
-# emulated A100 runs D = 64 that way (the cases above) and D = 128 with the element-wise
-# split; these run D = 128 on the emulated sm_90: the reference rule under every schedule
-# (check_rla), the launches those of the kernels that need more than sm_80 allows, and
-# without H0 the results bit for bit sm_80's (the same MMAs in the same order); with H0 out
-# and dq within fp32 rounding (S + H0 is summed in another order).
+# emulated A100 runs D = 64 with the halves (the cases above) and D = 128 without. These run
+# the other two: D = 128 with the halves on the emulated sm_90, D = 64 without on sm_86 (99
+# KiB), under every schedule against the reference (check_rla); then the same inputs on the
+# other GPU: the launches differ in the kernels' shared memory, and without H0 the results
+# are bit for bit the same (the same MMAs in the same order); with H0 out and dq agree to
+# fp32 rounding (S + H0 is summed in another order). Per (D, dtype) the cases reach every
+# marked path of those kernels (test_zz_every_kernel_path_emulated).
 RLA_HALVES_CASES = [
     # B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms
     # G = 1 with H0 (added into S), several parts per segment (4 SMs)
     pytest.param(1, 200, 2, 2, 128, 5, "softmax", "batch", 2, True, BF16, 4, marks=mutants),
-    # G = 4 with a broadcast H0 (a product per head), two sequences
+    pytest.param(1, 200, 2, 2, 128, 5, "relu", "broadcast", 2, False, FP16, 4),
+    # G = 4 with H0 (a product per head), two sequences
     pytest.param(2, 150, 4, 1, 128, 40, "relu", "broadcast", 2, False, FP16, 132),
-    # no H0, segments of several chunks (1 SM), w >= 64
+    pytest.param(2, 150, 4, 1, 128, 40, "softmax", "batch", 2, True, BF16, 132),
+    # no H0, segments of several chunks (1 SM), w >= 64 (chunks without keys)
     pytest.param(1, 260, 4, 2, 128, 70, "softmax", None, 3, True, FP16, 1),
-    pytest.param(1, 130, 2, 1, 128, 0, "relu", None, 1, False, BF16, 132),
+    pytest.param(1, 230, 2, 1, 128, 70, "relu", None, 2, False, BF16, 1),
+    # D = 64 on sm_86: G = 4, no H0, w >= 64, 1 SM; then G = 1 with H0, two sequences
+    pytest.param(1, 200, 4, 1, 64, 70, "softmax", None, 2, True, BF16, 1),
+    pytest.param(2, 150, 2, 2, 64, 5, "relu", "batch", 3, False, BF16, 132),
+    pytest.param(1, 200, 4, 1, 64, 70, "relu", None, 2, False, FP16, 1),
+    pytest.param(2, 150, 2, 2, 64, 5, "softmax", "broadcast", 3, True, FP16, 132),
 ]
+
+
+def _on_arch(emu, arch, fn):
+    emu.set_arch(arch)
+    try:
+        return fn()
+    finally:
+        emu.set_arch(emu_arch())
 
 
 @emu_kernel(*RLA_SOURCES)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype,num_sms",
                          RLA_HALVES_CASES)
-def test_rla_fwd_state_halves_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final,
-                                       dtype, num_sms):
+def test_rla_state_halves_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype,
+                                   num_sms):
     name = "bf16" if dtype == BF16 else "fp16"
-    default_arch = emu_arch()
-    emu.set_arch(90)
-    try:
-        limit = emu.max_smem_per_block()
+    halves_arch, plain_arch = (90, 80) if D == 128 else (80, 86)
+    checked = halves_arch if D == 128 else plain_arch  # the kernels only these cases run
+
+    def checked_run():
         emu.take_launch_records()
         x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms)
-        records = emu.take_launch_records()
-        halves = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
-    finally:
-        emu.set_arch(default_arch)
-    plain_limit = emu.max_smem_per_block()
+        out = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
+        return x, out, emu.take_launch_records(), emu.max_smem_per_block()
 
-    def smem(op, kernel, lim):
+    x, checked_out, records, checked_limit = _on_arch(emu, checked, checked_run)
+
+    def other_run():
+        out = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
+        grads = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w, fm,
+                            every, num_sms=num_sms)
+        return out, grads, emu.max_smem_per_block()
+
+    other_out, other_grads, other_limit = _on_arch(emu, plain_arch if checked == halves_arch
+                                                   else halves_arch, other_run)
+    limits = {checked: checked_limit, plain_arch if checked == halves_arch else halves_arch: other_limit}
+
+    def smem(op, kernel, arch):
         rows = emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every, num_sms=num_sms,
-                             max_smem_per_block=lim)
+                             max_smem_per_block=limits[arch])
         return [r["smem_bytes"] for r in rows if r["kernel"] == kernel][0]
 
     for op, kernel in (("rla_fwd", "rla_fwd_kernel"), ("rla_bwd", "rla_bwd_dq_kernel")):
-        assert smem(op, kernel, limit) > plain_limit >= smem(op, kernel, plain_limit), kernel
-        assert smem(op, kernel, limit) in [r["smem_bytes"] for r in records], kernel  # it ran
-    plain = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
-    plain_grads = emu.rla_bwd(x["go"], x["gfs"], x["q"], x["k"], x["v"], x["H0"], x["ck"], w, fm,
-                              every, num_sms=num_sms)
+        # the halves need more than the other GPU allows, and ran where they fit
+        assert smem(op, kernel, halves_arch) > limits[plain_arch] >= smem(op, kernel, plain_arch)
+        assert smem(op, kernel, checked) in [r["smem_bytes"] for r in records], kernel
     # the halves change only out and dq (passes 1 and 2, the dk/dv and state kernels are the same)
     for what, a, b in zip(("out", "final_state", "checkpoints", "dq", "dk", "dv", "dh0"),
-                          (*halves, *x["grads"]), (*plain, *plain_grads)):
+                          (*checked_out, *x["grads"]), (*other_out, *other_grads)):
         if a is None:
             assert b is None, what
         elif x["H0"] is None or what not in ("out", "dq"):
@@ -1039,7 +1063,7 @@ def test_emulated_arch_limit_fails_like_the_gpu(emu):
     # (the state's halves in shared memory, 215 KiB), which fails on sm_86 (99 KiB) and sm_80
     # (163 KiB) and runs on sm_90 (227 KiB). With the limit (the op and the emulator pass it)
     # each runs the configuration that fits (test_rla_small_smem_emulated,
-    # test_rla_fwd_state_halves_emulated).
+    # test_rla_state_halves_emulated).
     q, k, v = inputs(1, 16, 2, 1, 128, torch.bfloat16, seed=1)
     for arch, fits in ((86, False), (80, False), (90, True)):
         emu.set_arch(arch)

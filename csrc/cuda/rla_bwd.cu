@@ -35,7 +35,10 @@ cudaError_t launch_rla_bwd_batch(const RlaBwdParams& p, const RlaBwdPlan& plan, 
   if (B * Hkv == 0 || T == 0) return cudaGetLastError();
 
   // with the state's halves in shared memory where the plan found room for them
-  auto dq = plan.dq_state_halves ? &rla_bwd_dq_kernel<Tr, true> : &rla_bwd_dq_kernel<Tr, false>;
+  auto dq = &rla_bwd_dq_kernel<Tr, false>;
+  if constexpr (kRlaHalvesVariant<Tr>) {
+    if (plan.dq_state_halves) dq = &rla_bwd_dq_kernel<Tr, true>;
+  }
   if ((err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.dq.smem_bytes))) != cudaSuccess)
     return err;

@@ -107,7 +107,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 
   const bool has_h0 = gH0 != nullptr;
   const bool h0_in_state = kHalves && has_h0 && G == 1;  // H0 joins S once, as in the forward
-  if (h0_in_state) RATT_COVER("h0_in_state");
+  if constexpr (kHalves) {
+    if (h0_in_state) RATT_COVER("h0_in_state");
+  }
   load_state_start<Tr, kHalves>(
       gCkpt, h0_in_state ? gH0 + b * p.initial_state_bstride + hk * F * D + col0 : nullptr, sS,
       sShi, sSlo);

@@ -63,10 +63,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   // registers while the MMAs of the (chunk, head) before run.
   auto to_state_of = [&](int64_t c) { return c * C - w - 1 > 0; };
   auto next_chunk = [&](int64_t c) {
-    for (; c < c_end; ++c) {
-      if (to_state_of(c) || has_h0) break;
-      RATT_COVER("chunk_skipped");
-    }
+    while (c < c_end && !to_state_of(c) && !has_h0) ++c;
     return c;
   };
   PhiRows<Tr> q_rows;
@@ -81,12 +78,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
                      p.grad_out_stride.t, rows);
   };
   int64_t c = next_chunk(c_begin);
+  if (c > c_begin) RATT_COVER("chunk_skipped");
   if (c < c_end) load_tile(c, 0);
   while (c < c_end) {
     const int rows = rows_of(c);
     const bool to_state = to_state_of(c);
     if (to_state) RATT_COVER("chunk_to_state");
     const int64_t c_next = next_chunk(c + 1);
+    if (c_next > c + 1) RATT_COVER("chunk_skipped");
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");

@@ -38,7 +38,10 @@ cudaError_t launch_rla_fwd(const RlaFwdParams& p, int num_sms, float* workspace,
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // 3. outputs, every segment (part) from its checkpoint; the state's halves in shared memory
   // where the plan found room for them
-  auto kernel = plan.state_halves ? &rla_fwd_kernel<Tr, true> : &rla_fwd_kernel<Tr, false>;
+  auto kernel = &rla_fwd_kernel<Tr, false>;
+  if constexpr (kRlaHalvesVariant<Tr>) {
+    if (plan.state_halves) kernel = &rla_fwd_kernel<Tr, true>;
+  }
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.fwd.smem_bytes))) != cudaSuccess)
     return err;

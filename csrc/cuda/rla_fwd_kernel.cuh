@@ -99,7 +99,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) rla_fwd_kernel(const RlaFwdP
   const bool has_h0 = gH0 != nullptr;
   // kHalves with one query head: H0 joins S here, once (its halves then carry it)
   const bool h0_in_state = kHalves && has_h0 && G == 1;
-  if (h0_in_state) RATT_COVER("h0_in_state");
+  if constexpr (kHalves) {
+    if (h0_in_state) RATT_COVER("h0_in_state");
+  }
 
   // S = the state at the segment start (written by passes 1 and 2), and its halves.
   load_state_start<Tr, kHalves>(
@@ -296,11 +298,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   typename Tr::TiledMma mma;
   // The part's chunks with keys (the others add nothing), each one's raw k rows and values
   // loaded into registers while the state update of the one before runs.
-  auto next_with_keys = [&](int64_t c) {
+  auto next_with_keys = [&](int64_t c) {  // uniform: no key of a chunk skipped enters the state
     for (; c < seg.part_end; ++c) {
       const TileRange keys = rla_chunk_keys(c, C, T, w);
       if (keys.end > keys.begin) break;
-      RATT_COVER("chunk_without_keys");  // uniform: no key of this chunk enters the state
     }
     return c;
   };
@@ -317,6 +318,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     load_v_rows<Tr>(v_rows, gV + s_base * p.v_stride.t, p.v_stride.t, key_valid_of(c));
   };
   int64_t c = next_with_keys(seg.part_begin);
+  if (c > seg.part_begin) RATT_COVER("chunk_without_keys");
   if (c < seg.part_end) load_chunk(c);
   while (c < seg.part_end) {
     RATT_COVER("chunk_with_keys");
@@ -324,6 +326,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     store_phi_rows<Tr>(p.feature_map, k_rows, key_valid_of(c), sPhiK_ptr);
     store_v_rows<Tr>(v_rows, sV_ptr);
     const int64_t next = next_with_keys(c + 1);
+    if (next > c + 1) RATT_COVER("chunk_without_keys");
     if (next < seg.part_end) load_chunk(next);
     __syncthreads();
     rla_state_update<Tr>(mma, sS, sPhiKt, sVt);

@@ -58,6 +58,12 @@ struct RlaFwdPlan {
   }
 };
 
+// The configurations with kernels that keep the state's halves in shared memory: the default
+// ones (64 value columns, phi(q) whole). The 99 KB configuration serves GPUs below the
+// default's need, where the halves (more than that again) cannot fit.
+template <class Tr>
+inline constexpr bool kRlaHalvesVariant = Tr::kBlockV == kRlaBlockV && Tr::kQParts == 1;
+
 // Whether a kernel that reads the state keeps its hi + lo halves in shared memory
 // (rla_fwd_kernel<Tr, true>, rla_bwd_dq_kernel<Tr, true>; rla_traits.cuh): where the device
 // allows the `bytes` that takes (an H100 / H200 at D = 128, also an A100 at D = 64; an
@@ -89,7 +95,7 @@ RlaFwdPlan rla_fwd_plan(const RlaFwdParams& p, int num_sms) {
                             kRlaElementwiseThreads, 0,
                             plan.parts > 1 ? plan.n_checkpoints * plan.parts
                                            : imax(1, plan.n_checkpoints - 1));
-  plan.state_halves = rla_state_halves_fit(p, Tr::kSmemFwdHalves);
+  plan.state_halves = kRlaHalvesVariant<Tr> && rla_state_halves_fit(p, Tr::kSmemFwdHalves);
   plan.fwd = make_launch("rla_fwd_kernel", grid, Tr::kNThreads,
                          plan.state_halves ? Tr::kSmemFwdHalves : Tr::kSmemFwd, segment_chunks);
   return plan;
@@ -194,7 +200,7 @@ RlaBwdPlan rla_bwd_batch_plan(const RlaBwdParams& p, int num_sms) {
   plan.dq_parts = p.packed() ? 1 : rla_segment_parts(Tr::kNVBlocks * bh * n_ckpt, every, num_sms);
   const GridDims dq_grid = p.packed() ? GridDims{Tr::kNVBlocks, Hkv, p.ckpt_slots()}
                                       : GridDims{Tr::kNVBlocks, bh, n_ckpt * plan.dq_parts};
-  plan.dq_state_halves = rla_state_halves_fit(p, Sm::kDqHalves);
+  plan.dq_state_halves = kRlaHalvesVariant<Tr> && rla_state_halves_fit(p, Sm::kDqHalves);
   plan.dq = make_launch("rla_bwd_dq_kernel", dq_grid, Tr::kNThreads,
                         plan.dq_state_halves ? Sm::kDqHalves : Sm::kDq, every);
   const GridDims seg_grid{Tr::kNVBlocks, seg_heads, segs.slots};
@@ -283,6 +289,9 @@ template <class Element, int D>
 using RlaDefaultTraits = RlaTraits<Element, D, kRlaBlockV>;
 template <class Element, int D>
 using RlaSmallSmemTraits = RlaTraits<Element, D, 32, 2 * D / 64>;
+static_assert(kRlaHalvesVariant<RlaDefaultTraits<cutlass::bfloat16_t, 128>> &&
+                  !kRlaHalvesVariant<RlaSmallSmemTraits<cutlass::bfloat16_t, 128>>,
+              "the state's halves are the default configuration's");
 
 // The most dynamic shared memory per block any RLA kernel of configuration Tr takes (the
 // forward's and the backward's alike, so that both ops run the same configuration).
