@@ -519,6 +519,15 @@ RLA_SMALL_SMEM_CASES = [
 ]
 
 
+def _on_arch(emu, arch, fn):
+    """fn() with the emulator modelling GPU `arch`, then the default one again."""
+    emu.set_arch(arch)
+    try:
+        return fn()
+    finally:
+        emu.set_arch(emu_arch())
+
+
 @emu_kernel(*RLA_SOURCES)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,w,fm,h0,every,grad_final,dtype,num_sms",
                          RLA_SMALL_SMEM_CASES)
@@ -531,16 +540,14 @@ def test_rla_small_smem_emulated(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_f
         assert max(r["smem_bytes"] for r in rows) <= limit, op
         default = emu.plan_rows(op, B, T, Hq, Hkv, D, w, name, every)
         assert max(r["smem_bytes"] for r in default) > limit, op  # so the limit chose
-    default_arch = emu_arch()
-    emu.set_arch(86)
-    try:
+    def small_run():
         emu.take_launch_records()
         x = check_rla(emu, B, T, Hq, Hkv, D, w, fm, h0, every, grad_final, dtype, num_sms)
         records = emu.take_launch_records()
         assert records and max(r["smem_bytes"] for r in records) <= limit
-        small = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
-    finally:
-        emu.set_arch(default_arch)
+        return x, emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
+
+    x, small = _on_arch(emu, 86, small_run)
     big = emu.rla_fwd(x["q"], x["k"], x["v"], w, fm, x["H0"], every, num_sms=num_sms)
     for what, a, b in zip(("out", "final_state", "checkpoints"), small, big):
         assert torch.equal(a, b), what
@@ -581,14 +588,6 @@ RLA_HALVES_CASES = [
     pytest.param(1, 200, 4, 1, 64, 70, "relu", None, 2, False, FP16, 1),
     pytest.param(2, 150, 2, 2, 64, 5, "softmax", "broadcast", 3, True, FP16, 132),
 ]
-
-
-def _on_arch(emu, arch, fn):
-    emu.set_arch(arch)
-    try:
-        return fn()
-    finally:
-        emu.set_arch(emu_arch())
 
 
 @emu_kernel(*RLA_SOURCES)

@@ -323,46 +323,39 @@ __device__ __forceinline__ void rla_state_update(TiledMma& mma, TS& sS, TK const
                                                  TV const& sVt) {
   rla_state_update<Tr>(mma, sS, sPhiKt, sVt, [](int, auto const&) {});
 }
-// The same, also writing the updated state's halves to sHi, sLo [2D, BV] (split_hi_lo) for
-// gemm_ss_halves. Each thread writes the entries it updated, so the barrier that makes sS
-// complete makes the halves complete too. Accumulator entries i, i + 1 (i even) are a column
-// pair of one row (the MMA's C fragment; asserted on the partition's layout), so each half
-// of a pair goes out as one 4-byte store.
-template <class Tr, class TiledMma, class TS, class TH, class TK, class TV>
-__device__ __forceinline__ void rla_state_update_with_halves(TiledMma& mma, TS& sS, TH& sHi,
-                                                             TH& sLo, TK const& sPhiKt,
-                                                             TV const& sVt) {
-  using namespace cute;
-  constexpr int C = Tr::kChunk, BV = Tr::kBlockV;
-  auto thr = mma.get_thread_slice(threadIdx.x);
-  rla_state_update<Tr>(mma, sS, sPhiKt, sVt, [&](int m, auto const& acc_u) {
-    Tensor tUsHi = thr.partition_C(local_tile(sHi, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
-    Tensor tUsLo = thr.partition_C(local_tile(sLo, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
-    static_assert(decltype(size<0, 0>(tUsHi))::value == 2 &&
-                      is_constant<1, decltype(stride<0, 0>(tUsHi))>::value,
-                  "entries 2j, 2j + 1 of the partition are adjacent columns");
-    using EB = typename std::decay_t<TH>::value_type;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_u); i += 2) {
-      EB hi[2], lo[2];
-      split_hi_lo(acc_u(i), hi[0], lo[0]);
-      split_hi_lo(acc_u(i + 1), hi[1], lo[1]);
-      uint32_t hi2, lo2;
-      memcpy(&hi2, hi, 4);
-      memcpy(&lo2, lo, 4);
-      *reinterpret_cast<uint32_t*>(RATT_VECTOR_ACCESS(&tUsHi(i), 4)) = hi2;
-      *reinterpret_cast<uint32_t*>(RATT_VECTOR_ACCESS(&tUsLo(i), 4)) = lo2;
-    }
-  });
-}
-// rla_state_update, with the halves when kHalves.
+// rla_state_update, with kHalves also writing the updated state's halves to sHi, sLo
+// [2D, BV] (split_hi_lo) for gemm_ss_halves. Each thread writes the entries it updated, so the
+// barrier that makes sS complete makes the halves complete too. Accumulator entries i, i + 1
+// (i even) are a column pair of one row (the MMA's C fragment; asserted on the partition's
+// layout), so each half of a pair goes out as one 4-byte store.
 template <class Tr, bool kHalves, class TiledMma, class TS, class TH, class TK, class TV>
 __device__ __forceinline__ void rla_state_update_halves_if(TiledMma& mma, TS& sS, TH& sHi, TH& sLo,
                                                            TK const& sPhiKt, TV const& sVt) {
-  if constexpr (kHalves) {
-    rla_state_update_with_halves<Tr>(mma, sS, sHi, sLo, sPhiKt, sVt);
-  } else {
+  using namespace cute;
+  if constexpr (!kHalves) {
     rla_state_update<Tr>(mma, sS, sPhiKt, sVt);
+  } else {
+    constexpr int C = Tr::kChunk, BV = Tr::kBlockV;
+    auto thr = mma.get_thread_slice(threadIdx.x);
+    rla_state_update<Tr>(mma, sS, sPhiKt, sVt, [&](int m, auto const& acc_u) {
+      Tensor tUsHi = thr.partition_C(local_tile(sHi, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
+      Tensor tUsLo = thr.partition_C(local_tile(sLo, Shape<Int<C>, Int<BV>>{}, make_coord(m, 0)));
+      static_assert(decltype(size<0, 0>(tUsHi))::value == 2 &&
+                        is_constant<1, decltype(stride<0, 0>(tUsHi))>::value,
+                    "entries 2j, 2j + 1 of the partition are adjacent columns");
+      using EB = typename std::decay_t<TH>::value_type;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_u); i += 2) {
+        EB hi[2], lo[2];
+        split_hi_lo(acc_u(i), hi[0], lo[0]);
+        split_hi_lo(acc_u(i + 1), hi[1], lo[1]);
+        uint32_t hi2, lo2;
+        memcpy(&hi2, hi, 4);
+        memcpy(&lo2, lo, 4);
+        *reinterpret_cast<uint32_t*>(RATT_VECTOR_ACCESS(&tUsHi(i), 4)) = hi2;
+        *reinterpret_cast<uint32_t*>(RATT_VECTOR_ACCESS(&tUsLo(i), 4)) = lo2;
+      }
+    });
   }
 }
 
@@ -603,16 +596,22 @@ __device__ __forceinline__ bool store_phi_q_part(FeatureMap fm, const PhiRows<Tr
 // 16-byte pieces, piece idx = threadIdx.x + i * kNThreads of the tile (row idx / kPieces);
 // as the phi rows, in two steps (load_v_rows into registers, store_v_rows) so that a kernel
 // can load the next chunk's values ahead.
-template <class Tr>
-struct VRows {
-  static constexpr int kPieces = Tr::kBlockV / kVec16;  // per row
+// A [kChunk, kBlockV] tile as 16-byte pieces of kPerPiece elements, spread over the CTA:
+// the thread's i-th piece is piece(i) of the tile, at (row(i), col(i)).
+template <class Tr, int kPerPiece>
+struct TilePieces {
+  static constexpr int kPieces = Tr::kBlockV / kPerPiece;  // per row
   static constexpr int kPerThread = Tr::kChunk * kPieces / Tr::kNThreads;
-  static_assert(Tr::kBlockV % kVec16 == 0 && Tr::kVStride % kVec16 == 0, "16-byte pieces");
+  static_assert(Tr::kBlockV % kPerPiece == 0, "whole pieces per row");
   static_assert(Tr::kChunk * kPieces % Tr::kNThreads == 0, "whole pieces per thread");
-  uint4 raw[kPerThread];
-  static __device__ __forceinline__ int row(int i) { return piece(i) / kPieces; }
-  static __device__ __forceinline__ int col(int i) { return (piece(i) % kPieces) * kVec16; }
   static __device__ __forceinline__ int piece(int i) { return int(threadIdx.x) + i * Tr::kNThreads; }
+  static __device__ __forceinline__ int row(int i) { return piece(i) / kPieces; }
+  static __device__ __forceinline__ int col(int i) { return (piece(i) % kPieces) * kPerPiece; }
+};
+template <class Tr>
+struct VRows : TilePieces<Tr, kVec16> {
+  static_assert(Tr::kVStride % kVec16 == 0, "rows of sV start 16-byte aligned");
+  uint4 raw[TilePieces<Tr, kVec16>::kPerThread];
 };
 template <class Tr, class Valid>
 __device__ __forceinline__ void load_v_rows(VRows<Tr>& rows, const typename Tr::Element* gV,
@@ -663,14 +662,8 @@ __device__ __forceinline__ bool load_v_tile(const typename Tr::Element* gV, int6
 // dO rows [C, BV] (fp32 global, 16-byte pieces) -> sdO in the MMA type; rows >= `rows` zero.
 // Piece idx = threadIdx.x + i * kNThreads (row idx / kPieces); in two steps as the value rows.
 template <class Tr>
-struct DoRows {
-  static constexpr int kPieces = Tr::kBlockV / 4;  // float4 per row
-  static constexpr int kPerThread = Tr::kChunk * kPieces / Tr::kNThreads;
-  static_assert(Tr::kChunk * kPieces % Tr::kNThreads == 0, "whole pieces per thread");
-  float4 raw[kPerThread];
-  static __device__ __forceinline__ int piece(int i) { return int(threadIdx.x) + i * Tr::kNThreads; }
-  static __device__ __forceinline__ int row(int i) { return piece(i) / kPieces; }
-  static __device__ __forceinline__ int col(int i) { return (piece(i) % kPieces) * 4; }
+struct DoRows : TilePieces<Tr, 4> {  // float4 pieces
+  float4 raw[TilePieces<Tr, 4>::kPerThread];
 };
 template <class Tr>
 __device__ __forceinline__ void load_do_rows(DoRows<Tr>& rows, const float* gdO, int64_t row_stride,
