@@ -12,7 +12,7 @@ ARCHS ?= 80;90a
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: venv build dev test demo bench wheel cuda-check emu-mutants cutlass gpu-check clean
+.PHONY: venv build dev test demo bench wheel cuda-check emu-mutants cutlass gpu-check gpu-wheels clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -69,6 +69,12 @@ emu-mutants: build $(VENV)/.cuda-tools-stamp
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The wheels of flash-linear-attention (pure Python, Triton kernels) into .whl/ (ignored), for
+# the benchmark peer on an offline GPU machine: tools/gpu_session.sh installs them from there.
+FLA_VERSION ?= 0.6.0
+gpu-wheels: $(VENV)/.deps-stamp
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl flash-linear-attention==$(FLA_VERSION) fla-core==$(FLA_VERSION)
 
 # Copy the CuTe/CUTLASS headers into the checkout (third_party/, ignored) so an offline
 # GPU machine can build from the checkout alone.

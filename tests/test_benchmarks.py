@@ -134,3 +134,43 @@ def test_packed_cpu_benchmark_runs_tiny(tmp_path):
     assert data["ratios"]["padded_time_over_packed"] > 0
     assert data["meta"]["commit"] and data["meta"]["cpu"]
     assert "padding factor" in (tmp_path / "latest_packed_cpu.md").read_text()
+
+
+def _tool_env():
+    pkg_parent = str(Path(rattention_ext.__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=pkg_parent)
+
+
+def test_gpu_sanitize_cases_run_on_cpu():
+    """tools/gpu_sanitize_cases.py (what compute-sanitizer runs on a GPU machine) computes the
+    right answers on the CPU backend: every case checks itself against the float64 reference."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_sanitize_cases.py"), "--device",
+                        "cpu"], env=_tool_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    oks = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
+    assert len(oks) == 12, r.stdout  # 5 cases x 2 head dims, the relu case with two sequences
+    assert "0 failed" in r.stdout
+
+
+def test_gpu_profile_cases_run_on_cpu():
+    """tools/gpu_profile_cases.py's S1 and D1 steps run (unprofiled) on the CPU backend."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_profile_cases.py"), "--device",
+                        "cpu", "--only", "S1", "--only", "D1"], env=_tool_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "S1 ran" in r.stdout and "D1 ran" in r.stdout
+
+
+def test_gpu_session_script_reports_phases(tmp_path):
+    """tools/gpu_session.sh without a CUDA build: the GPU phases say why they are skipped, an
+    unknown phase is named, and what comes back is the summary and one log archive."""
+    env = dict(_tool_env(), OUT=str(tmp_path), PYTHON=sys.executable, RATTENTION_COMMIT="abc123",
+               RATTENTION_DEADLINE_S="120")
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_session.sh"), "sanitize", "ncu", "bogus"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "commit abc123" in summary
+    assert "sanitize: skipped (no extension with CUDA kernels importable" in summary
+    assert "ncu: skipped" in summary and "unknown phase 'bogus'" in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "summary.txt"]

@@ -42,11 +42,13 @@ def cutlass_dir() -> str:
 
 
 def git_commit() -> str:
+    """HEAD, or RATTENTION_COMMIT where the tree came without .git (the device machine)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
     except OSError:
-        return "unknown"
+        sha = ""
+    return sha or os.environ.get("RATTENTION_COMMIT", "unknown")
 
 
 def plan(arch: str, cutlass: str):
