@@ -25,6 +25,8 @@
 //      dphi(k) += mask(dO v^T)^T phi(q) (+ v dS^T once, for g = 0)  -> a wsK slot
 //      dv       = sum_g mask(phi(q) phi(k)^T)^T dO + phi(k) dS               -> grad_v (owned)
 //      dS      += sum_g phi(q)^T dO   (not after the segment's first chunk)
+//    Each (chunk, head)'s q rows and dO are loaded into registers behind the MMAs of the one
+//    before; the walk stops at the segment's first chunk with keys (the ones before have none).
 // 4. rla_bwd_phi_postprocess_kernel: one warp per row, dq = phi'(q) (sum of the wsQ slots),
 //    dk = phi'(k) (sum of the wsK slots), slots in a fixed order.
 // wsK [slots, B, T, Hkv, 2D] (rla_dk_slots): with G > 1 each value slice owns a slot and sums
@@ -296,40 +298,52 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor tVcV = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));  // (C keys, BV)
   Tensor tSsP = thr.partition_C(sP);
 
-  for (int64_t c = c_end - 1; c >= c_begin; --c) {
+  // A chunk without keys is one of the sequence's first (its last query sees no key before
+  // the chunk), and its queries update no dS (that needs key s_base in the chunk): the walk
+  // from the segment's last chunk ends before the first such chunk. Per (chunk, head) the raw
+  // q rows and dO are loaded into registers while the MMAs of the (chunk, head) before run.
+  auto has_keys_of = [&](int64_t c) {
+    const TileRange keys = rla_chunk_keys(c, C, T, w);
+    return keys.end > keys.begin;
+  };
+  int64_t c_first = c_begin;  // the segment's first chunk with keys
+  while (c_first < c_end && !has_keys_of(c_first)) ++c_first;
+  if (c_first > c_begin) RATT_COVER("chunk_skipped");
+  PhiRows<Tr> q_raw;
+  DoRows<Tr> do_raw;
+  auto rows_of = [&](int64_t c) { return static_cast<int>(imin(C, T - c * C)); };
+  auto q_rows_of = [&](int64_t c, int64_t h) { return gQ + p.q_offset(p.q_stride, b, c * C, h); };
+  auto load_q_do = [&](int64_t c, int64_t g) {
+    const int64_t h = hk * G + g;
+    const int rows = rows_of(c);
+    load_phi_rows<Tr>(q_raw, q_rows_of(c, h), p.q_stride.t, [=](int i) { return i < rows; });
+    load_do_rows<Tr>(do_raw, gdO + p.q_offset(p.grad_out_stride, b, c * C, h) + col0,
+                     p.grad_out_stride.t, rows);
+  };
+  if (c_first < c_end) load_q_do(c_end - 1, 0);
+
+  for (int64_t c = c_end - 1; c >= c_first; --c) {
+    RATT_COVER("chunk_with_keys");
     const int64_t t0 = c * C;
-    const int rows = static_cast<int>(imin(C, T - t0));
+    const int rows = rows_of(c);
     const TileRange keys = rla_chunk_keys(c, C, T, w);
     const int64_t s_base = t0 - w - 1;
-    const bool has_keys = keys.end > keys.begin;
     // The chunk's queries update dS only for an earlier key of this segment (the earlier
-    // segments start from their own dS); without keys that is all they are for.
+    // segments start from their own dS).
     const bool update_ds = c > c_begin && s_base > 0;
-    const bool need_q = has_keys || update_ds;
     auto key_valid = [&](int j) { return s_base + j >= keys.begin && s_base + j < keys.end; };
     // emu-mutants: redundant because the last shared reads of the previous chunk (sPhiQ, sdO,
-    // sP, sV, sPhiK in its head loop) all precede that loop's closing barrier, and a chunk
-    // skipped by `continue` wrote nothing (no keys); kept as a cheap guard for edits.
+    // sP, sV, sPhiK in its head loop) all precede that loop's closing barrier; kept as a
+    // cheap guard for edits.
     __syncthreads();
-    if (has_keys) {
-      phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
-      load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
-    }
-    if (!need_q) {
-      RATT_COVER("chunk_skipped");
-      continue;
-    }
+    phi_tile_to_smem<Tr>(p.feature_map, gK + s_base * p.k_stride.t, p.k_stride.t, key_valid, sPhiK_ptr);
+    load_v_tile<Tr>(gV + s_base * p.v_stride.t, p.v_stride.t, key_valid, sV_ptr);
     __syncthreads();
 
     Tensor acc_dv = partition_fragment_C(mma, Shape<Int<C>, Int<BV>>{});  // (C keys, BV)
     clear(acc_dv);
-    if (has_keys) {
-      // dv += phi(k) dS (dS = everything after this chunk)
-      gemm_s_state_split(mma, acc_dv, sPhiK, sdS_B, sdS_B, false);
-    }
-    // A chunk here has keys: one without keys is skipped above unless it updates dS, and
-    // update_ds needs s_base > 0, which puts key s_base in the chunk.
-    if (has_keys) RATT_COVER("chunk_with_keys");
+    // dv += phi(k) dS (dS = everything after this chunk)
+    gemm_s_state_split(mma, acc_dv, sPhiK, sdS_B, sdS_B, false);
     if (G == 1) {
       RATT_COVER("dk_shared_slot");
     } else {
@@ -342,10 +356,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
       if (g > 0) RATT_COVER("group_head");
-      const Element* q_rows = gQ + p.q_offset(p.q_stride, b, t0, h);
       auto q_valid = [&](int i) { return i < rows; };
-      load_do_tile<Tr>(gdO + p.q_offset(p.grad_out_stride, b, t0, h) + col0,
-                       p.grad_out_stride.t, rows, sdO_ptr);
+      store_do_rows<Tr>(do_raw, sdO_ptr);
       // dphi(k) = P^T phi(q) (P = mask(dO v^T)) and dS += phi(q)^T dO take phi(q) a 64-feature
       // tile at a time; Pk = phi(q) phi(k)^T contracts over the features: each part adds its
       // share (the same MMAs in the same order as with phi(q) whole).
@@ -355,61 +367,63 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 #pragma unroll 1
       for (int qp = 0; qp < Tr::kQParts; ++qp) {
         if (qp > 0) __syncthreads();  // every warp is done with the previous part
-        const bool q_mine =
-            phi_q_part_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr, qp);
+        const bool q_mine = store_phi_q_part<Tr>(p.feature_map, q_raw, q_valid, sPhiQ_ptr, qp);
+        if (qp + 1 == Tr::kQParts) {  // the raw rows are stored: load the next (chunk, head)'s
+          const bool last_head = g + 1 == G;
+          if (!last_head || c > c_first) load_q_do(last_head ? c - 1 : c, last_head ? 0 : g + 1);
+        }
         // the part (and sdO) complete; whether it holds a NaN / Inf (nan_tiles.cuh): P^T phi(q)
         // then takes it only into the keys j <= i query i sees, on the part with it zeroed.
         const bool q_nonfinite = __syncthreads_or(q_mine);
-        if (has_keys) {
-          uint64_t q_hits = 0;
-          if (q_nonfinite) {
-            q_hits = nonfinite_hits<kPartTiles, C>(tScS, sPhiQ_ptr, Tr::kQPhiStride, C,
-                                                   [](int j, int i) { return j <= i; });
-          }
-          if (qp == 0) {  // P = mask(dO v^T) (C q, C keys), once per head
-            Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
-            clear(acc_s);
-            gemm_ss(mma, acc_s, sdO, sV);
-            store_causal_mask(tSsP, tScS, acc_s);
-            __syncthreads();  // sP complete; the hits are read
-          } else if (q_nonfinite) {
-            __syncthreads();  // the hits are read
-          }
-          if (q_nonfinite) {
-            zero_nonfinite_tile<C, QF>(sPhiQ_ptr, Tr::kQPhiStride);
-            __syncthreads();  // the part zeroed before the MMAs read it
-          }
-          // dphi(k)[:, tile mg] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
-#pragma unroll 1  // feature tiles one at a time: acc_dv, acc_pk stay live across the loops
-          for (int m = 0; m < kPartTiles; ++m) {
-            const int mg = qp * kPartTiles + m;  // the tile among the 2D features
-            Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
-            clear(acc_k);
-            gemm_ss(mma, acc_k, sPt, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
-            if (q_nonfinite) add_nan_hits(acc_k, q_hits, m * int(size(acc_k)));
-            if (g == 0) {
-              Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(mg, 0));  // (64 feat, BV)
-              gemm_s_state_split(mma, acc_k, sV, sdS_m, sdS_m, false);
-            }
-            CUTE_UNROLL
-            for (int i = 0; i < size(acc_k); ++i) {
-              const int j = get<0>(tScS(i));
-              if (!key_valid(j)) continue;
-              float* dst = ws + j * Hkv * D2 + mg * C + get<1>(tScS(i));
-              if (G == 1) {
-                atomicAdd(dst, acc_k(i));  // two value slices share the slot
-              } else {
-                *dst += acc_k(i);  // own slot: this thread adds head g after head g - 1
-              }
-            }
-          }
-          if (q_nonfinite) {  // dv and dS take phi(q) as it is
-            __syncthreads();  // every read of the zeroed part done
-            phi_q_part_to_smem<Tr>(p.feature_map, q_rows, p.q_stride.t, q_valid, sPhiQ_ptr, qp);
-            __syncthreads();  // the restored part is complete before it is read
-          }
-          gemm_ss(mma, acc_pk, sPhiQ, local_tile(sPhiK, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp)));
+        uint64_t q_hits = 0;
+        if (q_nonfinite) {
+          q_hits = nonfinite_hits<kPartTiles, C>(tScS, sPhiQ_ptr, Tr::kQPhiStride, C,
+                                                 [](int j, int i) { return j <= i; });
         }
+        if (qp == 0) {  // P = mask(dO v^T) (C q, C keys), once per head
+          Tensor acc_s = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+          clear(acc_s);
+          gemm_ss(mma, acc_s, sdO, sV);
+          store_causal_mask(tSsP, tScS, acc_s);
+          __syncthreads();  // sP complete; the hits are read
+        } else if (q_nonfinite) {
+          __syncthreads();  // the hits are read
+        }
+        if (q_nonfinite) {
+          zero_nonfinite_tile<C, QF>(sPhiQ_ptr, Tr::kQPhiStride);
+          __syncthreads();  // the part zeroed before the MMAs read it
+        }
+        // dphi(k)[:, tile mg] = P^T phi(q) (+ v dS^T for g = 0)  -> wsK (keys x 64 features)
+#pragma unroll 1  // feature tiles one at a time: acc_dv, acc_pk stay live across the loops
+        for (int m = 0; m < kPartTiles; ++m) {
+          const int mg = qp * kPartTiles + m;  // the tile among the 2D features
+          Tensor acc_k = partition_fragment_C(mma, Shape<Int<C>, Int<C>>{});
+          clear(acc_k);
+          gemm_ss(mma, acc_k, sPt, local_tile(sPhiQt, Shape<Int<C>, Int<C>>{}, make_coord(m, 0)));
+          if (q_nonfinite) add_nan_hits(acc_k, q_hits, m * int(size(acc_k)));
+          if (g == 0) {
+            Tensor sdS_m = local_tile(sdS, Shape<Int<C>, Int<BV>>{}, make_coord(mg, 0));  // (64 feat, BV)
+            gemm_s_state_split(mma, acc_k, sV, sdS_m, sdS_m, false);
+          }
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc_k); ++i) {
+            const int j = get<0>(tScS(i));
+            if (!key_valid(j)) continue;
+            float* dst = ws + j * Hkv * D2 + mg * C + get<1>(tScS(i));
+            if (G == 1) {
+              atomicAdd(dst, acc_k(i));  // two value slices share the slot
+            } else {
+              *dst += acc_k(i);  // own slot: this thread adds head g after head g - 1
+            }
+          }
+        }
+        if (q_nonfinite) {  // dv and dS take phi(q) as it is
+          __syncthreads();  // every read of the zeroed part done
+          // (the raw rows in registers are the next tile's by now)
+          phi_q_part_to_smem<Tr>(p.feature_map, q_rows_of(c, h), p.q_stride.t, q_valid, sPhiQ_ptr, qp);
+          __syncthreads();  // the restored part is complete before it is read
+        }
+        gemm_ss(mma, acc_pk, sPhiQ, local_tile(sPhiK, Shape<Int<C>, Int<QF>>{}, make_coord(0, qp)));
         if (update_ds) {
           // dS += phi(q)^T dO on the part's tiles (dH0 is rla_bwd_state_kernel's: per head and
           // segment). Head 0 read those rows of dS above (its dphi(k) state term) in every
@@ -428,22 +442,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           }
         }
       }
-      if (has_keys) {
-        // Pk = mask(phi(q) phi(k)^T);  dv += Pk^T dO. sP is free once every part's dphi(k) read it.
-        __syncthreads();  // sP (dO v^T) consumed
-        store_causal_mask(tSsP, tScS, acc_pk);
-        __syncthreads();  // sP complete
-        gemm_ss(mma, acc_dv, sPt, sdOt);
-      }
+      // Pk = mask(phi(q) phi(k)^T);  dv += Pk^T dO. sP is free once every part's dphi(k) read it.
+      __syncthreads();  // sP (dO v^T) consumed
+      store_causal_mask(tSsP, tScS, acc_pk);
+      __syncthreads();  // sP complete
+      gemm_ss(mma, acc_dv, sPt, sdOt);
       __syncthreads();  // sPhiQ, sdO, sP free for the next head
     }
-    if (has_keys) {
-      Element* dv = gdV + (p.k_row(b, s_base) * Hkv + hk) * D + col0;
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dv); ++i) {
-        const int j = get<0>(tVcV(i));
-        if (key_valid(j)) dv[j * Hkv * D + get<1>(tVcV(i))] = Element(acc_dv(i));
-      }
+    Element* dv = gdV + (p.k_row(b, s_base) * Hkv + hk) * D + col0;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dv); ++i) {
+      const int j = get<0>(tVcV(i));
+      if (key_valid(j)) dv[j * Hkv * D + get<1>(tVcV(i))] = Element(acc_dv(i));
     }
   }
 }

@@ -573,16 +573,8 @@ __device__ __forceinline__ bool phi_tile_to_smem(FeatureMap fm, const typename T
   load_phi_rows<Tr>(rows, gX, row_stride, valid);
   return store_phi_rows<Tr, kCols, kStride>(fm, rows, valid, sPhi, f0);
 }
-// Part `part` of phi(q) (RlaTraits::kQParts) into a [kChunk, kQFeat] buffer.
-template <class Tr, class Valid>
-__device__ __forceinline__ bool phi_q_part_to_smem(FeatureMap fm, const typename Tr::Element* gX,
-                                                   int64_t row_stride, Valid valid,
-                                                   typename Tr::Element* sPhiQ, int part) {
-  if (part > 0) RATT_COVER_ANY("phi_q_part");
-  return phi_tile_to_smem<Tr, Tr::kQFeat, Tr::kQPhiStride>(fm, gX, row_stride, valid, sPhiQ,
-                                                           part * Tr::kQFeat);
-}
-// The same from rows loaded ahead (load_phi_rows).
+// Part `part` of phi(q) (RlaTraits::kQParts) into a [kChunk, kQFeat] buffer, from rows loaded
+// ahead (load_phi_rows).
 template <class Tr, class Valid>
 __device__ __forceinline__ bool store_phi_q_part(FeatureMap fm, const PhiRows<Tr>& rows,
                                                  Valid valid, typename Tr::Element* sPhiQ,
@@ -590,6 +582,15 @@ __device__ __forceinline__ bool store_phi_q_part(FeatureMap fm, const PhiRows<Tr
   if (part > 0) RATT_COVER_ANY("phi_q_part");
   return store_phi_rows<Tr, Tr::kQFeat, Tr::kQPhiStride>(fm, rows, valid, sPhiQ,
                                                          part * Tr::kQFeat);
+}
+// The same with the rows' loads (both steps at once).
+template <class Tr, class Valid>
+__device__ __forceinline__ bool phi_q_part_to_smem(FeatureMap fm, const typename Tr::Element* gX,
+                                                   int64_t row_stride, Valid valid,
+                                                   typename Tr::Element* sPhiQ, int part) {
+  PhiRows<Tr> rows;
+  load_phi_rows<Tr>(rows, gX, row_stride, valid);
+  return store_phi_q_part<Tr>(fm, rows, valid, sPhiQ, part);
 }
 
 // A [kChunk, kBlockV] slice of value rows into sV (stride kVStride); invalid rows are zero.
