@@ -191,6 +191,8 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true",
+                    help="no benchmark and no JSON (tools/gpu_session.sh runs the steps apart)")
     args = ap.parse_args()
 
     if args.dry_run:
@@ -224,6 +226,8 @@ def main() -> int:
     if not args.skip_tests:
         penv = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
         test_rc = subprocess.run(test, cwd=ROOT / "tests", env=penv).returncode
+    if args.skip_bench:
+        return test_rc
     sys.path.insert(0, str(ROOT / "python"))
     rows = bench()
     name = torch.cuda.get_device_name()

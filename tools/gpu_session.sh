@@ -3,21 +3,24 @@
 # command at most 10): everything the open GPU issues ask for, in order, each phase under its
 # own time limit and all of them under one deadline, every log under $OUT.
 #
-#   RATTENTION_COMMIT=<sha> tools/gpu_session.sh [phase ...]      (default: check sanitize ncu)
+#   RATTENTION_COMMIT=<sha> tools/gpu_session.sh [phase ...]   (default: check sanitize ncu)
 #
-# Phases:
-#   check     tools/gpu_check.py: build for this GPU's arch, tests/test_*_cuda.py, the benchmark
-#             (SWA vs FlexAttention, RAttention w=512 vs SWA w=2048, RLA vs flash-linear-attention
-#             when its wheels were carried in .whl/: `make gpu-wheels`), the JSON into $OUT.
+# Phases (tools/gpu_check.py does build, tests and bench; each is a phase of its own so that a
+# hanging test cannot cost the benchmark, and a later call on a warm machine skips the build):
+#   build     the extension for this GPU's arch, in place (python/rattention_ext/_C*.so);
+#   tests     tests/test_*_cuda.py;
+#   bench     SWA vs FlexAttention, RAttention w=512 vs SWA w=2048, RLA vs flash-linear-attention
+#             (when its wheels were carried in .whl/: `make gpu-wheels`); the JSON into $OUT;
+#   check     build, tests, bench;
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck over
-#             tools/gpu_sanitize_cases.py (small cases of every op, checked against the reference).
-#   ncu       Nsight Compute (--clock-control none: the clocks stay as found) on one forward +
-#             backward at S1 and one decode step at D1: per kernel duration, SM / memory
-#             throughput, achieved occupancy, registers, shared memory, as CSV.
-# `sanitize` and `ncu` need the extension `check` built (in this same call: a fresh machine
-# has nothing). Environment: RATTENTION_DEADLINE_S (default 570: seconds from the start after
-# which no phase starts and a running one is cut), RATTENTION_COMMIT (the checkout's commit:
-# the machine gets the tree without .git).
+#             tools/gpu_sanitize_cases.py (small cases of every op, checked against the reference);
+#   ncu       Nsight Compute (--clock-control none: the clocks stay as found) over
+#             tools/gpu_profile_cases.py (S1 forward + backward, D1 and D2 decode steps): per
+#             kernel duration, SM / memory throughput, occupancy, registers, shared memory (CSV).
+# Every phase after `build` builds first where no extension with CUDA kernels imports (a fresh
+# machine has nothing). Environment: RATTENTION_DEADLINE_S (default 570: seconds from the start
+# after which no phase starts and a running one is cut), RATTENTION_COMMIT (the checkout's
+# commit: the machine gets the tree without .git).
 # Prepare here first: `make cutlass gpu-wheels`, then run it through the device tool with
 # carry ["third_party/cutlass", ".whl"]; copy what comes back into benchmarks/results/.
 set -u
@@ -85,17 +88,45 @@ has_cuda_build() {
     >/dev/null 2>&1
 }
 
+built=no  # yes, or failed: a build that failed is not tried again in this call
+need_build() {
+  [ $built = yes ] && return 0
+  [ $built = failed ] && return 1
+  if has_cuda_build; then
+    built=yes
+    return 0
+  fi
+  run build 300 "$PY" tools/gpu_check.py --skip-tests --skip-bench
+  if has_cuda_build; then
+    built=yes
+    return 0
+  fi
+  built=failed
+  note "no extension with CUDA kernels after the build (build.log): the GPU phases are skipped"
+  return 1
+}
+
+expanded=()
 for phase in "${PHASES[@]}"; do
+  if [ "$phase" = check ]; then expanded+=(build tests bench); else expanded+=("$phase"); fi
+done
+
+for phase in "${expanded[@]}"; do
   case $phase in
-    check)
-      run gpu_check 420 "$PY" tools/gpu_check.py
+    build)
+      need_build
+      ;;
+    tests)
+      need_build || continue
+      run tests 300 "$PY" tools/gpu_check.py --skip-build --skip-bench
+      ;;
+    bench)
+      need_build || continue
+      run bench 200 "$PY" tools/gpu_check.py --skip-build --skip-tests
       cp benchmarks/results/gpu_check_*.json "$OUT/" 2>/dev/null
       ;;
     sanitize)
-      if ! has_cuda_build; then
-        note "sanitize: skipped (no extension with CUDA kernels importable: run check first)"
-        continue
-      fi
+      need_build || continue
       for tool in memcheck racecheck synccheck initcheck; do
         extra=()
         # racecheck follows every shared-memory access: the RLA and SWA cases only
@@ -105,10 +136,7 @@ for phase in "${PHASES[@]}"; do
       done
       ;;
     ncu)
-      if ! has_cuda_build; then
-        note "ncu: skipped (no extension with CUDA kernels importable: run check first)"
-        continue
-      fi
+      need_build || continue
       # only the launches between cudaProfilerStart / Stop (the shapes' second runs)
       run ncu 100 ncu --clock-control none --profile-from-start off --target-processes all \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
@@ -119,7 +147,7 @@ for phase in "${PHASES[@]}"; do
       fi
       ;;
     *)
-      note "unknown phase '$phase' (check, sanitize, ncu)"
+      note "unknown phase '$phase' (build, tests, bench, check, sanitize, ncu)"
       ;;
   esac
 done
