@@ -1,7 +1,8 @@
 """A few small cases of every CUDA op, for compute-sanitizer (tools/gpu_session.sh).
 
 Each case runs a public op at a small, ragged size (forward and backward where it has one) and
-checks the result against the float64 reference (relative Frobenius error under a loose bound:
+checks the result against the float64 reference (computed on the CPU, so the sanitizer
+instruments only the op's own kernels) (relative Frobenius error under a loose bound:
 the test suite holds the exact accuracy rule; here a wrong answer under the sanitizer's
 scheduling must still fail), so one process covers the RLA passes (several segments, GQA,
 both head dims, H0, packed documents), the SWA kernels (rotary), the fused mix and decoding.
@@ -32,7 +33,7 @@ BOUND = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def rel_err(x, r) -> float:
-    x, r = x.double(), r.double()
+    x, r = x.detach().cpu().double(), r.detach().cpu().double()
     if not torch.isfinite(x).all():
         return math.inf
     return ((x - r).norm() / r.norm().clamp_min(1e-30)).item()
@@ -41,6 +42,11 @@ def rel_err(x, r) -> float:
 def inputs(dev, dtype, seed, *shapes):
     g = torch.Generator(device="cpu").manual_seed(seed)
     return [torch.randn(*s, generator=g).to(device=dev, dtype=dtype) for s in shapes]
+
+
+def f64(*ts):
+    """float64 copies on the CPU: the reference runs there, out of the sanitizer's way."""
+    return [t.detach().cpu().double() for t in ts]
 
 
 def fwd_bwd(fn, args, grad):
@@ -70,7 +76,7 @@ def case_forward(dev, D, dtype):
                                                             checkpoint_every=1, **kw),
                   (q, k, v, h0), go)
     want = fwd_bwd(lambda a, b, c, s: ref.forward(a, b, c, initial_state=s, **kw),
-                   (q.double(), k.double(), v.double(), h0.double()), go.double())
+                   f64(q, k, v, h0), *f64(go))
     return compare(f"forward D{D} {str(dtype)[6:]}", got, want, dtype)
 
 
@@ -83,7 +89,7 @@ def case_rla_relu(dev, D, dtype):
         got = fwd_bwd(lambda a, b, c: rattention_ext.residual_linear_attention(a, b, c, **kw),
                       (q, k, v), go)
         want = fwd_bwd(lambda a, b, c: ref.residual_linear_attention(a, b, c, **kw),
-                       (q.double(), k.double(), v.double()), go.double())
+                       f64(q, k, v), *f64(go))
         ok &= compare(f"rla relu D{D} T{T} w{w}", got, want, dtype)
     return ok
 
@@ -98,9 +104,9 @@ def case_swa_rotary(dev, D, dtype):
     kw = dict(window_size=w)
     got = fwd_bwd(lambda a, b, c: rattention_ext.sliding_window_attention(
         a, b, c, rotary_cos=cos, rotary_sin=sin, **kw), (q, k, v), go)
+    cos64, sin64 = f64(cos, sin)
     want = fwd_bwd(lambda a, b, c: ref.sliding_window_attention(
-        a, b, c, rotary_cos=cos.double(), rotary_sin=sin.double(), **kw),
-        (q.double(), k.double(), v.double()), go.double())
+        a, b, c, rotary_cos=cos64, rotary_sin=sin64, **kw), f64(q, k, v), *f64(go))
     return compare(f"swa rotary D{D} {str(dtype)[6:]}", got, want, dtype)
 
 
@@ -113,8 +119,8 @@ def case_packed(dev, D, dtype):
     kw = dict(window_size=w)
     got = fwd_bwd(lambda a, b, c: rattention_ext.forward(a, b, c, cu_seqlens=cu,
                                                          max_seqlen=max(lens), **kw), (q, k, v), go)
-    want = fwd_bwd(lambda a, b, c: ref.forward(a, b, c, cu_seqlens=cu, max_seqlen=max(lens), **kw),
-                   (q.double(), k.double(), v.double()), go.double())
+    want = fwd_bwd(lambda a, b, c: ref.forward(a, b, c, cu_seqlens=cu.cpu(), max_seqlen=max(lens),
+                                               **kw), f64(q, k, v), *f64(go))
     return compare(f"packed D{D} {str(dtype)[6:]}", got, want, dtype)
 
 
@@ -128,7 +134,7 @@ def case_decode(dev, D, dtype):
     rattention_ext.prefill(q[:, :T0], k[:, :T0], v[:, :T0], cache, **kw)
     outs = [rattention_ext.decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache, **kw)
             for t in range(T0, T)]
-    want = ref.forward(q.double(), k.double(), v.double(), **kw)[:, T0:]
+    want = ref.forward(*f64(q, k, v), **kw)[:, T0:]
     return compare(f"decode D{D} {str(dtype)[6:]}", [torch.cat(outs, dim=1)], [want], dtype)
 
 
@@ -164,7 +170,10 @@ def main() -> int:
             if not ok:
                 failed.append(f"{name} D{D}")
     if args.device == "cuda":
-        torch.cuda.synchronize()
+        try:  # after a kernel fault every later call fails too (the error is sticky)
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            failed.append(f"synchronize: {e}")
     print(f"gpu_sanitize_cases: {len(failed)} failed in {time.time() - t0:.1f} s"
           + (": " + ", ".join(failed) if failed else ""))
     return 1 if failed else 0

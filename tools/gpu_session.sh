@@ -28,9 +28,13 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/build/gpu-session}
 # What comes back from the device machine is at most 8 files: summary.txt, the gpu_check JSON,
-# ncu_details.csv, and logs.tar.gz with every log (and the ncu report) of $LOGS.
-LOGS="$OUT/logs"
-mkdir -p "$LOGS"
+# ncu_details.csv, and logs.tar.gz with every log (and the ncu report) of $LOGS, which lives
+# outside $OUT and is archived after every phase, so that a call cut by the device tool still
+# returns few files, all current.
+LOGS="$ROOT/build/gpu-session-logs"
+rm -rf "$LOGS"
+mkdir -p "$LOGS" "$OUT"
+touch "$LOGS/.start"
 START=$(date +%s)
 DEADLINE=${RATTENTION_DEADLINE_S:-570}
 PY=${PYTHON:-python3}
@@ -42,6 +46,10 @@ SUMMARY="$OUT/summary.txt"
 
 left() { echo $((DEADLINE - ($(date +%s) - START))); }
 note() { echo "$*" >>"$SUMMARY"; }
+pack() {
+  tar -czf "$OUT/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" \
+    && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+}
 
 # run NAME LIMIT_S CMD...: the command under min(LIMIT_S, time left), its log in $OUT/NAME.log
 run() {
@@ -64,6 +72,7 @@ run() {
     note "$name: rc $rc in ${took} s"
   fi
   tail -n 4 "$LOGS/$name.log" | sed 's/^/    /' >>"$SUMMARY"
+  pack
   return 0
 }
 
@@ -72,6 +81,12 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
   nvcc --version 2>&1 | tail -n 1
+  # what the build and tests need (a missing one fails the build in seconds)
+  echo "preflight: $(for c in cmake ninja gcc nvcc compute-sanitizer ncu; do
+    command -v "$c" >/dev/null && printf '%s ' "$c" || printf 'NO-%s ' "$c"; done)"
+  "$PY" -c "import os, sysconfig, importlib.util as u
+print('python:', ' '.join(m if u.find_spec(m) else 'NO-' + m for m in ('pybind11', 'pytest', 'triton')),
+      'Python.h' if os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')) else 'NO-Python.h')"
 } >>"$SUMMARY" 2>&1
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -113,8 +128,9 @@ done
 
 for phase in "${expanded[@]}"; do
   case $phase in
-    build)
-      need_build
+    build)  # asked for: always (incremental where a build is there)
+      run build 300 "$PY" tools/gpu_check.py --skip-tests --skip-bench
+      if has_cuda_build; then built=yes; else built=failed; fi
       ;;
     tests)
       need_build || continue
@@ -123,7 +139,8 @@ for phase in "${expanded[@]}"; do
     bench)
       need_build || continue
       run bench 200 "$PY" tools/gpu_check.py --skip-build --skip-tests
-      cp benchmarks/results/gpu_check_*.json "$OUT/" 2>/dev/null
+      # this call's JSON only (a warm machine keeps earlier calls' files)
+      find benchmarks/results -name 'gpu_check_*.json' -newer "$LOGS/.start" -exec cp {} "$OUT/" \;
       ;;
     sanitize)
       need_build || continue
@@ -131,8 +148,17 @@ for phase in "${expanded[@]}"; do
         extra=()
         # racecheck follows every shared-memory access: the RLA and SWA cases only
         [ "$tool" = racecheck ] && extra=(--only forward --only swa_rotary)
-        run "sanitize_$tool" 75 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          --print-limit 20 "$PY" tools/gpu_sanitize_cases.py "${extra[@]}"
+        # no caching allocator: memcheck then sees accesses past a tensor inside torch's pools,
+        # initcheck reads of memory nothing wrote; no expandable segments (false reports)
+        run "sanitize_$tool" 75 env -u PYTORCH_CUDA_ALLOC_CONF -u PYTORCH_ALLOC_CONF \
+          PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          --launch-timeout 120 --print-limit 20 "$PY" tools/gpu_sanitize_cases.py \
+          ${extra[@]+"${extra[@]}"}
+        # rc 9 also means a CUDA API error: the kind of report goes into the summary
+        grep -m 4 -E "ERROR SUMMARY|Invalid __|Hazard|Uninitialized|Program hit|barrier" \
+          "$LOGS/sanitize_$tool.log" | sed 's/^/    /' >>"$SUMMARY"
+        grep -q "ERROR SUMMARY" "$LOGS/sanitize_$tool.log" \
+          || note "    sanitize_$tool: no ERROR SUMMARY line: the process was not checked"
       done
       ;;
     ncu)
@@ -142,7 +168,7 @@ for phase in "${expanded[@]}"; do
         --section SpeedOfLight --section Occupancy --section LaunchStats \
         -f -o "$LOGS/ncu" "$PY" tools/gpu_profile_cases.py
       if [ -f "$LOGS/ncu.ncu-rep" ]; then
-        ncu --import "$LOGS/ncu.ncu-rep" --csv --page details >"$OUT/ncu_details.csv" 2>&1
+        ncu --import "$LOGS/ncu.ncu-rep" --csv --page details >"$OUT/ncu_details.csv" 2>>"$LOGS/ncu.log"
         ncu --import "$LOGS/ncu.ncu-rep" --print-summary per-kernel >"$LOGS/ncu_summary.txt" 2>&1
       fi
       ;;
@@ -152,6 +178,6 @@ for phase in "${expanded[@]}"; do
   esac
 done
 note "gpu_session: done in $(($(date +%s) - START)) s"
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+pack
 echo "=== summary ($OUT/summary.txt; logs in logs.tar.gz)"
 cat "$SUMMARY"
