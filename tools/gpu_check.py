@@ -112,7 +112,7 @@ def bench():
     try:
         rows += bench_issue_goals(timed, fwd_bwd)
     except Exception as e:
-        rows.append(dict(case="issue goals", error=f"{type(e).__name__}: {e}"[:300]))
+        rows.append(dict(case="rattention and rla goals", error=f"{type(e).__name__}: {e}"[:300]))
     try:
         with torch.no_grad():
             rows.append(("swa fwd", timed(lambda: ours_f(q, k, v)), timed(lambda: flex_f(qt, kt, vt))))

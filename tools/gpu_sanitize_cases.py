@@ -28,6 +28,7 @@ if any((_PKG / "rattention_ext").glob("_C*")):  # the in-place build (make dev, 
     sys.path.insert(0, str(_PKG))
 import rattention_ext  # noqa: E402
 from rattention_ext import reference as ref  # noqa: E402
+from rattention_ext.nn import rotary_tables  # noqa: E402
 
 BOUND = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -98,9 +99,7 @@ def case_swa_rotary(dev, D, dtype):
     """sliding_window_attention with rotary tables, GQA 2."""
     T, w = 150, 50
     q, k, v, go = inputs(dev, dtype, 7, (1, T, 4, D), (1, T, 2, D), (1, T, 2, D), (1, T, 4, D))
-    inv = 1.0 / (10000 ** (torch.arange(0, D // 2, dtype=torch.float64) / (D // 2)))
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
-    cos, sin = ang.cos().float().to(dev), ang.sin().float().to(dev)
+    cos, sin = rotary_tables(T, D, 10000.0, device=dev)
     kw = dict(window_size=w)
     got = fwd_bwd(lambda a, b, c: rattention_ext.sliding_window_attention(
         a, b, c, rotary_cos=cos, rotary_sin=sin, **kw), (q, k, v), go)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU machine (a lease has about 15 minutes of device time, one
-# command at most 10): everything the open GPU issues ask for, in order, each phase under its
-# own time limit and all of them under one deadline, every log under $OUT.
+# command at most 10): the GPU build, tests, benchmarks, sanitizers and profiles, in order, each
+# phase under its own time limit and all of them under one deadline, every log under $OUT.
 #
 #   RATTENTION_COMMIT=<sha> tools/gpu_session.sh [phase ...]   (default: check sanitize ncu)
 #
@@ -104,13 +104,7 @@ has_cuda_build() {
 }
 
 built=no  # yes, or failed: a build that failed is not tried again in this call
-need_build() {
-  [ $built = yes ] && return 0
-  [ $built = failed ] && return 1
-  if has_cuda_build; then
-    built=yes
-    return 0
-  fi
+do_build() {  # incremental where a build is there
   run build 300 "$PY" tools/gpu_check.py --skip-tests --skip-bench
   if has_cuda_build; then
     built=yes
@@ -120,6 +114,15 @@ need_build() {
   note "no extension with CUDA kernels after the build (build.log): the GPU phases are skipped"
   return 1
 }
+need_build() {  # a build that imports, else one try
+  [ $built = yes ] && return 0
+  [ $built = failed ] && return 1
+  if has_cuda_build; then
+    built=yes
+    return 0
+  fi
+  do_build
+}
 
 expanded=()
 for phase in "${PHASES[@]}"; do
@@ -128,9 +131,8 @@ done
 
 for phase in "${expanded[@]}"; do
   case $phase in
-    build)  # asked for: always (incremental where a build is there)
-      run build 300 "$PY" tools/gpu_check.py --skip-tests --skip-bench
-      if has_cuda_build; then built=yes; else built=failed; fi
+    build)  # asked for: always
+      do_build
       ;;
     tests)
       need_build || continue

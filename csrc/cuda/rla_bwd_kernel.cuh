@@ -298,10 +298,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Tensor tVcV = thr.partition_C(make_identity_tensor(Shape<Int<C>, Int<BV>>{}));  // (C keys, BV)
   Tensor tSsP = thr.partition_C(sP);
 
-  // A chunk without keys is one of the sequence's first (its last query sees no key before
-  // the chunk), and its queries update no dS (that needs key s_base in the chunk): the walk
-  // from the segment's last chunk ends before the first such chunk. Per (chunk, head) the raw
-  // q rows and dO are loaded into registers while the MMAs of the (chunk, head) before run.
+  // A chunk whose last query sees no key (t1 <= w + 1) has no key gradients and updates no dS
+  // (that needs key s_base in the chunk); such chunks are the sequence's first, so the walk down
+  // stops at the segment's first chunk with keys. Per (chunk, head) the raw q rows and dO are
+  // loaded into registers while the MMAs of the (chunk, head) before run.
   auto has_keys_of = [&](int64_t c) {
     const TileRange keys = rla_chunk_keys(c, C, T, w);
     return keys.end > keys.begin;
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         }
         if (q_nonfinite) {  // dv and dS take phi(q) as it is
           __syncthreads();  // every read of the zeroed part done
-          // (the raw rows in registers are the next tile's by now)
+          // from global: after the last part the registers hold the next tile's rows
           phi_q_part_to_smem<Tr>(p.feature_map, q_rows_of(c, h), p.q_stride.t, q_valid, sPhiQ_ptr, qp);
           __syncthreads();  // the restored part is complete before it is read
         }
