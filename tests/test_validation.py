@@ -225,6 +225,30 @@ def test_layer_step_with_grad_raises():
         assert layer.step(torch.randn(1, 1, 16, dtype=F64), cache).shape == (1, 1, 16)
 
 
+@pytest.mark.parametrize("which", ["k", "v", "kv"])
+@pytest.mark.parametrize("entry", [e for e in ENTRY if e != "decode_step"])
+def test_kv_of_another_length_refused(entry, which):
+    """k / v longer than q are not read as earlier context (the ops' halo form) by a public
+    call, nor shorter ones padded: the error names the tensor and q's length."""
+    q, k, v = _qkv(T=6)
+    k2, v2 = _qkv(T=8)[1:]
+    bad = {"k": (k2, v), "v": (k, v2), "kv": (k2, v2)}[which]
+    name = "v" if which == "v" else "k"
+    with pytest.raises(ValueError, match=rf"rattention_ext\.{entry}: {name} must have q's "
+                       r"sequence length T = 6 \(dim 1\), got shape \[1, 8, 1, 8\]"):
+        _entry_points()[entry](q, *bad)
+    with pytest.raises(ValueError, match=rf"rattention_ext\.{entry}: k must have q's sequence"):
+        _entry_points()[entry](q, k[:, :4], v[:, :4])
+
+
+def test_decode_step_kv_of_another_length_refused():
+    q, k, v = _qkv(T=2)
+    cache = RAttentionCache.empty(1, 2, 1, 8, dtype=F64)
+    with pytest.raises(ValueError, match=r"rattention_ext\.decode_step: k must have q's "
+                       r"sequence length T = 1"):
+        rattention_ext.decode_step(q[:, :1], k, v, cache)
+
+
 @pytest.mark.parametrize("op_args", [
     ("swa_fwd", lambda q, k, v: (q, k, v, -1, 0.3, None, None), "window_size"),
     ("swa_fwd", lambda q, k, v: (q, k, v, 1, float("nan"), None, None), "softmax_scale"),

@@ -128,3 +128,10 @@ def qkv(what: str, q, k, v) -> None:
         if t.dim() != 4:
             raise ValueError(f"rattention_ext.{what}: {name} must be 4-D [B, T, H, D], got shape "
                              f"{list(t.shape)}")
+    # The ops take extra leading k/v rows as a halo (continuation.py); a public call does not,
+    # so a k or v of another length is a mistake, not earlier context.
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[1] != q.shape[1]:
+            raise ValueError(f"rattention_ext.{what}: {name} must have q's sequence length "
+                             f"T = {q.shape[1]} (dim 1), got shape {list(t.shape)}; to continue a "
+                             f"sequence from earlier keys use rattention_ext.continuation")
