@@ -262,8 +262,9 @@ def test_nan_in_halo_reaches_only_rows_that_see_it(which):
     k_full, v_full = torch.cat([kk, k], 1), torch.cat([vv, v], 1)
     x = dict(k=k_full.clone(), v=v_full.clone())
     x[which] = nan_at(x[which], (0, w, 0, 1))  # the halo row just before q's first row
-    out0 = rattention_ext.sliding_window_attention(q, k_full, v_full, window_size=w)
-    out1 = rattention_ext.sliding_window_attention(q, x["k"], x["v"], window_size=w)
+    swa = rattention_ext.continuation.swa_continued
+    out0 = swa(q, k_full, v_full, halo=w + 1, window_size=w)
+    out1 = swa(q, x["k"], x["v"], halo=w + 1, window_size=w)
     sees = torch.arange(T) <= w - 1  # query t (position w+1+t) sees positions t+1 .. t+w+1
     assert not torch.isfinite(out1[0, sees]).all(dim=(-1, -2)).any()
     assert torch.equal(out1[0, ~sees], out0[0, ~sees])
@@ -303,3 +304,33 @@ def test_thread_count_does_not_change_rla_gradients():
         torch.set_num_threads(n0)
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fm", ["softmax", "relu"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_inf_makes_whole_mixed_rows_nonfinite_as_in_the_reference(fm, which):
+    """An Inf reaches the mixed output as whole non-finite rows (token, head): every entry of
+    rms(x) depends on each x_i. So the kernels, whose RLA state form turns 0 * Inf into NaN,
+    and the reference, whose quadratic form keeps the Inf, give the same non-finite entries,
+    and the same values everywhere else; so do the decode steps."""
+    T, w, s = 70, 5, 40
+    q, k, v = make_qkv(1, T, 4, 2, 16, torch.float64, seed=T + s)
+    x = dict(q=q, k=k, v=v)
+    x[which] = nan_at(x[which], (0, s, 0, 3), INF)
+    out = rattention_ext.forward(x["q"], x["k"], x["v"], window_size=w, feature_map=fm)
+    want = ref.forward(x["q"], x["k"], x["v"], window_size=w, feature_map=fm)
+    bad = ~torch.isfinite(out)
+    assert bad[0, s:].any() and not bad[0, :s].any()
+    assert torch.equal(bad.any(-1), bad.all(-1))  # whole rows
+    assert torch.equal(bad, ~torch.isfinite(want))
+    assert _maxdiff(out[~bad], want[~bad]) < 1e-10
+    cache = RAttentionCache.empty(1, w, 2, 16, dtype=torch.float64)
+    rattention_ext.prefill(x["q"][:, :s - 2], x["k"][:, :s - 2], x["v"][:, :s - 2], cache,
+                           feature_map=fm)
+    with torch.no_grad():
+        for t in range(s - 2, T):
+            o = rattention_ext.decode_step(x["q"][:, t:t + 1], x["k"][:, t:t + 1],
+                                           x["v"][:, t:t + 1], cache, feature_map=fm)
+            assert torch.equal(~torch.isfinite(o[0, 0]), bad[0, t]), t
+            fin = ~bad[0, t]
+            assert _maxdiff(o[0, 0][fin], out[0, t][fin]) < 1e-10, t

@@ -66,6 +66,13 @@ def assert_reached(x, what):
     assert not bool(torch.isfinite(x).all()), f"{what}: finite although it depends on a NaN"
 
 
+def assert_whole_rows(x, rows, what):
+    """Exactly the (token, head) rows ``rows`` of a mixed output are non-finite, each as a
+    whole: every entry of rms(x) depends on each x_i (an Inf entry included)."""
+    bad = ~torch.isfinite(x.float())
+    assert torch.equal(bad.all(-1), rows) and torch.equal(bad.any(-1), rows), what
+
+
 # ---- SWA forward / backward -----------------------------------------------------------------
 # T = 128, w = 50: at D = 64 one 128-row forward query tile (two at D = 128: 64 rows), two
 # 64-row backward tiles; token s = 40 sits inside key tile 0 with rows 0..39 before it and
@@ -125,6 +132,9 @@ def test_swa_poisoned_token_reaches_only_its_dependents(emu, D, dtype, rot, mix,
                 assert torch.isnan(bad["lse"][0, 0, SWA_S])
             if mix:
                 assert_reached(bad["mixed"][0, ~rows, 0], f"mixed ({tag})")
+        if mix:  # a row of o with an Inf or NaN mixes into a row non-finite as a whole
+            o_bad = (~torch.isfinite(bad["o"])).any(-1)
+            assert_whole_rows(bad["mixed"], o_bad, f"mixed ({tag})")
     # the clean run itself against the float64 reference (rows and gradients are the same
     # bits as the poisoned runs' where those cannot be reached)
     l64 = [x.double().requires_grad_() for x in qkv]
@@ -305,7 +315,7 @@ def test_mix_poisoned_row_reaches_only_that_row(emu):
             assert_same(out[keep], out0[keep], f"out ({which}={value})")
             assert_same(da[keep], da0[keep], f"d_swa ({which}={value})")
             assert_same(db[keep], db0[keep], f"d_rla ({which}={value})")
-            assert_reached(out[0, 40, 1], f"out ({which}={value})")
+            assert_whole_rows(out, ~keep, f"out ({which}={value})")
 
 
 # ---- decode ---------------------------------------------------------------------------------
@@ -341,6 +351,7 @@ def test_decode_poisoned_token_reaches_only_later_steps(emu, which, fm):
         out, cache = decode_all(emu, *x, w, fm, None, cos, sin, ga, gb)
         keep = torch.arange(T) != s if which == "q" else torch.arange(T) < s
         assert_same(out[:, keep], clean[:, keep], f"decode out ({which}={value})")
+        assert_whole_rows(out, ~torch.isfinite(out.float()).all(-1), f"decode ({which}={value})")
         if value != value:
             full = ref.forward(*(t.double() for t in x), window_size=w, feature_map=fm,
                                softmax_scale=D ** -0.5, rotary_cos=cos.double(),

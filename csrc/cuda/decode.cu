@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/rms_mix.h"
 #include "core/window.h"
 #include "cuda/launch.cuh"
 #include "decode_launch.h"
@@ -423,9 +424,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-// Dynamic shared memory: none (a warp per query head, everything in registers).
+// Dynamic shared memory: none (a warp per query head, everything in registers). The minimum
+// of one CTA per SM lets ptxas use more than 32 registers on sm_90a, where it otherwise spills.
 template <typename Element, int D>
-__global__ void __launch_bounds__(kDecodeThreads)
+__global__ void __launch_bounds__(kDecodeThreads, 1)
     decode_combine_kernel(const DecodeParams p, const DecodeSplit sp, const DecodeWorkspace wl,
                           const float* ws) {
   const int64_t Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
@@ -487,12 +489,17 @@ __global__ void __launch_bounds__(kDecodeThreads)
       ssa += a[e] * a[e];
       ssr += r[e] * r[e];
     }
-    const float ia = rsqrtf(dec_warp_sum(ssa) / D + eps), ir = rsqrtf(dec_warp_sum(ssr) / D + eps);
+    ssa = dec_warp_sum(ssa);
+    ssr = dec_warp_sum(ssr);
+    const float ia = rsqrtf(ssa / D + eps), ir = rsqrtf(ssr / D + eps);
+    // a branch row with an Inf or NaN makes the whole row NaN (rms_factor's rule, here as a
+    // predicate)
+    const bool row_bad = bad || !rms_row_finite(ssa) || !rms_row_finite(ssr);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const int i = lane * E + e;
       const float o = a[e] * ia * ga[h * D + i] + r[e] * ir * gb[h * D + i];
-      gO[g * D + i] = Element(bad ? NAN : o);
+      gO[g * D + i] = Element(row_bad ? NAN : o);
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "core/rms_mix.h"
 #include "core/window.h"
 #include "cuda/launch.cuh"
 #include "mix_launch.h"
@@ -57,9 +58,12 @@ __global__ void __launch_bounds__(256) mix_fwd_kernel(const MixParams p) {
     ssb += xb[e] * xb[e];
   }
   const float eps = static_cast<float>(p.eps);
-  // An all-zero row (e.g. o_rla for t <= w without H0) gives a finite factor and zeros.
-  const float ra = rsqrtf(mix_warp_sum(ssa) / D + eps);
-  const float rb = rsqrtf(mix_warp_sum(ssb) / D + eps);
+  // An all-zero row (e.g. o_rla for t <= w without H0) gives a finite factor and zeros; a row
+  // with an Inf a NaN factor (rms_factor).
+  ssa = mix_warp_sum(ssa);
+  ssb = mix_warp_sum(ssb);
+  const float ra = rms_factor(rsqrtf(ssa / D + eps), ssa);
+  const float rb = rms_factor(rsqrtf(ssb / D + eps), ssb);
   OutT* o = static_cast<OutT*>(p.out) + row * D;
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) {
@@ -109,8 +113,10 @@ __global__ void __launch_bounds__(kMixBwdWarps * 32) mix_bwd_kernel(const MixBwd
       ssa += xa[e] * xa[e];
       ssb += xb[e] * xb[e];
     }
-    const float ra = rsqrtf(mix_warp_sum(ssa) / D + eps);
-    const float rb = rsqrtf(mix_warp_sum(ssb) / D + eps);
+    ssa = mix_warp_sum(ssa);
+    ssb = mix_warp_sum(ssb);
+    const float ra = rms_factor(rsqrtf(ssa / D + eps), ssa);  // the forward's factors
+    const float rb = rms_factor(rsqrtf(ssb / D + eps), ssb);
     float dota = 0.f, dotb = 0.f;
 #pragma unroll
     for (int e = 0; e < kMaxPerLane; ++e) {

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "core/params.h"
+#include "core/rms_mix.h"
 #include "cuda/swa_traits.cuh"
 
 namespace rattention::cuda {
@@ -44,9 +45,10 @@ CUTE_DEVICE void mix_epilogue_row(const MixEpilogueParams& e, RowColO const& o, 
   ss_rla = quad_allreduce(ss_rla, SumOp{});
   if (!row_valid) return;
   const float eps = float(e.eps);
-  // An all-zero row (o_rla for t <= w without H0) gives a finite factor and zeros.
-  const float r_swa = rsqrtf(ss_swa / kHeadDim + eps);
-  const float r_rla = rsqrtf(ss_rla / kHeadDim + eps);
+  // An all-zero row (o_rla for t <= w without H0) gives a finite factor and zeros; a row
+  // with an Inf a NaN factor (rms_factor).
+  const float r_swa = rms_factor(rsqrtf(ss_swa / kHeadDim + eps), ss_swa);
+  const float r_rla = rms_factor(rsqrtf(ss_rla / kHeadDim + eps), ss_rla);
   const float* g_swa = static_cast<const float*>(e.swa_weight) + h * kHeadDim;
   const float* g_rla = static_cast<const float*>(e.rla_weight) + h * kHeadDim;
   const int64_t row_off = b * e.out_stride.b + t * e.out_stride.t + h * e.out_stride.h;

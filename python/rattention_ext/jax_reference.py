@@ -11,7 +11,13 @@ one reference does not hide in the other:
   window and is added, ``S += phi(k[t-w-1]) v[t-w-1]^T`` (index arithmetic, no shifted
   copies), then ``o[t] = phi(q[t])^T (H0[h] + S)``. The final state is ``S`` after the
   last step, i.e. tokens ``s <= T - w - 2``.
-- ``forward``: ``rms(o_swa) * g_swa + rms(o_rla) * g_rla`` over the head dim.
+- ``forward``: ``rms(o_swa) * g_swa + rms(o_rla) * g_rla`` over the head dim (a row
+  holding an Inf or NaN mixes into a NaN row, as in SPEC.md's NaN rule).
+
+Non-finite inputs: the dense SWA product multiplies every value by its probability, masked
+ones by 0, so an Inf or NaN value reaches every query row of its head (0 * Inf is NaN);
+SPEC.md's NaN rule is kept by :mod:`rattention_ext.reference` and the kernels, not here.
+This module is the oracle for finite inputs.
 
 Conventions follow the paper's JAX reference model: GQA by head grouping (query head
 ``h = kv * G + g`` reads kv head ``kv``; the ``G`` query heads of a group share one
@@ -268,7 +274,9 @@ def _rla(q, k, v, w, fm, h0):
 
 def _rms(x, eps):
     _, jnp = _import_jax()
-    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    # a row holding an Inf is non-finite as a whole, as a NaN row is (reference._rms_factor)
+    return x / jnp.where(jnp.isfinite(ms), jnp.sqrt(ms + eps), jnp.nan)
 
 
 def forward(

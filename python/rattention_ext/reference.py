@@ -251,6 +251,14 @@ def _rla(q, k, v, window_size, fm, initial_state):
     return torch.cat(outs, dim=1), state
 
 
+def _rms_factor(x: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` per row, NaN for a row with a non-finite mean: every entry
+    of ``rms(x)`` depends on each ``x_i``, so a row holding an Inf is non-finite as a whole (as
+    a NaN row is), not finite zeros beside one NaN (SPEC.md, NaN and Inf)."""
+    ms = x.pow(2).mean(-1, keepdim=True)
+    return torch.where(torch.isfinite(ms), torch.rsqrt(ms + eps), torch.nan)
+
+
 def rms_mix(
     o_swa: Tensor,
     o_rla: Tensor,
@@ -261,8 +269,8 @@ def rms_mix(
     """``rms(o_swa) * g_swa + rms(o_rla) * g_rla`` over the head dim, in float32."""
     acc = _acc_dtype(o_swa.dtype)
     a, b = o_swa.to(acc), o_rla.to(acc)
-    ya = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + eps)
-    yb = b * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + eps)
+    ya = a * _rms_factor(a, eps)
+    yb = b * _rms_factor(b, eps)
     if swa_norm_weight is not None:
         ya = ya * swa_norm_weight.to(acc)
     if rla_norm_weight is not None:
