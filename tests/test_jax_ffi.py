@@ -230,7 +230,17 @@ BAD = [
      r"initial_state must be \[B or 1, Hq, 2D, D\]"),
     (dict(swa_norm_weight=np.zeros((4, 15), np.float32)), ValueError,
      r"swa_norm_weight must be \[Hq, D\] = \[4, 16\]"),
-    (dict(norm_eps=-1.0), ValueError, "norm_eps must be >= 0"),
+    (dict(norm_eps=-1.0), ValueError, "norm_eps must be a finite number > 0"),
+    (dict(norm_eps=0.0), ValueError, "norm_eps must be a finite number > 0"),
+    (dict(norm_eps=float("inf")), ValueError, "norm_eps must be a finite number > 0"),
+    (dict(norm_eps="0.5"), TypeError, "norm_eps must be a number"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite number > 0"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale must be a finite number > 0"),
+    (dict(softmax_scale="0.5"), TypeError, "softmax_scale must be a number"),
+    (dict(window_size=2**63), ValueError,
+     r"window_size must be an int in \[0, 9223372036854775807\]"),
+    (dict(checkpoint_every=2**63), ValueError,
+     r"checkpoint_every must be an int in \[1, 9223372036854775807\]"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be in \[1, 1024\]"),
     (dict(checkpoint_every=0), ValueError, "checkpoint_every must be >= 1"),
 ]
@@ -283,3 +293,42 @@ def test_benchmark_driver_runs(tmp_path, capsys):
         assert r["ms"] > 0
         if r["rel_err_ours_vs_this"] is not None:
             assert r["rel_err_ours_vs_this"] < 1e-5, r
+
+
+def test_empty_sequences_under_vmap_keep_their_shapes():
+    """T = 0 under vmap: every output has the vmapped and the batch axis (as a loop gives),
+    and vmap of grad runs."""
+    q = jnp.zeros((3, 2, 0, 4, 8), jnp.float32)
+    k = jnp.zeros((3, 2, 0, 2, 8), jnp.float32)
+    f = jax.vmap(lambda q, k, v: rjax.forward(q, k, v, window_size=3))
+    assert f(q, k, k).shape == (3, 2, 0, 4, 8)
+    o, lse = jax.vmap(lambda q, k, v: rjax.sliding_window_attention(
+        q, k, v, window_size=3, return_lse=True))(q, k, k)
+    assert o.shape == (3, 2, 0, 4, 8) and lse.shape == (3, 2, 4, 0)
+    o, st = jax.vmap(lambda q, k, v: rjax.residual_linear_attention(
+        q, k, v, window_size=3, return_final_state=True))(q, k, k)
+    assert o.shape == (3, 2, 0, 4, 8) and st.shape == (3, 2, 2, 16, 8)
+    g = jax.vmap(jax.grad(lambda q, k, v: rjax.forward(q, k, v, window_size=3).sum()))(q, k, k)
+    assert g.shape == q.shape
+
+
+def test_initial_state_gradient_with_an_empty_batch():
+    q = jnp.zeros((0, 5, 4, 8), jnp.float32)
+    k = jnp.zeros((0, 5, 2, 8), jnp.float32)
+    h0 = jnp.zeros((0, 4, 16, 8), jnp.float32)
+    for fn in (rjax.forward, rjax.residual_linear_attention):
+        g = jax.grad(lambda h: fn(q, k, k, window_size=2, initial_state=h).sum())(h0)
+        assert g.shape == h0.shape
+
+
+def test_rotary_tables_of_different_lengths_as_in_torch():
+    """Both tables are read from row 0 on (torch takes any P >= T for each)."""
+    q, k, v, _ = make_inputs(1, 5, 2, 1, 8, np.float32, seed=5)
+    g = np.random.default_rng(6)
+    cos, sin = g.standard_normal((9, 4)).astype(np.float32), g.standard_normal((7, 4)).astype(
+        np.float32)
+    got = rjax.forward(q, k, v, window_size=2, rotary_cos=cos, rotary_sin=sin)
+    want = rattention_ext.forward(*(torch.from_numpy(np.asarray(x)) for x in (q, k, v)),
+                                  window_size=2, rotary_cos=torch.from_numpy(cos),
+                                  rotary_sin=torch.from_numpy(sin))
+    assert rel(got, want.numpy()) < 1e-6

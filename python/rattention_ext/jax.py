@@ -154,10 +154,15 @@ def _check_qkv(q, k, v):
     return q, k, v
 
 
+_INT64_MAX = 2**63 - 1  # the kernels' attributes are int64
+
+
 def _check_window(window_size) -> int:
     w = _static_int(window_size, "window_size")
     if w < 0:
         raise ValueError(f"window_size must be >= 0, got {w}")
+    if w > _INT64_MAX:
+        raise ValueError(f"window_size must be an int in [0, {_INT64_MAX}], got {w}")
     return w
 
 
@@ -176,6 +181,11 @@ def _check_rotary(cos, sin, q):
             raise ValueError(f"{name} has {t.shape[0]} positions but {T} are needed (one row "
                              "per token position)")
         out.append(t.astype(_acc(q.dtype)))
+    P_cos, P_sin = out[0].shape[0], out[1].shape[0]
+    if isinstance(P_cos, int) and isinstance(P_sin, int) and P_cos != P_sin:
+        # the kernels read rows 0 .. T-1 of both, and take tables of one shape
+        P = min(P_cos, P_sin)
+        out = [t[:P] for t in out]
     return tuple(out)
 
 
@@ -214,20 +224,33 @@ def _check_tiling(chunk_size, checkpoint_every):
         raise ValueError(f"chunk_size must be in [1, 1024], got {c}")
     if e < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {e}")
+    if e > _INT64_MAX:
+        raise ValueError(f"checkpoint_every must be an int in [1, {_INT64_MAX}], got {e}")
     if _on_cuda() and c != 64:
         raise ValueError(f"chunk_size: the CUDA RLA kernels use chunk_size=64, got {c}")
     return c, e
 
 
+def _static_positive(value, name: str, why: str = "") -> float:
+    """A static real number in (0, inf), as the torch API takes it (no bool, no string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number (static under jax.jit), got "
+                        f"{type(value).__name__} {value!r}")
+    x = float(value)
+    if not 0 < x < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0{why}, got {x}")
+    return x
+
+
 def _check_eps(norm_eps) -> float:
-    eps = float(norm_eps)
-    if not eps >= 0:
-        raise ValueError(f"norm_eps must be >= 0, got {norm_eps}")
-    return eps
+    return _static_positive(norm_eps, "norm_eps",
+                            " (with 0 an all-zero branch output would mix in as NaN)")
 
 
 def _scale(q, softmax_scale) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    return _static_positive(softmax_scale, "softmax_scale")
 
 
 def _acc(dtype):
@@ -273,8 +296,10 @@ def _batchable(fn, in_kinds, out_kinds):
                 x = jnp.broadcast_to(x, (n, batch) + x.shape[2:])
             folded.append(x.reshape((n * batch,) + x.shape[2:]))
         outs = f(*folded)
-        outs = tuple(o.reshape((n, batch) + o.shape[1:]) if o.size else jnp.zeros(
-            (n,) + o.shape, o.dtype) for o in outs)
+        # an absent output (no H0: its gradient) is the 1-D (0,); every other one has the
+        # folded axis first, also when it is empty (T = 0)
+        outs = tuple(jnp.zeros((n,) + o.shape, o.dtype) if o.ndim == 1 else o.reshape(
+            (n, batch) + o.shape[1:]) for o in outs)
         return outs, tuple(True for _ in outs)
 
     return f
@@ -350,7 +375,7 @@ def _rla_bwd(grad_out, grad_final_state, q, k, v, h0, checkpoints, cfg):
     def call(grad_out, grad_final_state, q, k, v, h0, checkpoints):
         B, _, H, D = q.shape
         acc = _acc(q.dtype)
-        gh0 = _sds((B, H, 2 * D, D) if h0.size else (0,), acc)
+        gh0 = _sds((B, H, 2 * D, D) if h0.ndim == 4 else (0,), acc)  # (0,): no H0
         return tuple(_ffi("rla_bwd", (_sds(q.shape, q.dtype), _sds(k.shape, k.dtype),
                                       _sds(v.shape, v.dtype), gh0),
                           grad_out, grad_final_state, q, k, v, h0, checkpoints,
