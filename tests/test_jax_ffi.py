@@ -310,6 +310,9 @@ def test_empty_sequences_under_vmap_keep_their_shapes():
     assert o.shape == (3, 2, 0, 4, 8) and st.shape == (3, 2, 2, 16, 8)
     g = jax.vmap(jax.grad(lambda q, k, v: rjax.forward(q, k, v, window_size=3).sum()))(q, k, k)
     assert g.shape == q.shape
+    # k, v not vmapped (empty, yet not an absent optional): broadcast like any other
+    f = jax.vmap(lambda q, k, v: rjax.forward(q, k, v, window_size=3), in_axes=(0, None, None))
+    assert f(q, k[0], k[0]).shape == (3, 2, 0, 4, 8)
 
 
 def test_initial_state_gradient_with_an_empty_batch():

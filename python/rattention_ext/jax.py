@@ -287,7 +287,7 @@ def _batchable(fn, in_kinds, out_kinds):
         batch = args[ref].shape[1] if in_batched[ref] else args[ref].shape[0]
         folded = []
         for x, b, kind in zip(args, in_batched, in_kinds):
-            if kind == "shared" or (x.size == 0 and not b):  # shared table / absent optional
+            if kind == "shared" or (x.ndim == 1 and not b):  # shared table / absent (0,)
                 folded.append(x)
                 continue
             if not b:
