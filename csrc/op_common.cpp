@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -762,7 +763,8 @@ DecodePrepared prepare_decode_step(const at::Tensor& q, const at::Tensor& k, con
   p.initial_state_bstride = (h0.defined() && h0.size(0) > 1) ? h0.stride(0) : 0;
   p.rotary_cos = cos.defined() ? cos.data_ptr() : nullptr;
   p.rotary_sin = sin.defined() ? sin.data_ptr() : nullptr;
-  p.rotary_positions = cos.defined() ? cos.size(0) : 0;
+  // the rows both tables have: a position past the shorter one reads neither
+  p.rotary_positions = cos.defined() ? std::min(cos.size(0), sin.size(0)) : 0;
   p.swa_weight = ga.data_ptr();
   p.rla_weight = gb.data_ptr();
   p.out = r.out.data_ptr();

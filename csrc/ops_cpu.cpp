@@ -111,8 +111,9 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   if (r.params.rotary_cos != nullptr && pos.numel() > 0) {
     const int64_t max_pos = pos.max().item<int64_t>();
     TORCH_CHECK_VALUE(max_pos < r.params.rotary_positions, "rotary_cos has ",
-                      r.params.rotary_positions, " positions but a sequence is at position ",
-                      max_pos);
+                      rotary_cos->size(0), " positions and rotary_sin ", rotary_sin->size(0),
+                      ", so ", r.params.rotary_positions,
+                      " positions have both, but a sequence is at position ", max_pos);
   }
   if (r.run_kernel) cpu::decode_step(r.params);
   return r.out;

@@ -288,8 +288,15 @@ def test_bad_cache_errors():
         decode_step(q, k, v, bad)
     cos, sin = _rotary(3, 8, torch.float32)
     cache.positions.fill_(3)
-    with pytest.raises(ValueError, match="rotary_cos has 3 positions but a sequence is at position 3"):
+    with pytest.raises(ValueError, match="rotary_cos has 3 positions and rotary_sin 3, so 3 "
+                       "positions have both, but a sequence is at position 3"):
         decode_step(q, k, v, cache, rotary_cos=cos, rotary_sin=sin)
+    # tables of different lengths: a position past the shorter one is refused, not read
+    cos9, sin9 = _rotary(9, 8, torch.float32)
+    with pytest.raises(ValueError, match="rotary_cos has 9 positions and rotary_sin 3, so 3 "):
+        decode_step(q, k, v, cache, rotary_cos=cos9, rotary_sin=sin)
+    with pytest.raises(ValueError, match="rotary_cos has 3 positions and rotary_sin 9, so 3 "):
+        decode_step(q, k, v, cache, rotary_cos=cos, rotary_sin=sin9)
     with pytest.raises(ValueError, match="feature_map must be"):
         decode_step(q, k, v, cache, feature_map="elu")
     # a failed step leaves the cache untouched

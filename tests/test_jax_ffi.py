@@ -270,6 +270,14 @@ def test_handler_rejects_inconsistent_buffers_at_run_time():
     with pytest.raises(Exception, match="k must have sequence length 8"):
         jax.block_until_ready(call(q, k, k, empty, empty, window_size=np.int64(2),
                                    softmax_scale=np.float64(0.25)))
+    # the scalars too: a NaN scale, and an eps of 0 (an all-zero row would mix in as NaN)
+    with pytest.raises(Exception, match="softmax_scale must be a finite number > 0"):
+        jax.block_until_ready(call(q, q[:, :, :2], q[:, :, :2], empty, empty,
+                                   window_size=np.int64(2), softmax_scale=np.float64(np.nan)))
+    mix = jax.ffi.ffi_call("rattention_mix_fwd", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    w = jnp.ones((4, 16), jnp.float32)
+    with pytest.raises(Exception, match="norm_eps must be a finite number > 0"):
+        jax.block_until_ready(mix(q, q, w, w, eps=np.float64(0.0)))
 
 
 def test_benchmark_driver_runs(tmp_path, capsys):

@@ -1,6 +1,8 @@
 #include "jax/ffi_common.h"
 
+#include <limits>
 #include <sstream>
+#include <string>
 
 namespace rattention::jax_ffi {
 namespace {
@@ -109,6 +111,14 @@ QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
 
 void check_window(int64_t window_size) {
   if (window_size < 0) fail("window_size must be >= 0, got " + std::to_string(window_size));
+}
+
+// The Python layer checks these too; a custom call made without it (an exported artifact,
+// jax.ffi.ffi_call) gets the same rule from the handler.
+void check_finite_positive(double x, const char* name) {
+  if (!(x > 0 && x < std::numeric_limits<double>::infinity())) {
+    fail(std::string(name) + " must be a finite number > 0, got " + std::to_string(x));
+  }
 }
 
 Strides4 contiguous_strides(const AttnDims& d, int64_t heads) {

@@ -50,6 +50,7 @@ struct QkvInfo {
 QkvInfo check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                   Backend backend = Backend::kCpu);
 void check_window(int64_t window_size);
+void check_finite_positive(double x, const char* name);  // softmax_scale, norm_eps
 
 // Row-major strides of a [B, T, H, D] buffer (elements).
 Strides4 contiguous_strides(const AttnDims& d, int64_t heads);

@@ -37,7 +37,7 @@ MixDims check_mix(const ffi::AnyBuffer& o_swa, const ffi::AnyBuffer& o_rla,
   check_buffer(o_rla, "o_rla", et, {m.B, m.T, m.H, m.D});
   check_buffer(swa_weight, "swa_norm_weight", et, {m.H, m.D});
   check_buffer(rla_weight, "rla_norm_weight", et, {m.H, m.D});
-  if (!(eps >= 0)) throw InvalidArgument("norm_eps must be >= 0, got " + std::to_string(eps));
+  check_finite_positive(eps, "norm_eps");
   return m;
 }
 

@@ -14,6 +14,7 @@ SwaFwdParams swa_fwd_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                             int64_t window_size, double softmax_scale, Backend backend) {
   const QkvInfo info = check_qkv(q, k, v, backend);
   check_window(window_size);
+  check_finite_positive(softmax_scale, "softmax_scale");
   const AttnDims& d = info.dims;
   const Rotary rot = check_rotary(cos, sin, info);
   check_buffer(out, "out", info.acc, {d.batch, d.seqlen, d.heads_q, d.head_dim});
@@ -47,6 +48,7 @@ SwaBwdParams swa_bwd_params(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer
                             double softmax_scale, Backend backend) {
   const QkvInfo info = check_qkv(q, k, v, backend);
   check_window(window_size);
+  check_finite_positive(softmax_scale, "softmax_scale");
   const AttnDims& d = info.dims;
   const Rotary rot = check_rotary(cos, sin, info);
   check_buffer(grad_out, "grad_out", info.acc, {d.batch, d.seqlen, d.heads_q, d.head_dim});

@@ -236,7 +236,10 @@ def _static_positive(value, name: str, why: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number (static under jax.jit), got "
                         f"{type(value).__name__} {value!r}")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int past the float range
+        x = math.inf
     if not 0 < x < math.inf:
         raise ValueError(f"{name} must be a finite number > 0{why}, got {x}")
     return x
@@ -591,6 +594,7 @@ def forward(
     w = _check_window(window_size)
     cfg = (w, _check_feature_map(feature_map), *_check_tiling(chunk_size, checkpoint_every))
     eps = _check_eps(norm_eps)
+    scale = _scale(q, softmax_scale)  # checked before any kernel runs
     acc = _acc(q.dtype)
     cos, sin = _check_rotary(rotary_cos, rotary_sin, q)
     h0 = _check_initial_state(initial_state, q)
@@ -598,5 +602,5 @@ def forward(
     g_swa = _check_norm_weight(swa_norm_weight, "swa_norm_weight", q).astype(acc)
     g_rla = _check_norm_weight(rla_norm_weight, "rla_norm_weight", q).astype(acc)
     o_rla, _ = _rla(q, k, v, h0, cfg)
-    o_swa, _ = _swa(q, k, v, cos, sin, w, _scale(q, softmax_scale))
+    o_swa, _ = _swa(q, k, v, cos, sin, w, scale)
     return _mix(o_swa, o_rla, g_swa, g_rla, eps, q.dtype)
