@@ -108,7 +108,7 @@ def test_gpu_check_goal_benchmark_runs_on_cpu():
         leaves = [x.detach().float().requires_grad_() for x in args]
         return lambda: torch.autograd.grad(f(*leaves), leaves, grad.float())
 
-    rows = gpu_check.bench_issue_goals(once, fwd_bwd, device="cpu", small=True)
+    rows = gpu_check.bench_rla_goals(once, fwd_bwd, device="cpu", small=True)
     assert len(calls) >= 3  # rattention, swa, rla (+ fla where it is installed and runs)
     assert [r["goal"] for r in rows] == ["ratio <= 1.0", "peer_ms / ours_ms >= 2", "ratio >= 3"]
     assert rows[0]["ratio"] == 1.0

@@ -5,7 +5,7 @@
   2. run tests/test_*_cuda.py;
   3. a short benchmark: SWA forward and forward+backward vs FlexAttention with a
      sliding-window block mask (bf16, B=1, T=8192, Hq=16, Hkv=4, D=128, w=512; CUDA events,
-     warm-up, median), and the RLA issue's goals (bench_issue_goals: RAttention w=512 vs
+     warm-up, median), and the RLA speed goals (bench_rla_goals: RAttention w=512 vs
      SWA w=2048, RLA vs flash-linear-attention when importable, saved-state memory),
      JSON to benchmarks/results/ (GPU name, date, git commit), tables last.
 
@@ -108,18 +108,22 @@ def bench():
         return lambda: torch.autograd.grad(f(*leaves), leaves, grad)
 
     rows = []
+
+    def failed(case, e):
+        return dict(case=case, error=f"{type(e).__name__}: {e}"[:300])
+
     # each group on its own: a failure (a compile error of the peer, say) costs only its rows
     try:
-        rows += bench_issue_goals(timed, fwd_bwd)
+        rows += bench_rla_goals(timed, fwd_bwd)
     except Exception as e:
-        rows.append(dict(case="rattention and rla goals", error=f"{type(e).__name__}: {e}"[:300]))
+        rows.append(failed("rattention and rla goals", e))
     try:
         with torch.no_grad():
             rows.append(("swa fwd", timed(lambda: ours_f(q, k, v)), timed(lambda: flex_f(qt, kt, vt))))
         rows.append(("swa fwd+bwd", timed(fwd_bwd(ours_f, (q, k, v), go)),
                      timed(fwd_bwd(flex_f, (qt, kt, vt), got))))
     except Exception as e:
-        rows.append(dict(case="swa vs flex", error=f"{type(e).__name__}: {e}"[:300]))
+        rows.append(failed("swa vs flex", e))
     # useful FLOPs: 4 * B * Hq * D * (visible pairs) forward, 2.5x that for fwd+bwd
     pairs = sum(min(t, w) + 1 for t in range(T))
     fl = 4.0 * B * Hq * D * pairs
@@ -132,8 +136,8 @@ def bench():
     return out
 
 
-def bench_issue_goals(timed, fwd_bwd, device="cuda", small=False):
-    """The CUDA RLA issue's goals, each one row of {case, ours_ms, peer, peer_ms, ratio, goal}:
+def bench_rla_goals(timed, fwd_bwd, device="cuda", small=False):
+    """The RLA speed goals, each one row of {case, ours_ms, peer, peer_ms, ratio, goal}:
     RAttention (w=512) fwd+bwd vs our SWA alone at w=2048 (T=4096; the paper measured +9%),
     and RLA fwd+bwd vs flash-linear-attention's chunk_linear_attn at feature width 256
     (normalize off, scale 1, fed phi(q), phi(k) from our feature map; T=8192, Hkv=8, D=128)

@@ -34,7 +34,7 @@ BOUND = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def rel_err(x, r) -> float:
-    x, r = x.detach().cpu().double(), r.detach().cpu().double()
+    x, r = f64(x, r)
     if not torch.isfinite(x).all():
         return math.inf
     return ((x - r).norm() / r.norm().clamp_min(1e-30)).item()
